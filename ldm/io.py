@@ -1,0 +1,300 @@
+"""Volume I/O (.raw + .mhd, .nii/.nii.gz, .npy) and crash-safe output writing.
+
+Arrays are numpy, axis order as stored: for .raw/.mhd the array is (z, y, x) -- MetaImage's
+DimSize lists x first; for NIfTI the nibabel order (i, j, k) with its affine kept.
+Every writer goes through a temporary name and an atomic rename, so a crash never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldm.errors import DataError, UserError
+
+# ---------------------------------------------------------------------------------------------
+# atomic files and folders
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the temp name ends with the real name, so writers that look at the suffix (.nii.gz) work
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_json(obj: Any, path: Path) -> Path:
+    return atomic_write_text(Path(path), json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def load_json(path: Path, what: str = "file", fix: str = "") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}{'; ' + fix if fix else ''}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: corrupt JSON ({e.msg} at line {e.lineno}){'; ' + fix if fix else ''}"
+        ) from None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``final``; on success it replaces ``final``.
+
+    An existing non-empty ``final`` is an error unless ``overwrite`` is set; then it is removed
+    only after the new folder is complete, so a failed run leaves the previous results intact.
+    """
+    final = Path(final)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise UserError(
+            f"{final} already exists; pass --overwrite to replace it, or choose another output "
+            f"folder (--set out_dir=...)"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# volumes
+
+_MET_TYPES = {
+    "MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_USHORT": "u2", "MET_SHORT": "i2",
+    "MET_UINT": "u4", "MET_INT": "i4", "MET_ULONG_LONG": "u8", "MET_LONG_LONG": "i8",
+    "MET_FLOAT": "f4", "MET_DOUBLE": "f8",
+}  # fmt: skip
+_DTYPE_TO_MET = {np.dtype(v).str[1:]: k for k, v in _MET_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class RawSpec:
+    """How to read a headerless .raw file: array shape (z, y, x), dtype and byte order."""
+
+    shape: tuple[int, ...] | None = None
+    dtype: str = "float32"
+    byte_order: str = "little"  # little | big
+
+    def __post_init__(self) -> None:
+        try:
+            np.dtype(self.dtype)
+        except TypeError:
+            raise UserError(
+                f"raw.dtype: unknown dtype {self.dtype!r} (e.g. float32, int16, uint8)"
+            ) from None
+        if self.byte_order not in ("little", "big"):
+            raise UserError(f"raw.byte_order must be 'little' or 'big', got {self.byte_order!r}")
+
+
+@dataclass
+class VolumeMeta:
+    """Where a volume came from, enough to write a result back in the same format and space."""
+
+    format: str  # raw | nifti | npy
+    spacing: tuple[float, ...] = ()
+    origin: tuple[float, ...] = ()
+    affine: list[list[float]] | None = None
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "spacing": list(self.spacing), "origin": list(self.origin),
+                "affine": self.affine, "dtype": self.dtype}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VolumeMeta:
+        return cls(d["format"], tuple(d.get("spacing", ())), tuple(d.get("origin", ())),
+                   d.get("affine"), d.get("dtype", "float32"))  # fmt: skip
+
+
+def volume_format(path: Path) -> str:
+    name = Path(path).name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".raw", ".mhd")):
+        return "raw"
+    if name.endswith(".npy"):
+        return "npy"
+    raise DataError(f"{path}: unknown volume format (use .raw/.mhd, .nii, .nii.gz or .npy)")
+
+
+def load_volume(path: str | Path, raw: RawSpec | None = None) -> tuple[np.ndarray, VolumeMeta]:
+    """Read a volume as float32; NaN/Inf or a .raw of the wrong byte size is a DataError."""
+    path = Path(path)
+    fmt = volume_format(path)
+    if not path.is_file():
+        raise DataError(f"volume file not found: {path} (check the path in your config)")
+    if fmt == "raw":
+        data, meta = _load_raw(path, raw)
+    elif fmt == "nifti":
+        data, meta = _load_nifti(path)
+    else:
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{path}: not a readable .npy file ({e})") from None
+        meta = VolumeMeta("npy", dtype=data.dtype.name)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    check_finite(data, path)
+    return data, meta
+
+
+def check_finite(data: np.ndarray, path: str | Path) -> None:
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise DataError(f"{path}: volume has {bad} NaN/Inf voxels; clean or mask them before use")
+
+
+def _parse_mhd(mhd: Path) -> dict[str, str]:
+    fields = {}
+    for line in mhd.read_text(errors="replace").splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            fields[k.strip()] = v.strip()
+    return fields
+
+
+def _load_raw(path: Path, raw: RawSpec | None) -> tuple[np.ndarray, VolumeMeta]:
+    mhd = path if path.suffix.lower() == ".mhd" else path.with_suffix(".mhd")
+    spacing: tuple[float, ...] = ()
+    origin: tuple[float, ...] = ()
+    if mhd.is_file():
+        h = _parse_mhd(mhd)
+        try:
+            dims = [int(v) for v in h["DimSize"].split()]
+            dtype = np.dtype(_MET_TYPES[h["ElementType"]])
+        except KeyError as e:
+            raise DataError(f"{mhd}: MetaImage header lacks or has an unknown {e}") from None
+        big = (
+            h.get("BinaryDataByteOrderMSB", h.get("ElementByteOrderMSB", "False")).lower() == "true"
+        )
+        dtype = dtype.newbyteorder(">" if big else "<")
+        shape = tuple(reversed(dims))  # DimSize is x y z; the array is (z, y, x)
+        spacing = tuple(float(v) for v in reversed(h.get("ElementSpacing", "").split()))
+        origin = tuple(float(v) for v in reversed(h.get("Offset", h.get("Origin", "")).split()))
+        data_file = h.get("ElementDataFile", path.name if path != mhd else "")
+        if data_file.upper() == "LOCAL" or not data_file:
+            raise DataError(f"{mhd}: only headers with a separate ElementDataFile are supported")
+        path = mhd.parent / data_file
+        if not path.is_file():
+            raise DataError(f"raw data file not found: {path} (named by {mhd})")
+    else:
+        if raw is None or raw.shape is None:
+            raise DataError(
+                f"{path}: no .mhd header beside it; give raw.shape (z, y, x), raw.dtype and "
+                f"raw.byte_order in the config"
+            )
+        shape = tuple(raw.shape)
+        dtype = np.dtype(raw.dtype).newbyteorder("<" if raw.byte_order == "little" else ">")
+    expected = int(np.prod(shape)) * dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DataError(
+            f"{path}: file has {actual} bytes but shape {shape} x {dtype.itemsize} bytes "
+            f"({dtype.name}) needs {expected}; fix the shape/dtype in the config or the .mhd"
+        )
+    data = np.fromfile(path, dtype=dtype).reshape(shape)
+    return data, VolumeMeta("raw", spacing, origin, dtype=dtype.name)
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, VolumeMeta]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise DataError(f"{path}: not a readable NIfTI file ({e})") from None
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    return data, VolumeMeta(
+        "nifti", zooms, affine=img.affine.tolist(), dtype=str(img.get_data_dtype())
+    )
+
+
+def save_volume(path: str | Path, data: np.ndarray, meta: VolumeMeta | None = None) -> Path:
+    """Write ``data`` by the extension of ``path`` (.raw writes a .mhd beside it); atomic."""
+    path = Path(path)
+    fmt = volume_format(path)
+    data = np.asarray(data)
+    meta = meta or VolumeMeta(fmt)
+    if fmt == "npy":
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, data)
+    elif fmt == "nifti":
+        import nibabel as nib
+
+        affine = (
+            np.asarray(meta.affine)
+            if meta.affine is not None
+            else np.diag(list(meta.spacing or (1.0,) * data.ndim) + [1.0])
+        )
+        img = nib.Nifti1Image(data, affine)
+        with atomic_path(path) as tmp:
+            nib.save(img, str(tmp))
+    else:
+        raw_path = path.with_suffix(".raw")
+        arr = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<")))
+        met = _DTYPE_TO_MET.get(arr.dtype.str[1:])
+        if met is None:
+            raise UserError(f"{path}: dtype {arr.dtype} cannot be written as MetaImage")
+        with atomic_path(raw_path) as tmp:
+            arr.tofile(tmp)
+        spacing = meta.spacing or (1.0,) * data.ndim
+        origin = meta.origin or (0.0,) * data.ndim
+        header = "\n".join([
+            "ObjectType = Image", f"NDims = {data.ndim}", "BinaryData = True",
+            "BinaryDataByteOrderMSB = False",
+            f"Offset = {' '.join(str(v) for v in reversed(origin))}",
+            f"ElementSpacing = {' '.join(str(v) for v in reversed(spacing))}",
+            f"DimSize = {' '.join(str(v) for v in reversed(data.shape))}",
+            f"ElementType = {met}", f"ElementDataFile = {raw_path.name}", "",
+        ])  # fmt: skip
+        atomic_write_text(path.with_suffix(".mhd"), header)
+        path = raw_path
+    return path

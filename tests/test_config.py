@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from ldm.config import REPO_ROOT, config_to_dict, load_config, save_config
+from ldm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Train:
+    steps: int = 10
+    lr: float = 1e-3
+    amp: bool = False
+    betas: tuple[float, float] = (0.9, 0.99)
+    mode: Literal["a", "b"] = "a"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class Cfg:
+    out_dir: Path = Path("results/x")
+    seed: int = 0
+    shape: tuple[int, ...] = (8, 8)
+    note: str | None = None
+    train: Train = field(default_factory=Train)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_path_resolution(tmp_path):
+    cfg = load_config(Cfg, write(tmp_path, "seed: 3\n"))
+    assert cfg.seed == 3 and cfg.train == Train()
+    assert cfg.out_dir == REPO_ROOT / "results/x"
+    cfg = load_config(Cfg, write(tmp_path, "out_dir: results/y\n"))
+    assert cfg.out_dir == REPO_ROOT / "results/y"
+
+
+def test_nested_values_are_typed(tmp_path):
+    cfg = load_config(Cfg, write(tmp_path, "train: {steps: 5, lr: 1, betas: [0.5, 0.6]}\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.betas == (0.5, 0.6)
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(
+        Cfg, write(tmp_path, "seed: 1\n"), ["train.steps=7", "shape=[4, 5, 6]", "note=hello"]
+    )
+    assert cfg.train.steps == 7 and cfg.shape == (4, 5, 6) and cfg.note == "hello"
+
+
+def test_unknown_key_names_file_key_and_closest(tmp_path):
+    p = write(tmp_path, "train:\n  stesp: 5\n")
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml: unknown key 'train\.stesp' \(did you mean 'steps'"
+    ):
+        load_config(Cfg, p)
+
+
+def test_unknown_override_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'sed'.*'seed'"):
+        load_config(Cfg, write(tmp_path, ""), ["sed=3"])
+
+
+def test_wrong_type_names_key_expected_and_got(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'train\.steps' expects int, got str 'many'"):
+        load_config(Cfg, write(tmp_path, "train: {steps: many}\n"))
+    with pytest.raises(ConfigError, match="key 'train.amp' expects bool"):
+        load_config(Cfg, write(tmp_path, "train: {amp: 3}\n"))
+    with pytest.raises(ConfigError, match="expects 2 values"):
+        load_config(Cfg, write(tmp_path, "train: {betas: [1, 2, 3]}\n"))
+    with pytest.raises(ConfigError, match="must be one of 'a', 'b'"):
+        load_config(Cfg, write(tmp_path, "train: {mode: c}\n"))
+
+
+def test_validation_error_is_prefixed_with_file_and_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.steps must be >= 1"):
+        load_config(Cfg, write(tmp_path, "train: {steps: 0}\n"))
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Cfg, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(Cfg, write(tmp_path, "a: 1\nb: [\n"))
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(Cfg, write(tmp_path, ""), ["seed"])
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = load_config(Cfg, write(tmp_path, "seed: 4\ntrain: {lr: 0.5}\n"), ["note=x"])
+    out = save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert load_config(Cfg, out) == cfg
+    assert yaml.safe_load(out.read_text()) == config_to_dict(cfg)
+
+
+def test_every_shipped_config_loads():
+    """configs/*.yaml and configs/demo/*.yaml must load with their phase's dataclass."""
+    from ldm.pipeline import PHASES
+
+    for phase in PHASES:
+        for folder in (REPO_ROOT / "configs", REPO_ROOT / "configs" / "demo"):
+            path = folder / f"{phase.name}.yaml"
+            assert path.is_file(), path
+            load_config(phase.config_cls(), path)

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldm.errors import DataError, UserError
+from ldm.io import RawSpec, VolumeMeta, load_volume, save_volume, staged_dir
+
+
+@pytest.fixture
+def vol() -> np.ndarray:
+    return np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+
+
+def test_raw_mhd_round_trip_keeps_spacing(tmp_path, vol):
+    meta = VolumeMeta("raw", spacing=(2.0, 1.0, 0.5), origin=(1.0, 2.0, 3.0))
+    written = save_volume(tmp_path / "v.raw", vol, meta)
+    assert written.name == "v.raw" and (tmp_path / "v.mhd").is_file()
+    assert "DimSize = 7 6 5" in (tmp_path / "v.mhd").read_text()  # x first
+    data, m = load_volume(tmp_path / "v.raw")
+    assert (
+        np.array_equal(data, vol) and m.spacing == (2.0, 1.0, 0.5) and m.origin == (1.0, 2.0, 3.0)
+    )
+    data2, _ = load_volume(tmp_path / "v.mhd")
+    assert np.array_equal(data2, vol)
+
+
+def test_raw_without_header_uses_spec_and_byte_order(tmp_path):
+    x = np.arange(24, dtype=">i2").reshape(2, 3, 4)
+    x.tofile(tmp_path / "b.raw")
+    data, _ = load_volume(
+        tmp_path / "b.raw", RawSpec(shape=(2, 3, 4), dtype="int16", byte_order="big")
+    )
+    assert np.array_equal(data, x.astype(np.float32))
+
+
+def test_raw_size_mismatch_names_both_numbers(tmp_path):
+    np.zeros(10, np.float32).tofile(tmp_path / "c.raw")
+    with pytest.raises(DataError, match=r"c\.raw: file has 40 bytes but .* needs 96"):
+        load_volume(tmp_path / "c.raw", RawSpec(shape=(2, 3, 4)))
+
+
+def test_raw_without_header_or_shape(tmp_path):
+    np.zeros(8, np.float32).tofile(tmp_path / "d.raw")
+    with pytest.raises(DataError, match="no .mhd header"):
+        load_volume(tmp_path / "d.raw")
+
+
+def test_nifti_round_trip_keeps_affine(tmp_path, vol):
+    affine = [[0.0, 2.0, 0, 5], [1.5, 0, 0, -3], [0, 0, 1.0, 7], [0, 0, 0, 1]]
+    for name in ("v.nii.gz", "v.nii"):
+        save_volume(tmp_path / name, vol, VolumeMeta("nifti", affine=affine))
+        data, meta = load_volume(tmp_path / name)
+        assert np.array_equal(data, vol)
+        assert np.allclose(meta.affine, affine)
+
+
+def test_npy_round_trip(tmp_path, vol):
+    save_volume(tmp_path / "v.npy", vol)
+    data, meta = load_volume(tmp_path / "v.npy")
+    assert np.array_equal(data, vol) and meta.format == "npy"
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(DataError, match="volume file not found"):
+        load_volume(tmp_path / "missing.nii.gz")
+    with pytest.raises(DataError, match="unknown volume format"):
+        load_volume(tmp_path / "v.tif")
+
+
+def test_nan_or_inf_is_rejected(tmp_path, vol):
+    vol[1, 2, 3] = np.nan
+    vol[0, 0, 0] = np.inf
+    np.save(tmp_path / "n.npy", vol)
+    with pytest.raises(DataError, match=r"n\.npy: volume has 2 NaN/Inf voxels"):
+        load_volume(tmp_path / "n.npy")
+
+
+def test_corrupt_nifti(tmp_path):
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(DataError, match="not a readable NIfTI"):
+        load_volume(tmp_path / "bad.nii.gz")
+
+
+def test_staged_dir_refuses_then_replaces_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    with staged_dir(out) as d:
+        (d / "a.txt").write_text("first")
+    assert (out / "a.txt").read_text() == "first"
+    with pytest.raises(UserError, match="already exists; pass --overwrite"), staged_dir(out):
+        pass
+    with pytest.raises(RuntimeError), staged_dir(out, overwrite=True) as d:
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert (out / "a.txt").read_text() == "first"  # the failed run left the old results
+    with staged_dir(out, overwrite=True) as d:
+        (d / "b.txt").write_text("second")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left behind
