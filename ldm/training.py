@@ -1,0 +1,321 @@
+"""The one training loop of every training phase (nanoGPT-style, readable top to bottom).
+
+AdamW, linear warmup + cosine decay, gradient clipping, EMA weights (torch.optim.swa_utils),
+mixed precision on CUDA, tqdm, metrics.jsonl, periodic validation, atomic checkpoints
+(last.pt + best.pt), automatic resume, and DDP when launched by ``torchrun``.
+A phase plugs in through a small ``TrainTask``: a loss on a batch and a validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ldm.checkpoint import config_diff, load_checkpoint, save_checkpoint
+from ldm.distributed import DistInfo, barrier, init_distributed
+from ldm.errors import CheckpointError, ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # with warm-up: min(ema_decay, (1 + n) / (10 + n)) at update n
+    amp: str = "bf16"  # none | bf16 | fp16; CUDA only (CPU and MPS train in float32)
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
+    val_every: int = 250
+    save_every: int = 500
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    max_minutes: float = 0.0  # > 0: also stop (and save) after this much training time
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_every", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+class TrainTask(Protocol):
+    kind: str  # 'vae' | 'diffusion': stored in the checkpoint
+
+    def loss(
+        self, model: nn.Module, batch: Any, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of the (EMA) model; must hold 'score' (higher is better) for best.pt."""
+        ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    steps_run: int
+    seconds: float
+    best_score: float
+    last_val: dict[str, float]
+    run_dir: Path
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    def ema_avg(avg: torch.Tensor, cur: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return d * avg + (1 - d) * cur
+
+    return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+
+
+def _amp(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    if device.type != "cuda" or cfg.amp == "none":
+        return False, torch.float32
+    return True, torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+class _Run:
+    """State of one training run: model, optimiser, EMA, position in the data, RNG."""
+
+    def __init__(self, model, model_config, dataset, task, cfg, run_dir, extra, info, device):
+        self.model, self.model_config, self.task, self.cfg = model, model_config, task, cfg
+        self.run_dir, self.extra, self.info, self.device = Path(run_dir), extra, info, device
+        self.dataset = dataset
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.ema = make_ema(model, cfg.ema_decay)
+        self.amp, self.amp_dtype = _amp(cfg, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and cfg.amp == "fp16")
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + info.rank)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best_score = -math.inf
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
+            drop_last=True,
+        )  # fmt: skip
+        per_rank = len(self.sampler)
+        if per_rank < cfg.batch_size:
+            raise UserError(
+                f"the training set has {len(dataset)} samples, fewer than batch_size "
+                f"{cfg.batch_size} x {info.world_size} process(es); lower train.batch_size"
+            )
+        self.batches_per_epoch = per_rank // cfg.batch_size
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        gen_states = [self.gen.get_state()]
+        if self.info.enabled:
+            gen_states = [None] * self.info.world_size
+            dist.all_gather_object(gen_states, self.gen.get_state())
+        return {
+            "kind": self.task.kind,
+            "model_config": self.model_config,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_score": self.best_score,
+            "rng": {"torch": torch.get_rng_state(), "generators": gen_states},
+            "train_config": dataclasses.asdict(self.cfg),
+            "world_size": self.info.world_size,
+            "extra": self.extra,
+        }
+
+    def save(self, name: str) -> None:
+        state = self.state()  # every rank joins the all_gather inside
+        if self.info.is_main:
+            save_checkpoint(state, self.run_dir / name)
+
+    def resume(self, path: Path) -> None:
+        ck = load_checkpoint(path, self.task.kind, map_location=self.device)
+        diff = config_diff(ck["model_config"], self.model_config)
+        if diff:
+            raise CheckpointError(
+                f"{path} was trained with a different model config ({'; '.join(diff[:3])}); "
+                "use another output folder, or --overwrite to start over"
+            )
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.step, self.epoch = ck["step"], ck["epoch"]
+        self.batch_in_epoch, self.best_score = ck["batch_in_epoch"], ck["best_score"]
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        gens = ck["rng"]["generators"]
+        if len(gens) == self.info.world_size:
+            self.gen.set_state(gens[self.info.rank].cpu())
+        log.info("resumed %s at step %d", path, self.step)
+
+    # -- data --------------------------------------------------------------------------------
+    def batches(self):
+        """Endless (epoch, batch) stream; the order depends only on the seed, so resume is exact."""
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            idx = list(self.sampler)
+            bs = self.cfg.batch_size
+            groups = [idx[b * bs : (b + 1) * bs] for b in range(self.batches_per_epoch)]
+            loader = DataLoader(
+                self.dataset, batch_sampler=groups[self.batch_in_epoch :],
+                num_workers=self.cfg.num_workers,
+            )  # fmt: skip
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _log_line(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(
+    model: nn.Module,
+    model_config: dict[str, Any],
+    dataset: Dataset,
+    task: TrainTask,
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` until ``cfg.steps`` (resuming from ``run_dir/last.pt`` if present)."""
+    info, device = init_distributed(cfg.device)
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    run = _Run(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device)
+    last = run_dir / "last.pt"
+    if last.exists() and not overwrite:
+        run.resume(last)
+    elif info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("last.pt", "best.pt", "metrics.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    barrier(info)
+    net = model
+    if info.enabled:
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    start_step, t0, last_val = run.step, time.perf_counter(), {}
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {task.kind}", unit="step",
+               disable=not (progress and info.is_main), dynamic_ncols=True)  # fmt: skip
+    batches = run.batches()
+    while run.step < cfg.steps:
+        model.train()
+        batch = _to(next(batches), device)
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp):
+            loss, logs = task.loss(net, batch, run.gen)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()} at step {run.step}; lower train.lr")
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.opt)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.opt.zero_grad(set_to_none=True)
+        run.sched.step()
+        run.ema.update_parameters(model)
+        run.step += 1
+        bar.update(1)
+        lr = run.opt.param_groups[0]["lr"]
+        if info.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            record = {
+                "step": run.step,
+                "loss": loss.item(),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+            }
+            _log_line(run_dir, {**record, **logs, "time": time.perf_counter() - t0})
+        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes
+        done = run.step == cfg.steps or out_of_time
+        if run.step % cfg.val_every == 0 or done:
+            last_val = _validate(run, info)
+        if run.step % cfg.save_every == 0 or done:
+            run.save("last.pt")
+        if out_of_time:
+            log.info("stopping at step %d: train.max_minutes=%s reached", run.step, cfg.max_minutes)
+            break
+    bar.close()
+    barrier(info)
+    return TrainResult(run.step, run.step - start_step, time.perf_counter() - t0,
+                       run.best_score, last_val, run_dir)  # fmt: skip
+
+
+def _validate(run: _Run, info: DistInfo) -> dict[str, float]:
+    """Validate the EMA weights on rank 0; save best.pt when the score improves."""
+    metrics: dict[str, float] = {}
+    improved = False
+    if info.is_main:
+        ema_model = run.ema.module
+        ema_model.eval()
+        with torch.no_grad():
+            metrics = run.task.validate(ema_model)
+        improved = metrics["score"] > run.best_score
+        if improved:
+            run.best_score = metrics["score"]
+        _log_line(run.run_dir, {"step": run.step, "val": metrics})
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "score")
+        log.info("step %d: validation %s%s", run.step, shown, " (best)" if improved else "")
+    if info.enabled:
+        flag = [improved]
+        dist.broadcast_object_list(flag, src=0)
+        improved = flag[0]
+    if improved:
+        run.save("best.pt")
+    return metrics

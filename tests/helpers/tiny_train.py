@@ -1,0 +1,55 @@
+"""A tiny training task for the training-loop tests; also runnable under torchrun."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ldm.training import TrainConfig, train
+
+
+class TinyTask:
+    kind = "vae"
+
+    def __init__(self, val: torch.Tensor, crash_at: int = 0) -> None:
+        self.val, self.crash_at, self.calls = val, crash_at, 0
+
+    def loss(self, model, batch, generator):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt("simulated crash")
+        (x,) = batch
+        noise = torch.randn(x.shape, generator=generator, device=x.device) * 0.01
+        target = x.sum(dim=1, keepdim=True)
+        loss = ((model(x + noise) - target) ** 2).mean()
+        return loss, {}
+
+    def validate(self, model):
+        err = ((model(self.val) - self.val.sum(1, keepdim=True)) ** 2).mean().item()
+        return {"mse": err, "score": -err}
+
+
+def make(seed: int = 0, crash_at: int = 0):
+    torch.manual_seed(123)
+    model = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 1))
+    data = torch.randn(64, 4, generator=torch.Generator().manual_seed(seed))
+    return model, TensorDataset(data), TinyTask(data[:8], crash_at)
+
+
+def run(run_dir: Path, steps: int, crash_at: int = 0, **kw) -> nn.Module:
+    model, ds, task = make(crash_at=crash_at)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=3, val_every=5,
+                      save_every=5, log_every=2, device="cpu", **kw)  # fmt: skip
+    train(model, {"width": 8}, ds, task, cfg, run_dir, progress=False)
+    return model
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=2 tiny_train.py OUT_DIR
+    out = Path(sys.argv[1])
+    model = run(out / "run", steps=12)
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")

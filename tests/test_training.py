@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.checkpoint import load_checkpoint, save_checkpoint
+from ldm.errors import CheckpointError, ConfigError
+from ldm.training import TrainConfig, lr_factor, train
+from tests.helpers.tiny_train import make, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_gives_same_weights_as_straight_run(tmp_path):
+    straight = weights(run(tmp_path / "a", steps=30))
+    with pytest.raises(KeyboardInterrupt):  # crash during step 16; last.pt holds step 15
+        run(tmp_path / "b", steps=30, crash_at=16)
+    assert load_checkpoint(tmp_path / "b" / "last.pt", "vae")["step"] == 15
+    resumed = weights(run(tmp_path / "b", steps=30))  # resumes from last.pt at step 15
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    ck = load_checkpoint(tmp_path / "b" / "last.pt", "vae")
+    assert ck["step"] == 30 and ck["model_config"] == {"width": 8}
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert any('"val"' in line for line in lines)
+
+
+def test_training_lowers_the_loss_and_writes_best(tmp_path):
+    model, _, task = make()
+    before = task.validate(model)["mse"]
+    after = task.validate(run(tmp_path, steps=150))["mse"]
+    assert after < 0.05 * before
+    best = load_checkpoint(tmp_path / "best.pt", "vae")
+    vals = [
+        json.loads(x)["val"]["score"]
+        for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"val"' in x
+    ]
+    assert len(vals) == 150 // 5 and best["best_score"] == max(vals)
+
+
+def test_changed_model_config_is_a_clear_error(tmp_path):
+    run(tmp_path, steps=5)
+    model, ds, task = make()
+    cfg = TrainConfig(steps=10, batch_size=4, device="cpu")
+    with pytest.raises(CheckpointError, match="different model config .*width: 8 -> 16"):
+        train(model, {"width": 16}, ds, task, cfg, tmp_path, progress=False)
+
+
+def test_corrupt_or_foreign_checkpoint(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(
+        CheckpointError,
+        match=r"corrupt or not a checkpoint \(UnpicklingError\); rerun train_vae_pair",
+    ):
+        load_checkpoint(tmp_path / "last.pt", "vae")
+    with pytest.raises(CheckpointError, match="not found.*run train_diffusion first"):
+        load_checkpoint(tmp_path / "missing.pt", "diffusion")
+    save_checkpoint({"kind": "vae", "model_config": {}}, tmp_path / "v.pt")
+    with pytest.raises(CheckpointError, match="holds a 'vae' model but a 'diffusion'"):
+        load_checkpoint(tmp_path / "v.pt", "diffusion")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_train_config_validation():
+    with pytest.raises(ConfigError, match="train.amp must be one of none, bf16, fp16"):
+        TrainConfig(amp="fp8")
+    with pytest.raises(ConfigError, match="train.steps must be >= 1"):
+        TrainConfig(steps=0)
+
+
+def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29517", str(ROOT / "tests" / "helpers" / "tiny_train.py"), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    w0 = torch.load(tmp_path / "rank0.pt")
+    w1 = torch.load(tmp_path / "rank1.pt")
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    ck = load_checkpoint(tmp_path / "run" / "last.pt", "vae")
+    assert ck["step"] == 12 and ck["world_size"] == 2
+    for k in w0:
+        assert torch.equal(ck["model"][k], w0[k])
