@@ -1,0 +1,188 @@
+"""Classical denoising baselines for the evaluation table: Gaussian filter, heat diffusion, BM4D."""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldm.errors import UserError
+from ldm.filters import gaussian_blur
+from ldm.metrics import psnr
+
+logger = logging.getLogger(__name__)
+
+Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
+BM4D_HINT = "pip install bm4d (optional; non-commercial license)"
+
+
+def _check_volume(volume: torch.Tensor, name: str) -> None:
+    if volume.ndim not in (2, 3):
+        raise UserError(f"{name}: expected a 2D or 3D volume, got shape {tuple(volume.shape)}")
+
+
+def gaussian_denoise(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Isotropic Gaussian filter of a 2D or 3D volume (mirror borders); sigma in voxels."""
+    _check_volume(volume, "gaussian_denoise")
+    if not sigma >= 0:
+        raise UserError(f"gaussian_denoise: sigma must be >= 0, got {sigma}")
+    return gaussian_blur(volume, [float(sigma)] * volume.ndim)
+
+
+def _laplacian_kernel(ndim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Standard (2 ndim + 1)-point finite-difference Laplacian stencil, grid spacing 1."""
+    k = torch.zeros((3,) * ndim, dtype=dtype, device=device)
+    centre = (1,) * ndim
+    k[centre] = -2.0 * ndim
+    for axis in range(ndim):
+        for off in (0, 2):
+            idx = list(centre)
+            idx[axis] = off
+            k[tuple(idx)] = 1.0
+    return k.reshape(1, 1, *k.shape)  # (1, 1, 3, 3[, 3])
+
+
+def _heat_steps(u: torch.Tensor, num_steps: int, dt: float, kernel: torch.Tensor) -> torch.Tensor:
+    """``num_steps`` explicit Euler steps of du/dt = laplacian(u) on ``u`` of shape (1, 1, *sp)."""
+    nd = u.ndim - 2
+    conv = F.conv2d if nd == 2 else F.conv3d
+    pad = [1, 1] * nd
+    for _ in range(num_steps):
+        # replicate padding = ghost voxel equal to the edge voxel: zero flux (Neumann) border,
+        # so the discrete Laplacian sums to 0 over the volume and the mean is preserved
+        lap = conv(F.pad(u, pad, mode="replicate"), kernel)
+        u = u + dt * lap  # u^{n+1} = u^n + dt * Laplacian(u^n)
+    return u
+
+
+def _check_heat_args(ndim: int, num_steps: int, dt: float) -> None:
+    if num_steps < 0:
+        raise UserError(f"heat diffusion: num_steps must be >= 0, got {num_steps}")
+    limit = 1.0 / (2 * ndim)
+    if not 0 < dt <= limit:
+        raise UserError(
+            f"heat diffusion: dt must be in (0, {limit:g}] for a stable explicit scheme in "
+            f"{ndim}D, got {dt}"
+        )
+
+
+def heat_diffusion(volume: torch.Tensor, num_steps: int, dt: float = 0.1) -> torch.Tensor:
+    """Linear heat-equation smoothing du/dt = laplacian(u), explicit finite differences.
+
+    Forward Euler in time, (2 ndim + 1)-point Laplacian in space, Neumann (zero-flux) borders;
+    stable for dt <= 1 / (2 ndim) (von Neumann analysis of the FTCS scheme). Diffusing for time
+    t = num_steps * dt approximates a Gaussian blur with sigma = sqrt(2 t).
+    """
+    _check_volume(volume, "heat_diffusion")
+    _check_heat_args(volume.ndim, num_steps, dt)
+    u = volume.float() if not volume.is_floating_point() else volume
+    kernel = _laplacian_kernel(volume.ndim, u.dtype, u.device)
+    u = _heat_steps(u.reshape(1, 1, *u.shape), num_steps, dt, kernel)  # (1, 1, *spatial)
+    return u.reshape(volume.shape)
+
+
+def _check_grid(pairs: Pairs, grid: Sequence, name: str) -> None:
+    if len(pairs) == 0:
+        raise UserError(f"{name}: need at least one (lr, hr) pair, got none")
+    if len(grid) == 0:
+        raise UserError(f"{name}: need at least one candidate parameter, got an empty grid")
+
+
+def _tune(
+    pairs: Pairs, params: Sequence[float], denoise: Callable[[torch.Tensor, float], torch.Tensor]
+) -> tuple[float, float]:
+    """Parameter of ``params`` with the highest mean PSNR of denoise(lr, p) against hr."""
+    scores = np.zeros(len(params))
+    for lr, hr in pairs:
+        for i, p in enumerate(params):
+            scores[i] += psnr(denoise(lr, p), hr)
+    scores /= len(pairs)
+    best = int(np.argmax(scores))
+    logger.info(
+        "tuning: mean PSNR %s -> best %s",
+        {p: round(float(v), 3) for p, v in zip(params, scores)},
+        params[best],
+    )
+    return params[best], float(scores[best])
+
+
+def tune_gaussian(pairs: Pairs, sigmas: Sequence[float]) -> tuple[float, float]:
+    """Gaussian sigma with the best mean PSNR over ``pairs`` of (lr, hr); returns (sigma, psnr)."""
+    _check_grid(pairs, sigmas, "tune_gaussian")
+    sigma, score = _tune(pairs, [float(s) for s in sigmas], gaussian_denoise)
+    return float(sigma), score
+
+
+def tune_heat(pairs: Pairs, steps_grid: Sequence[int], dt: float) -> tuple[int, float]:
+    """Number of heat-diffusion steps with the best mean PSNR; returns (num_steps, psnr).
+
+    Each pair is diffused once up to max(steps_grid), evaluated at every grid point on the way.
+    """
+    _check_grid(pairs, steps_grid, "tune_heat")
+    grid = sorted({int(s) for s in steps_grid})
+    scores = np.zeros(len(grid))
+    for lr, hr in pairs:
+        _check_volume(lr, "tune_heat")
+        _check_heat_args(lr.ndim, grid[0], dt)
+        u = lr.float() if not lr.is_floating_point() else lr
+        kernel = _laplacian_kernel(lr.ndim, u.dtype, u.device)
+        u = u.reshape(1, 1, *u.shape)  # (1, 1, *spatial)
+        done = 0
+        for i, steps in enumerate(grid):
+            u = _heat_steps(u, steps - done, dt, kernel)
+            done = steps
+            scores[i] += psnr(u.reshape(lr.shape), hr)
+    scores /= len(pairs)
+    best = int(np.argmax(scores))
+    logger.info(
+        "tune_heat: mean PSNR %s -> best %d",
+        {g: round(float(v), 3) for g, v in zip(grid, scores)},
+        grid[best],
+    )
+    return grid[best], float(scores[best])
+
+
+def _import_bm4d(caller: str) -> types.ModuleType:
+    """The optional ``bm4d`` module, imported lazily; UserError with an install hint if missing."""
+    try:
+        import bm4d  # noqa: PLC0415 - optional dependency, imported only when asked for
+    except (ImportError, OSError) as exc:  # OSError: its binaries need OpenBLAS
+        raise UserError(f"{caller} needs the optional 'bm4d' package ({exc}): {BM4D_HINT}") from exc
+    return bm4d
+
+
+def bm4d_available() -> bool:
+    """Whether the optional ``bm4d`` package can be imported (and its binaries load)."""
+    try:
+        _import_bm4d("bm4d_available")
+    except UserError:
+        return False
+    return True
+
+
+def bm4d_denoise(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """BM4D denoising (Maggioni et al. 2013) of a 2D or 3D volume with white-noise std ``sigma``.
+
+    Needs the optional ``bm4d`` package (non-commercial license, never a required dependency).
+    """
+    bm4d = _import_bm4d("bm4d_denoise")
+    _check_volume(volume, "bm4d_denoise")
+    if not sigma > 0:
+        raise UserError(f"bm4d_denoise: sigma (noise std) must be > 0, got {sigma}")
+    z = volume.detach().cpu().double().numpy()
+    z3 = z if z.ndim == 3 else z[..., None]  # bm4d works on 3D volumes
+    y = np.asarray(bm4d.bm4d(z3, sigma_psd=float(sigma))).reshape(z.shape)
+    dtype = volume.dtype if volume.is_floating_point() else torch.float32
+    return torch.from_numpy(y).to(device=volume.device, dtype=dtype)
+
+
+def tune_bm4d_sigma(pairs: Pairs, sigmas: Sequence[float]) -> tuple[float, float]:
+    """BM4D noise std with the best mean PSNR over ``pairs``; returns (sigma, psnr)."""
+    _import_bm4d("tune_bm4d_sigma")
+    _check_grid(pairs, sigmas, "tune_bm4d_sigma")
+    sigma, score = _tune(pairs, [float(s) for s in sigmas], bm4d_denoise)
+    return float(sigma), score
