@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio
+
+from ldm.data.degrade import DegradeConfig, degrade, resample_to
+from ldm.errors import UserError
+
+NOISE_ONLY = {"blur_sigma": (0.0, 0.0, 0.0), "downsample": (1, 1, 1)}
+
+
+def _volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Values spanning exactly [0, 1] (data range 1)."""
+    v = np.random.default_rng(seed).uniform(0.0, 1.0, size=shape).astype(np.float32)
+    v.flat[0], v.flat[1] = 0.0, 1.0
+    return v
+
+
+@pytest.mark.parametrize("s", [0.02, 0.05, 0.1])
+def test_gaussian_noise_gives_the_expected_psnr(s: float) -> None:
+    hr = _volume((32, 32, 32))
+    lr = degrade(hr, DegradeConfig(**NOISE_ONLY, noise="gaussian", noise_sigma=s), seed=1)
+    psnr = peak_signal_noise_ratio(hr, lr, data_range=float(hr.max() - hr.min()))
+    assert abs(psnr - 20 * math.log10(1 / s)) < 0.2
+
+
+def test_noise_scales_with_the_data_range() -> None:
+    hr = _volume((16, 16, 16)) * 500.0 + 100.0  # data range 500
+    lr = degrade(hr, DegradeConfig(**NOISE_ONLY, noise_sigma=0.1), seed=2)
+    assert abs(np.std(lr - hr) / 50.0 - 1.0) < 0.05
+
+
+def test_rician_noise_is_non_negative_and_biased_up_in_dark_regions() -> None:
+    hr = np.zeros((32, 32, 32), dtype=np.float32)
+    hr[16:] = 1.0  # dark half and bright half, data range 1
+    s = 0.1
+    lr = degrade(hr, DegradeConfig(**NOISE_ONLY, noise="rician", noise_sigma=s), seed=3)
+    assert lr.min() >= 0.0
+    # on a zero signal the Rician magnitude is Rayleigh distributed: mean s * sqrt(pi / 2)
+    assert abs(lr[:16].mean() / (s * math.sqrt(math.pi / 2)) - 1.0) < 0.03
+    # at SNR 10 the bias is only about s^2 / 2
+    assert abs(lr[16:].mean() - 1.0) < 0.01
+
+
+def test_no_noise_and_identity_settings_return_the_input() -> None:
+    hr = _volume((8, 9, 10))
+    out = degrade(hr, DegradeConfig(**NOISE_ONLY, noise="none"), seed=0)
+    assert out.dtype == np.float32 and np.array_equal(out, hr)
+
+
+def _high_frequency_energy(x: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.fftn(x - x.mean())) ** 2
+    freqs = np.meshgrid(*[np.abs(np.fft.fftfreq(n)) for n in x.shape], indexing="ij")
+    return float(spectrum[np.maximum.reduce(freqs) > 0.25].sum())
+
+
+def test_blur_and_downsample_remove_high_frequencies() -> None:
+    hr = _volume((32, 32, 32))
+    blurred = degrade(hr, DegradeConfig(downsample=(1, 1, 1), noise="none"), seed=0)
+    both = degrade(hr, DegradeConfig(blur_sigma=(0.5, 0.5, 0.5), noise="none"), seed=0)
+    e_hr = _high_frequency_energy(hr)
+    assert _high_frequency_energy(blurred) < 0.05 * e_hr
+    assert _high_frequency_energy(both) < 0.05 * e_hr
+
+
+@pytest.mark.parametrize("mode", ["trilinear", "nearest"])
+@pytest.mark.parametrize("shape", [(9, 10, 11), (7, 5, 13)])
+def test_output_shape_equals_input_for_non_divisible_shapes(
+    shape: tuple[int, int, int], mode: str
+) -> None:
+    hr = _volume(shape)
+    out = degrade(hr, DegradeConfig(downsample=(2, 3, 4), resample=mode), seed=0)
+    assert out.shape == shape and out.dtype == np.float32
+
+
+def test_downsample_round_trip_has_no_shift() -> None:
+    # area averaging + align_corners=False interpolation reproduce a linear ramp exactly inside
+    ramp = np.broadcast_to(np.arange(12, dtype=np.float32)[None, :, None], (4, 12, 5)).copy()
+    cfg = DegradeConfig(blur_sigma=(0.0, 0.0, 0.0), downsample=(1, 2, 1), noise="none")
+    out = degrade(ramp, cfg, seed=0)
+    np.testing.assert_allclose(out[:, 1:-1], ramp[:, 1:-1], atol=1e-5)
+
+
+def test_nearest_resample_repeats_block_averages() -> None:
+    x = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    cfg = DegradeConfig(
+        blur_sigma=(0.0, 0.0, 0.0), downsample=(2, 1, 1), resample="nearest", noise="none"
+    )
+    out = degrade(x, cfg, seed=0)
+    np.testing.assert_allclose(out[:, 0, 0], [0.5, 0.5, 2.5, 2.5, 4.5, 4.5])
+
+
+def test_same_seed_same_output_and_different_seed_differs() -> None:
+    hr = _volume((16, 16, 16))
+    cfg = DegradeConfig(noise="rician")
+    a, b, c = degrade(hr, cfg, seed=5), degrade(hr, cfg, seed=5), degrade(hr, cfg, seed=6)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_resample_to_known_values() -> None:
+    x = np.arange(4, dtype=np.float64)
+    np.testing.assert_allclose(
+        resample_to(x, (8,)), [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3], atol=1e-6
+    )
+    np.testing.assert_array_equal(resample_to(x, (8,), mode="nearest"), [0, 0, 1, 1, 2, 2, 3, 3])
+    lr = _volume((4, 5, 6))
+    up = resample_to(lr, (8, 10, 12))
+    assert up.shape == (8, 10, 12) and up.dtype == np.float32
+    assert np.array_equal(resample_to(lr, (4, 5, 6)), lr)
+
+
+def test_resample_to_rejects_bad_arguments() -> None:
+    with pytest.raises(UserError, match="target shape"):
+        resample_to(np.zeros((4, 4, 4)), (8, 8))
+    with pytest.raises(UserError, match="target shape"):
+        resample_to(np.zeros((4, 4, 4)), (8, 0, 8))
+    with pytest.raises(UserError, match="1-3D"):
+        resample_to(np.zeros((2, 2, 2, 2)), (4, 4, 4, 4))
+    with pytest.raises(UserError, match="trilinear, nearest"):
+        resample_to(np.zeros((4, 4, 4)), (8, 8, 8), mode="cubic")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"blur_sigma": (1.0, -0.5, 1.0)}, "blur_sigma must be 3 finite numbers >= 0"),
+        ({"blur_sigma": (1.0, 1.0)}, "blur_sigma"),
+        ({"downsample": (2, 0, 2)}, "downsample must be 3 integers >= 1"),
+        ({"downsample": (2, 1.5, 2)}, "downsample"),
+        ({"resample": "cubic"}, "resample must be one of trilinear, nearest, got 'cubic'"),
+        ({"noise": "poisson"}, "noise must be one of gaussian, rician, none, got 'poisson'"),
+        ({"noise_sigma": -0.1}, "noise_sigma"),
+    ],
+)
+def test_config_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        DegradeConfig(**kwargs)
+
+
+def test_config_accepts_lists_and_stores_tuples() -> None:
+    cfg = DegradeConfig(blur_sigma=[1, 0, 2], downsample=[1, 2, 3])  # type: ignore[arg-type]
+    assert cfg.blur_sigma == (1.0, 0.0, 2.0) and cfg.downsample == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "hr,seed,match",
+    [
+        (np.zeros((4, 4)), 0, "3D volume"),
+        (np.full((4, 4, 4), np.nan), 0, "finite"),
+        (np.zeros((4, 4, 4)), -1, "seed"),
+    ],
+)
+def test_degrade_rejects_bad_input(hr: np.ndarray, seed: int, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        degrade(hr, DegradeConfig(), seed=seed)
