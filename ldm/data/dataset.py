@@ -1,0 +1,105 @@
+"""Reading a prepare_data folder back: the manifest, patch pairs, whole test volumes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ldm.errors import DataError
+from ldm.io import VolumeMeta, load_json
+
+MANIFEST_VERSION = 1
+
+
+def load_manifest(dataset_dir: Path) -> dict[str, Any]:
+    """The dataset's manifest.json; a missing or foreign folder says to run prepare_data."""
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(
+            f"dataset not found: {path} is missing; run prepare_data first "
+            f"(or point data_dir at a prepared dataset)"
+        )
+    manifest = load_json(path, "manifest", "rerun prepare_data --overwrite")
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise DataError(
+            f"{path}: dataset format {manifest.get('format_version')} but this version reads "
+            f"{MANIFEST_VERSION}; rerun prepare_data --overwrite"
+        )
+    return manifest
+
+
+def _load_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path} is missing from the dataset; rerun prepare_data --overwrite")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: corrupt array ({e}); rerun prepare_data --overwrite") from None
+
+
+class PatchPairs(Dataset):
+    """(lr, hr) patch pairs of one split as float tensors (1, *patch); memory-mapped."""
+
+    def __init__(self, dataset_dir: Path, split: str) -> None:
+        dataset_dir = Path(dataset_dir)
+        manifest = load_manifest(dataset_dir)
+        if split not in manifest["splits"]:
+            raise DataError(f"{dataset_dir}: no split {split!r} in the manifest")
+        info = manifest["splits"][split]
+        self.lr = _load_array(dataset_dir / info["lr"])
+        self.hr = _load_array(dataset_dir / info["hr"])
+        if self.lr.shape != self.hr.shape:
+            raise DataError(
+                f"{dataset_dir}/{split}: LR patches {self.lr.shape} != HR {self.hr.shape}"
+            )
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.lr.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lr = torch.from_numpy(np.array(self.lr[i], dtype=np.float32))[None]  # (1, D, H, W)
+        hr = torch.from_numpy(np.array(self.hr[i], dtype=np.float32))[None]
+        return lr, hr
+
+
+@dataclass
+class TestCase:
+    """One whole test volume pair, normalised, with the map back to original units."""
+
+    name: str
+    lr: np.ndarray  # (D, H, W) normalised
+    hr: np.ndarray
+    low: float
+    high: float
+    meta: VolumeMeta
+
+    def to_original(self, x: np.ndarray) -> np.ndarray:
+        """Normalised -> original intensity units (inverse of the LR percentile map)."""
+        return x * (self.high - self.low) + self.low
+
+
+def iter_test_cases(dataset_dir: Path, names: list[str] | None = None) -> Iterator[TestCase]:
+    """Whole test volumes, one at a time; unknown names are an error listing the valid ones."""
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir)
+    cases = {n: c for n, c in manifest["cases"].items() if c["split"] == "test"}
+    for n in names or []:
+        if n not in cases:
+            raise DataError(f"{dataset_dir}: no test case {n!r}; test cases: {', '.join(cases)}")
+    for name in names or list(cases):
+        c = cases[name]
+        yield TestCase(
+            name,
+            np.asarray(_load_array(dataset_dir / c["volume"]["lr"])),
+            np.asarray(_load_array(dataset_dir / c["volume"]["hr"])),
+            c["norm"]["low"],
+            c["norm"]["high"],
+            VolumeMeta.from_dict(c["meta"]),
+        )

@@ -1,0 +1,173 @@
+"""Where prepare_data gets its cases: the built-in phantom, LR/HR pairs, or HR-only volumes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ldm.data.degrade import DegradeConfig, degrade, resample_to
+from ldm.data.phantom import PhantomConfig, make_phantom
+from ldm.errors import ConfigError, DataError
+from ldm.io import RawSpec, VolumeMeta, load_volume
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("phantom", "pairs", "hr_only")
+RESAMPLE_MODES = ("trilinear", "nearest", "none")
+
+
+@dataclass(frozen=True)
+class PhantomSource:
+    num_cases: int = 12
+    shape: tuple[int, int, int] = (96, 96, 96)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_cases < 2:
+            raise ConfigError(
+                f"phantom.num_cases must be >= 2 (train and test), got {self.num_cases}"
+            )
+
+
+@dataclass(frozen=True)
+class PairsSource:
+    """Paired volumes: explicit lists ``lr``/``hr`` or a ``folder`` with two glob patterns."""
+
+    lr: tuple[Path, ...] = ()
+    hr: tuple[Path, ...] = ()
+    folder: Path | None = None
+    lr_glob: str = "*_lr.nii.gz"
+    hr_glob: str = "*_hr.nii.gz"
+    resample: str = "trilinear"  # LR of another grid -> HR grid: trilinear | nearest | none
+
+    def __post_init__(self) -> None:
+        if self.resample not in RESAMPLE_MODES:
+            raise ConfigError(
+                f"pairs.resample must be one of {', '.join(RESAMPLE_MODES)}, got {self.resample!r}"
+            )
+
+
+@dataclass(frozen=True)
+class HROnlySource:
+    """High-quality volumes only; the LR side is simulated with the ``degrade`` section."""
+
+    hr: tuple[Path, ...] = ()
+    folder: Path | None = None
+    glob: str = "*.nii.gz"
+
+
+@dataclass
+class Case:
+    name: str
+    lr: np.ndarray  # (D, H, W) float32, original units, on the HR grid
+    hr: np.ndarray  # (D, H, W) float32, original units
+    meta: VolumeMeta  # of the HR file (or the phantom), to write results back alike
+    origin: dict[str, str]  # where it came from, for the manifest
+
+
+def _glob(folder: Path, pattern: str, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{what}.folder not found: {folder} (check the path in your config)")
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise DataError(f"{folder}: no files match {what} pattern {pattern!r}")
+    return files
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".raw", ".mhd", ".npy"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _check_3d(data: np.ndarray, path: Path) -> None:
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+
+
+def list_pairs(src: PairsSource) -> list[tuple[Path, Path]]:
+    if src.folder is not None:
+        lr, hr = _glob(src.folder, src.lr_glob, "pairs"), _glob(src.folder, src.hr_glob, "pairs")
+    else:
+        lr, hr = list(src.lr), list(src.hr)
+    if not hr:
+        raise ConfigError("source 'pairs' needs pairs.lr and pairs.hr lists, or pairs.folder")
+    if len(lr) != len(hr):
+        raise DataError(f"pairs: {len(lr)} LR files but {len(hr)} HR files; they must pair up 1:1")
+    return list(zip(lr, hr))
+
+
+def _check_exist(paths: list[Path]) -> None:
+    """Fail fast, before any processing, on the first missing input file."""
+    for p in paths:
+        if not Path(p).is_file() and not Path(p).with_suffix(".mhd").is_file():
+            raise DataError(f"volume file not found: {p} (check the path in your config)")
+
+
+def iter_cases(
+    source: str,
+    phantom: PhantomSource,
+    pairs: PairsSource,
+    hr_only: HROnlySource,
+    deg: DegradeConfig,
+    raw: RawSpec,
+    seed: int,
+) -> tuple[int, Iterator[Case]]:
+    """(number of cases, iterator over them); volumes are loaded one case at a time."""
+    if source == "phantom":
+        return phantom.num_cases, _phantom_cases(phantom, deg, seed)
+    if source == "pairs":
+        files = list_pairs(pairs)
+        _check_exist([p for pair in files for p in pair])
+        return len(files), _pair_cases(files, pairs.resample, raw)
+    if source == "hr_only":
+        hr_files = (
+            _glob(hr_only.folder, hr_only.glob, "hr_only") if hr_only.folder else list(hr_only.hr)
+        )
+        if not hr_files:
+            raise ConfigError("source 'hr_only' needs hr_only.hr (a list) or hr_only.folder")
+        _check_exist(hr_files)
+        return len(hr_files), _hr_only_cases(hr_files, deg, raw, seed)
+    raise ConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+
+
+def _phantom_cases(src: PhantomSource, deg: DegradeConfig, seed: int) -> Iterator[Case]:
+    for i in range(src.num_cases):
+        case_seed = seed * 100_003 + i
+        hr = make_phantom(tuple(src.shape), case_seed, src.phantom)
+        lr = degrade(hr, deg, case_seed + 7919)
+        meta = VolumeMeta("raw", spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+        yield Case(f"phantom_{i:03d}", lr, hr, meta, {"phantom_seed": str(case_seed)})
+
+
+def _pair_cases(files: list[tuple[Path, Path]], resample: str, raw: RawSpec) -> Iterator[Case]:
+    for lr_path, hr_path in files:
+        hr, meta = load_volume(hr_path, raw)
+        lr, _ = load_volume(lr_path, raw)
+        _check_3d(hr, hr_path)
+        _check_3d(lr, lr_path)
+        if lr.shape != hr.shape and resample != "none":
+            log.info("resampling %s %s onto the HR grid %s", lr_path.name, lr.shape, hr.shape)
+            lr = resample_to(lr, hr.shape, resample)
+        if lr.shape != hr.shape:
+            raise DataError(
+                f"{lr_path}: LR shape {lr.shape} != HR shape {hr.shape} of {hr_path} "
+                f"(set pairs.resample to trilinear to resample LR onto the HR grid)"
+            )
+        yield Case(case_name(hr_path), lr, hr, meta, {"lr": str(lr_path), "hr": str(hr_path)})
+
+
+def _hr_only_cases(
+    files: list[Path], deg: DegradeConfig, raw: RawSpec, seed: int
+) -> Iterator[Case]:
+    for i, hr_path in enumerate(files):
+        hr, meta = load_volume(hr_path, raw)
+        _check_3d(hr, hr_path)
+        lr = degrade(hr, deg, seed * 100_003 + i)
+        yield Case(case_name(hr_path), lr, hr, meta, {"hr": str(hr_path)})

@@ -1,0 +1,73 @@
+"""run_all: every phase in order on one profile (demo: configs/demo/, default: configs/)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ldm.config import REPO_ROOT, load_config
+from ldm.errors import UserError
+from ldm.phase import PhaseResult
+from ldm.pipeline import PHASES, Phase
+
+log = logging.getLogger(__name__)
+PROFILES = ("demo", "default")
+
+
+class PhaseFailed(UserError):
+    """A phase stopped the run; the message names the phase."""
+
+
+@dataclass
+class RunAllReport:
+    rows: list[tuple[str, float, PhaseResult]] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r[1] for r in self.rows)
+
+
+def config_path(profile: str, phase: Phase) -> Path:
+    if profile not in PROFILES:
+        raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    folder = REPO_ROOT / "configs" / ("demo" if profile == "demo" else "")
+    return folder / f"{phase.name}.yaml"
+
+
+def select(names: list[str] | None) -> list[Phase]:
+    if not names:
+        return list(PHASES)
+    known = {p.name: p for p in PHASES}
+    for n in names:
+        if n not in known:
+            raise UserError(f"unknown phase {n!r}; phases: {', '.join(known)}")
+    return [p for p in PHASES if p.name in names]
+
+
+def run_all(
+    profile: str = "demo",
+    phases: list[str] | None = None,
+    overwrite: bool = False,
+    on_phase=None,
+) -> RunAllReport:
+    """Run the phases in order; ``on_phase(i, n, name, seconds, result)`` after each one.
+
+    The demo profile writes only under dataset/demo, checkpoint/demo and results/demo and
+    always starts those over; the default profile replaces nothing unless ``overwrite``.
+    """
+    chosen = select(phases)
+    report = RunAllReport()
+    for i, phase in enumerate(chosen, 1):
+        cfg = load_config(phase.config_cls(), config_path(profile, phase))
+        t0 = time.perf_counter()
+        try:
+            result = phase.run_fn()(cfg, overwrite=overwrite or profile == "demo")
+        except UserError as e:
+            raise PhaseFailed(f"phase {phase.name} failed: {e}") from None
+        seconds = time.perf_counter() - t0
+        report.rows.append((phase.name, seconds, result))
+        if on_phase is not None:
+            on_phase(i, len(chosen), phase.name, seconds, result)
+    return report

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ldm.data.dataset import PatchPairs, iter_test_cases, load_manifest
+from ldm.data.prepare import SplitConfig, patch_starts, split_cases
+from ldm.errors import ConfigError
+from ldm.io import save_volume
+from tests.helpers.cli import error_line, run_script
+
+TINY = ["--set", "phantom.num_cases=5", "--set", "phantom.shape=[24, 24, 24]",
+        "--set", "patches.size=[16, 16, 16]", "--set", "patches.stride=[8, 8, 8]"]  # fmt: skip
+
+
+def prepare(out, *extra):
+    return run_script("prepare_data", "--set", f"out_dir={out}", *TINY, *extra)
+
+
+def test_phantom_dataset_round_trip(tmp_path):
+    out = tmp_path / "ds"
+    result = prepare(out)
+    assert result.exit_code == 0, result.output
+    assert "Baseline PSNR" in result.output and "test" in result.output
+    manifest = load_manifest(out)
+    splits = {c["split"] for c in manifest["cases"].values()}
+    assert splits == {"train", "val", "test"}
+    train = PatchPairs(out, "train")
+    lr, hr = train[0]
+    assert lr.shape == hr.shape == (1, 16, 16, 16)
+    assert len(train) == manifest["splits"]["train"]["num_patches"] > 0
+    index = json.loads((out / "train" / "patches.json").read_text())
+    assert {p["case"] for p in index} <= {
+        n for n, c in manifest["cases"].items() if c["split"] == "train"
+    }
+    case = next(iter_test_cases(out))
+    assert case.lr.shape == (24, 24, 24)
+    # LR percentiles define the normalisation, so the LR spans ~[0, 1]
+    assert np.percentile(case.lr, 0.5) == pytest.approx(0, abs=1e-3)
+    assert np.percentile(case.lr, 99.5) == pytest.approx(1, abs=1e-3)
+    assert (out / "config.yaml").is_file()
+
+
+def test_no_case_in_two_splits_and_split_is_seeded():
+    for n in (3, 7, 20):
+        which = split_cases(n, SplitConfig(0.15, 0.2), seed=1)
+        assert len(which) == n and which.count("test") >= 1 and which.count("train") >= 1
+        assert which == split_cases(n, SplitConfig(0.15, 0.2), seed=1)
+
+
+def test_split_leaving_test_or_train_empty():
+    with pytest.raises(ConfigError, match="test set would be empty"):
+        split_cases(5, SplitConfig(0.2, 0.0), 0)
+    with pytest.raises(ConfigError, match="no training case"):
+        split_cases(2, SplitConfig(0.3, 0.3), 0)
+
+
+def test_patch_starts_cover_volume_flush_with_edge():
+    starts = patch_starts((20, 16), (8, 8), (8, 8))
+    assert sorted({s[0] for s in starts}) == [0, 8, 12] and sorted({s[1] for s in starts}) == [0, 8]
+
+
+def test_existing_dataset_is_not_replaced_without_overwrite(tmp_path):
+    out = tmp_path / "ds"
+    assert prepare(out).exit_code == 0
+    before = (out / "manifest.json").read_text()
+    line = error_line(prepare(out, "--set", "seed=5"))
+    assert "already exists; pass --overwrite" in line
+    assert (out / "manifest.json").read_text() == before
+    assert prepare(out, "--set", "seed=5", "--overwrite").exit_code == 0
+
+
+def test_patch_larger_than_volume(tmp_path):
+    line = error_line(prepare(tmp_path / "ds", "--set", "patches.size=[32, 32, 32]"))
+    assert "patches.size (32, 32, 32) is larger than case" in line
+    assert not (tmp_path / "ds").exists()  # nothing half-written
+
+
+def test_unknown_config_key(tmp_path):
+    line = error_line(prepare(tmp_path / "ds", "--set", "pathces.size=[8, 8, 8]"))
+    assert "unknown key 'pathces'" in line and "did you mean 'patches'" in line
+
+
+def _pairs(tmp_path, lr: np.ndarray, hr: np.ndarray, *extra):
+    files = []
+    for i in range(3):
+        files.append(save_volume(tmp_path / f"c{i}_lr.npy", lr))
+        save_volume(tmp_path / f"c{i}_hr.npy", hr)
+    return run_script(
+        "prepare_data", "--set", f"out_dir={tmp_path / 'ds'}", "--set", "source=pairs",
+        "--set", f"pairs.folder={tmp_path}", "--set", "pairs.lr_glob=*_lr.npy",
+        "--set", "pairs.hr_glob=*_hr.npy", "--set", "patches.size=[8, 8, 8]",
+        "--set", "patches.stride=[8, 8, 8]", "--set", "split.val_fraction=0", *extra,
+    )  # fmt: skip
+
+
+def test_pairs_with_coarser_lr_are_resampled(tmp_path):
+    rng = np.random.default_rng(0)
+    result = _pairs(tmp_path, rng.random((8, 8, 8)), rng.random((16, 16, 16)))
+    assert result.exit_code == 0, result.output
+    assert next(iter_test_cases(tmp_path / "ds")).lr.shape == (16, 16, 16)
+
+
+def test_pairs_shape_mismatch_without_resampling(tmp_path):
+    rng = np.random.default_rng(0)
+    line = error_line(
+        _pairs(
+            tmp_path,
+            rng.random((8, 8, 8)),
+            rng.random((16, 16, 16)),
+            "--set",
+            "pairs.resample=none",
+        )
+    )
+    assert "LR shape (8, 8, 8) != HR shape (16, 16, 16)" in line
+
+
+def test_nan_volume(tmp_path):
+    hr = np.random.default_rng(0).random((16, 16, 16))
+    hr[3, 3, 3] = np.nan
+    line = error_line(_pairs(tmp_path, hr.copy(), hr))
+    assert "NaN/Inf voxels" in line
+
+
+def test_missing_file_and_raw_size_mismatch(tmp_path):
+    base = ["--set", f"out_dir={tmp_path / 'ds'}", "--set", "source=hr_only"]
+    line = error_line(
+        run_script("prepare_data", *base, "--set", f"hr_only.hr=[{tmp_path / 'no.nii.gz'}]")
+    )
+    assert "volume file not found" in line and "no.nii.gz" in line
+    for i in range(3):
+        np.zeros(100, np.float32).tofile(tmp_path / f"v{i}.raw")
+    files = ", ".join(str(tmp_path / f"v{i}.raw") for i in range(3))
+    line = error_line(run_script(
+        "prepare_data", *base, "--set", f"hr_only.hr=[{files}]", "--set", "raw.shape=[8, 8, 8]",
+    ))  # fmt: skip
+    assert "v0.raw: file has 400 bytes" in line and "needs 2048" in line
