@@ -63,6 +63,11 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     return _build(cls, data, where, "")
 
 
+def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build ``cls`` from a plain dict (e.g. a checkpoint's model_config) with the same checks."""
+    return _build(cls, data, where, "")
+
+
 def _apply_override(data: dict[str, Any], item: str, cls: type) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key.sub=value")

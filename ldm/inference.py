@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -139,3 +140,27 @@ def sliding_window_infer(
     assert out is not None and bool((weight > 0).all())
     out /= weight
     return out[(slice(None), *crop)].contiguous()
+
+
+def autoencode_volume(
+    vae: torch.nn.Module,
+    volume: np.ndarray,
+    window: Sequence[int],
+    *,
+    overlap: float = 0.5,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """decode(encode(volume)) with the latent mean, window by window: the VAE denoiser on a whole
+    (D, H, W) normalised volume; returns the same shape as float32 numpy."""
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        mu, _ = vae.encode(batch)
+        return vae.decode(mu)
+
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]  # (1, D, H, W)
+    out = sliding_window_infer(
+        x, fn, window, overlap=overlap, batch_size=batch_size, device=device, progress=progress
+    )
+    return out[0].numpy()

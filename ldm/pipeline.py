@@ -25,6 +25,9 @@ class Phase:
 
 PHASES: list[Phase] = [
     Phase("prepare_data", "ldm.data.prepare", "PrepareDataConfig", "prepare_data"),
+    Phase("train_vae_pair", "ldm.train_vae", "TrainVAEConfig", "train_vae_pair"),
+    Phase("prepare_latents", "ldm.latents", "PrepareLatentsConfig", "prepare_latents"),
+    Phase("train_diffusion", "ldm.train_diffusion", "TrainDiffusionConfig", "train_diffusion"),
 ]
 
 

@@ -1,0 +1,54 @@
+"""Rebuild trained networks from their checkpoints alone (config inside, EMA weights by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import load_checkpoint
+from ldm.config import config_from_dict
+from ldm.errors import CheckpointError, UserError
+from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig
+
+
+def ema_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The EMA module's weights from an AveragedModel state dict ('module.' prefix dropped)."""
+    return {k[len("module.") :]: v for k, v in state["ema"].items() if k.startswith("module.")}
+
+
+def _restore(net: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)[:200]
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored model config ({first})"
+        ) from None
+
+
+def _build(cls_cfg: type, cls_net: type, path: Path, kind: str, device, ema: bool):
+    state = load_checkpoint(path, kind)
+    try:
+        cfg = config_from_dict(cls_cfg, state["model_config"], f"{path} (model_config)")
+    except UserError as e:
+        raise CheckpointError(f"incompatible checkpoint: {e}; retrain with this version") from None
+    net = cls_net(cfg)
+    _restore(net, ema_weights(state) if ema else state["model"], path)
+    return net.to(device).eval(), state
+
+
+def load_vae(
+    path: Path, device: str | torch.device = "cpu", ema: bool = True
+) -> tuple[VAE3d, dict]:
+    """(VAE in eval mode on ``device``, the checkpoint dict) from a train_vae_pair checkpoint."""
+    return _build(VAEConfig, VAE3d, Path(path), "vae", device, ema)
+
+
+def load_unet(
+    path: Path, device: str | torch.device = "cpu", ema: bool = True
+) -> tuple[UNet3d, dict]:
+    """(UNet in eval mode on ``device``, the checkpoint dict) from a train_diffusion checkpoint."""
+    return _build(UNetConfig, UNet3d, Path(path), "diffusion", device, ema)

@@ -1,0 +1,135 @@
+"""train_diffusion: a conditional UNet that turns scaled LR latents into HR latents.
+
+x_0 = scale * HR latent, condition = scale * LR latent (concatenated on channels);
+loss = DDPM L_simple on epsilon or v (optionally min-SNR weighted); the shared training loop.
+Validation: DDIM-sample a few validation latents, report latent MSE and decoded PSNR vs HR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.config import save_config
+from ldm.data.dataset import PatchPairs, load_manifest
+from ldm.diffusion import DiffusionConfig, make_schedule, training_loss
+from ldm.distributed import pick_device
+from ldm.errors import ConfigError
+from ldm.latents import LatentPairs, latents_dir, load_latents_meta
+from ldm.metrics import psnr
+from ldm.models import load_vae
+from ldm.nets import UNet3d, UNetConfig
+from ldm.phase import PhaseResult
+from ldm.samplers import SPACINGS, ddim_sample
+from ldm.training import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class TrainDiffusionConfig:
+    data_dir: Path = Path("dataset/vessel_phantom")
+    latents_dir: Path | None = None  # default <data_dir>/latents
+    vae_checkpoint: Path = Path("checkpoint/vae_denoise/best.pt")
+    out_dir: Path = Path("checkpoint/diffusion")
+    model: UNetConfig = field(default_factory=lambda: UNetConfig(channels=(64, 128)))
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val_samples: int = 16  # validation latents sampled at each validation
+    val_steps: int = 25  # DDIM steps of the validation sampler
+    val_spacing: str = "trailing"
+
+    def __post_init__(self) -> None:
+        if self.val_samples < 1 or self.val_steps < 1:
+            raise ConfigError("val_samples and val_steps must be >= 1")
+        if self.val_spacing not in SPACINGS:
+            raise ConfigError(f"val_spacing must be one of {', '.join(SPACINGS)}")
+
+
+class LatentDiffusionTask:
+    kind = "diffusion"
+
+    def __init__(self, cfg: TrainDiffusionConfig, val: LatentPairs, val_hr, vae, device) -> None:
+        self.cfg, self.device, self.vae = cfg, device, vae
+        self.schedule = make_schedule(cfg.diffusion)
+        n = min(len(val), cfg.val_samples)
+        self.val_cond = torch.stack([val[i][0] for i in range(n)])  # (N, C, d, h, w) scaled
+        self.val_z = torch.stack([val[i][1] for i in range(n)])
+        self.val_hr = torch.stack([val_hr[i][1] for i in range(n)])  # (N, 1, D, H, W) images
+        self.scale = val.scale
+        with torch.no_grad():  # what a perfect diffusion model would give: decode(HR latent)
+            self.ceiling = psnr(self._decode(self.val_z), self.val_hr)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((z / self.scale).to(self.device)).float().cpu()
+
+    def loss(self, model: nn.Module, batch, generator: torch.Generator):
+        cond, z = batch  # (B, C, d, h, w) each, scaled
+        loss = training_loss(
+            model, self.schedule, z, extra_args={"cond": cond}, generator=generator,
+            min_snr_gamma=self.cfg.diffusion.min_snr_gamma,
+        )  # fmt: skip
+        return loss, {}
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        g = torch.Generator(device=self.device).manual_seed(1234)  # same noise every validation
+        cond = self.val_cond.to(self.device)
+        x = torch.randn(cond.shape, generator=g, device=self.device)
+        z = ddim_sample(
+            model, x, self.schedule, steps=self.cfg.val_steps, spacing=self.cfg.val_spacing,
+            extra_args={"cond": cond}, disable=True,
+        ).float().cpu()  # fmt: skip
+        mse = float(((z - self.val_z) ** 2).mean())
+        decoded = psnr(self._decode(z), self.val_hr)
+        return {"latent_mse": mse, "psnr": decoded, "hr_latent_psnr": self.ceiling,
+                "score": decoded}  # fmt: skip
+
+
+def train_diffusion(cfg: TrainDiffusionConfig, *, overwrite: bool = False) -> PhaseResult:
+    load_manifest(cfg.data_dir)
+    lat_dir = latents_dir(cfg.data_dir, cfg.latents_dir)
+    meta = load_latents_meta(lat_dir, cfg.vae_checkpoint)
+    c = meta["latent_shape"][0]
+    m = cfg.model
+    if m.in_channels != c or m.out_channels != c or m.cond_channels != c:
+        raise ConfigError(
+            f"model.in_channels, out_channels and cond_channels must equal the latent channels "
+            f"({c}) of {lat_dir}; got {m.in_channels}, {m.out_channels}, {m.cond_channels}"
+        )
+    if m.spatial_dims != meta["spatial_dims"]:
+        raise ConfigError(f"model.spatial_dims must be {meta['spatial_dims']} like the latents")
+    scale = meta["scale_factor"]
+    train_set = LatentPairs(lat_dir, "train", scale)
+    split = "val" if meta["counts"]["val"] else "train"
+    device = pick_device(cfg.train.device)
+    vae, _ = load_vae(cfg.vae_checkpoint, device)
+    task = LatentDiffusionTask(
+        cfg, LatentPairs(lat_dir, split, scale), PatchPairs(cfg.data_dir, split), vae, device
+    )
+    torch.manual_seed(cfg.train.seed)
+    model = UNet3d(cfg.model)
+    extra = {
+        "diffusion": dataclasses.asdict(cfg.diffusion),
+        "scale_factor": scale,
+        "vae": meta["vae"],
+        "latent_shape": meta["latent_shape"],
+    }
+    result = train(model, dataclasses.asdict(m), train_set, task, cfg.train, cfg.out_dir,
+                   extra=extra, overwrite=overwrite)  # fmt: skip
+    save_config(cfg, cfg.out_dir / "config.yaml")
+    v = result.last_val
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    lines = [f"train_diffusion -> {cfg.out_dir} (step {result.step}, {result.steps_run} steps in "
+             f"{result.seconds:.0f} s, {n_params:.2f} M params)"]  # fmt: skip
+    if v:
+        lines.append(
+            f"validation ({cfg.val_steps} DDIM steps): decoded PSNR {v['psnr']:.2f} dB, latent MSE "
+            f"{v['latent_mse']:.4f}; decode(HR latent) ceiling {v['hr_latent_psnr']:.2f} dB"
+        )
+        key = f"val PSNR {v['psnr']:.2f} dB (ceiling {v['hr_latent_psnr']:.2f})"
+    else:
+        lines.append(f"already trained to step {result.step}; raise train.steps to continue")
+        key = f"already at step {result.step}"
+    return PhaseResult("\n".join(lines), key, {"step": result.step, **v}, [cfg.out_dir])
