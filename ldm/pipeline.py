@@ -28,6 +28,7 @@ PHASES: list[Phase] = [
     Phase("train_vae_pair", "ldm.train_vae", "TrainVAEConfig", "train_vae_pair"),
     Phase("prepare_latents", "ldm.latents", "PrepareLatentsConfig", "prepare_latents"),
     Phase("train_diffusion", "ldm.train_diffusion", "TrainDiffusionConfig", "train_diffusion"),
+    Phase("predict_ldm", "ldm.predict", "PredictConfig", "predict_ldm"),
 ]
 
 

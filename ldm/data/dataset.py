@@ -97,8 +97,8 @@ def iter_test_cases(dataset_dir: Path, names: list[str] | None = None) -> Iterat
         c = cases[name]
         yield TestCase(
             name,
-            np.asarray(_load_array(dataset_dir / c["volume"]["lr"])),
-            np.asarray(_load_array(dataset_dir / c["volume"]["hr"])),
+            np.array(_load_array(dataset_dir / c["volume"]["lr"])),  # a writable copy
+            np.array(_load_array(dataset_dir / c["volume"]["hr"])),
             c["norm"]["low"],
             c["norm"]["high"],
             VolumeMeta.from_dict(c["meta"]),

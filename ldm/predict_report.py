@@ -1,0 +1,97 @@
+"""Pictures and the printed table of predict_ldm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm.data.dataset import TestCase
+from ldm.ldm_model import LatentDiffusion, SamplerConfig
+from ldm.viz import save_comparison_png, save_gif, save_views_png, shared_window, to_uint8, views
+
+
+def case_pictures(
+    folder: Path, case: TestCase, outputs: dict[str, np.ndarray], std: np.ndarray | None
+) -> None:
+    """1_input_LR, 2_target_HR, 3_output_LDM (one shared window), 4_uncertainty, comparison."""
+    lr = case.to_original(case.lr)
+    vols = {"LR": lr, "LDM": outputs["LDM"]}
+    if case.hr is not None:
+        vols["HR"] = case.to_original(case.hr)
+    window = shared_window(list(vols.values()))
+    save_views_png(folder / "1_input_LR.png", lr, f"{case.name}: input LR", window)
+    if case.hr is not None:
+        save_views_png(folder / "2_target_HR.png", vols["HR"], f"{case.name}: target HR", window)
+    save_views_png(folder / "3_output_LDM.png", outputs["LDM"], f"{case.name}: LDM output", window)
+    if std is not None:
+        top = float(np.percentile(std, 99.8)) or 1.0
+        title = f"{case.name}: per-voxel std over samples (uncertainty)"
+        save_views_png(folder / "4_uncertainty.png", std, title, (0.0, top), cmap="magma")
+    rows = {"LR": lr, **{k: v for k, v in outputs.items() if k != "Baseline"}}
+    if case.hr is not None:
+        rows["HR"] = vols["HR"]
+    save_comparison_png(folder / "0_comparison.png", rows, case.name, window)
+
+
+@torch.no_grad()
+def reverse_process_gif(
+    path: Path, ldm: LatentDiffusion, case: TestCase, window: tuple[int, ...],
+    sampler: SamplerConfig, seed: int,
+) -> Path:  # fmt: skip
+    """GIF of one central window: decode(x_t) | decode(predicted x_0) at every sampler step."""
+    start = [max(0, (s - w) // 2) for s, w in zip(case.lr.shape, window)]
+    sl = tuple(slice(a, a + w) for a, w in zip(start, window))
+    lr = torch.from_numpy(np.ascontiguousarray(case.lr[sl], dtype=np.float32))[None, None]
+    cond = ldm.encode_cond(lr)
+    g = torch.Generator(device=ldm.device).manual_seed(seed)
+    noise = torch.randn(cond.shape, generator=g, device=ldm.device)
+    states: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(d: dict) -> None:
+        states.append((d["x"], d["pred_original_sample"]))
+
+    final = ldm.sample(cond, noise, sampler, generator=g, callback=keep)
+    states.append((final, final))
+    every = max(1, len(states) // 60)  # at most ~60 frames
+    picks = states[::every] + ([states[-1]] if (len(states) - 1) % every else [])
+    decoded = [(ldm.decode(x)[0, 0].cpu().numpy(), ldm.decode(x0)[0, 0].cpu().numpy())
+               for x, x0 in picks]  # fmt: skip
+    win = shared_window([lr[0, 0].numpy()])
+    frames = []
+    for x_img, x0_img in decoded:
+        panels = [views(x_img)[0], views(x_img)[3], views(x0_img)[0], views(x0_img)[3]]
+        row = np.concatenate([np.pad(to_uint8(p, win), 1) for p in panels], axis=1)
+        frames.append(np.kron(row, np.ones((4, 4), np.uint8)))  # 4x nearest upscaling
+    return save_gif(path, frames + [frames[-1]] * 5, duration_ms=150)
+
+
+def summary_text(rows: dict[str, dict], cfg: Any) -> tuple[str, str, dict[str, Any]]:
+    """Per-case table: Baseline, VAE result and LDM PSNR / SSIM, plus the mean row."""
+    s = cfg.sampler
+    lines = [f"predict_ldm -> {cfg.out_dir} ({s.sampler}, {s.steps} steps, eta {s.eta}, "
+             f"{cfg.num_samples} sample(s))"]  # fmt: skip
+    scored = {k: r["metrics"] for k, r in rows.items() if "metrics" in r}
+    means: dict[str, Any] = {}
+    if scored:
+        methods = list(next(iter(scored.values())))
+        head = "".join(f"{m + ' PSNR/SSIM':>24}" for m in methods)
+        lines.append(f"{'case':<16}{head}{'seconds':>9}")
+        for name, m in scored.items():
+            cells = "".join(f"{m[k]['psnr']:>15.2f} / {m[k]['ssim']:.3f}" for k in methods)
+            lines.append(f"{name:<16}{cells}{rows[name]['seconds']:>9.1f}")
+        for k in methods:
+            means[k] = {
+                q: float(np.mean([m[k][q] for m in scored.values()])) for q in ("psnr", "ssim")
+            }
+        cells = "".join(f"{means[k]['psnr']:>15.2f} / {means[k]['ssim']:.3f}" for k in methods)
+        lines.append(f"{'mean':<16}{cells}")
+        key = (f"LDM {means['LDM']['psnr']:.2f} dB | VAE {means['VAE result']['psnr']:.2f} | "
+               f"baseline {means['Baseline']['psnr']:.2f}")  # fmt: skip
+    else:
+        key = f"{len(rows)} volume(s) written"
+    for name, r in rows.items():
+        lines.append(f"{name}: {r['output']}")
+    return "\n".join(lines), key, means
