@@ -1,0 +1,225 @@
+"""evaluate_psnr on a tiny phantom dataset and a tiny trained VAE: report, files, user errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import ldm.evaluate as evaluate
+from ldm.config import load_config
+from ldm.data.dataset import iter_test_cases
+from ldm.evaluate import EvaluateConfig, format_table, mean_scores, tuning_pairs
+from tests.helpers.cli import error_line, run_script
+
+TEST_CASES = ["phantom_002", "phantom_004"]  # the test split of 5 cases, seed 0, 40 % test
+SIGMAS = [0.0, 0.5, 1.0]
+STEPS = [0, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(dataset dir, checkpoint) of a 24^3 phantom dataset and a 2-step VAE with f = 2."""
+    root = tmp_path_factory.mktemp("evaluate")
+    data, run = root / "ds", root / "vae"
+    result = run_script(
+        "prepare_data", "--set", f"out_dir={data}", "--set", "phantom.num_cases=5",
+        "--set", "phantom.shape=[24, 24, 24]", "--set", "patches.size=[16, 16, 16]",
+        "--set", "patches.stride=[8, 8, 8]", "--set", "split.test_fraction=0.4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = run_script(
+        "train_vae_pair", "--set", f"data_dir={data}", "--set", f"out_dir={run}",
+        "--set", "model.channels=[8, 8]", "--set", "model.norm_groups=4",
+        "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.val_every=2",
+        "--set", "train.save_every=2", "--set", "train.device=cpu", "--set", "val_patches=2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return data, run / "best.pt"
+
+
+def _args(trained, out, *extra: str) -> list[str]:
+    data, ckpt = trained
+    return [
+        "--set", f"data_dir={data}", "--set", f"vae_checkpoint={ckpt}", "--set", f"out_dir={out}",
+        "--set", "device=cpu", "--set", "tune.max_patches=4",
+        "--set", f"tune.gaussian_sigmas={SIGMAS}", "--set", f"tune.heat_steps={STEPS}", *extra,
+    ]  # fmt: skip
+
+
+def evaluate_cli(trained, out, *extra: str):
+    return run_script("evaluate_psnr", *_args(trained, out, *extra))
+
+
+def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "bm4d_available", lambda: False)
+    out = tmp_path / "res"
+    result = evaluate_cli(trained, out)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "BM4D: skipped (pip install bm4d to include it)" in text
+    for label in ("Baseline (LR)", "VAE result", "VAE ceiling", "Gaussian filter", "Heat diff"):
+        assert re.search(rf"^{re.escape(label)}.*\d+\.\d\d\s+-?\d\.\d{{4}}", text, re.M), label
+    assert all(f"{name} PSNR" in text for name in TEST_CASES)  # 2 cases: per-case columns
+    line = re.search(r"^Result PSNR: (\S+) dB \| Baseline PSNR: (\S+) dB$", text, re.M)
+    assert line, text
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    mean = metrics["mean"]
+    assert list(metrics["cases"]) == TEST_CASES
+    assert set(mean) == {"baseline", "vae_result", "vae_ceiling", "gaussian", "heat"}
+    assert line.groups() == (f"{mean['vae_result']['psnr']:.2f}", f"{mean['baseline']['psnr']:.2f}")
+    base = [metrics["cases"][c]["baseline"]["psnr"] for c in TEST_CASES]
+    assert mean["baseline"]["psnr"] == pytest.approx(np.mean(base))
+    assert metrics["checkpoint"] == {"path": str(trained[1]), "step": 2}
+    assert metrics["window"] == [16, 16, 16]  # the dataset's patch size
+    tuned = metrics["tuned"]
+    assert tuned["num_patches"] == 4 and tuned["bm4d_sigma"] is None
+    assert tuned["gaussian_sigma"] in SIGMAS and tuned["heat_steps"] in STEPS
+
+    # the baseline row against scikit-image, in original units with the HR range
+    for case in iter_test_cases(trained[0], TEST_CASES):
+        lr, hr = case.to_original(case.lr.astype(np.float64)), case.to_original(case.hr)
+        r = float(hr.max() - hr.min())
+        got = metrics["cases"][case.name]["baseline"]
+        assert got["psnr"] == pytest.approx(peak_signal_noise_ratio(hr, lr, data_range=r))
+        ref_ssim = structural_similarity(
+            hr.astype(np.float64), lr, data_range=r, gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False,
+        )  # fmt: skip
+        assert got["ssim"] == pytest.approx(ref_ssim, abs=1e-6)
+    assert Image.open(out / "comparison.png").size[1] > 600  # 6 rows of views
+    assert "tune:" in (out / "config.yaml").read_text()
+
+
+def test_bm4d_row_when_the_package_is_available(trained, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_tune(pairs, sigmas):
+        calls.append(len(pairs))
+        return sigmas[1], 30.0
+
+    monkeypatch.setattr(evaluate, "bm4d_available", lambda: True)
+    monkeypatch.setattr(evaluate, "tune_bm4d_sigma", fake_tune)
+    monkeypatch.setattr(evaluate, "bm4d_denoise", lambda volume, sigma: volume.clone())
+    overrides = [a for a in _args(trained, tmp_path / "res") if a != "--set"]
+    cfg = load_config(
+        EvaluateConfig, None, [*overrides, "cases=[phantom_004]", "tune.bm4d_max_patches=2"]
+    )
+    result = evaluate.evaluate_psnr(cfg)
+    assert "BM4D" in result.text and "skipped" not in result.text
+    assert calls == [2]
+    metrics = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    scores = metrics["cases"]["phantom_004"]
+    assert scores["bm4d"] == pytest.approx(scores["baseline"])  # the fake BM4D is the identity
+    assert metrics["tuned"]["bm4d_sigma"] == cfg.tune.bm4d_sigmas[1]
+
+
+def test_format_table_and_mean():
+    case_a = {"baseline": {"psnr": 20.0, "ssim": 0.5}, "vae_result": {"psnr": 30.0, "ssim": 0.9}}
+    case_b = {"baseline": {"psnr": 22.0, "ssim": 0.7}, "vae_result": {"psnr": 26.0, "ssim": 0.7}}
+    per_case = {"a": case_a, "b": case_b}
+    mean = mean_scores(per_case)
+    assert mean == {
+        "baseline": {"psnr": 21.0, "ssim": 0.6},
+        "vae_result": {"psnr": 28.0, "ssim": 0.8},
+    }
+    lines = format_table(per_case, mean).splitlines()
+    assert lines[0].split() == [
+        "method",
+        "PSNR",
+        "(dB)",
+        "SSIM",
+        "a",
+        "PSNR",
+        "a",
+        "SSIM",
+        "b",
+        "PSNR",
+        "b",
+        "SSIM",
+    ]
+    assert lines[2].split() == [
+        "Baseline",
+        "(LR)",
+        "21.00",
+        "0.6000",
+        "20.00",
+        "0.5000",
+        "22.00",
+        "0.7000",
+    ]
+    assert len({len(line) for line in lines}) == 1  # aligned
+    one = format_table({"a": case_a}, mean_scores({"a": case_a})).splitlines()
+    assert one[3].split() == ["VAE", "result", "30.00", "0.9000"]  # one case: no case columns
+
+
+def test_tuning_pairs_are_evenly_spaced_train_patches(trained):
+    pairs = tuning_pairs(trained[0], 3, torch.device("cpu"))
+    assert len(pairs) == 3 and pairs[0][0].shape == (16, 16, 16)
+    assert len(tuning_pairs(trained[0], 10_000, torch.device("cpu"))) == 16  # all 16 patches
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["cases=[nope]"], "no test case 'nope'; test cases: phantom_002, phantom_004"),
+        (
+            ["cases=[phantom_002]", "image_case=phantom_004"],
+            "image_case 'phantom_004' is not among",
+        ),
+        (["window=[15, 16, 16]"], "divisible by the VAE downsampling factor 2"),
+        (["overlap=1.5"], "overlap must be a fraction in [0, 1)"),
+        (["tune.heat_steps=[]"], "tune.heat_steps must be a non-empty list"),
+    ],
+)
+def test_bad_settings(trained, tmp_path, extra, message):
+    args = [a for e in extra for a in ("--set", e)]
+    assert message in error_line(evaluate_cli(trained, tmp_path / "res", *args))
+    assert not (tmp_path / "res").exists()
+
+
+def test_missing_dataset(trained, tmp_path):
+    line = error_line(evaluate_cli(trained, tmp_path / "res", "--set", f"data_dir={tmp_path}/no"))
+    assert "run prepare_data first" in line
+
+
+def test_missing_checkpoint(trained, tmp_path):
+    args = ["--set", f"vae_checkpoint={tmp_path}/none.pt"]
+    assert "run train_vae_pair first" in error_line(evaluate_cli(trained, tmp_path / "r", *args))
+
+
+def test_corrupt_checkpoint(trained, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    line = error_line(evaluate_cli(trained, tmp_path / "r", "--set", f"vae_checkpoint={bad}"))
+    assert "corrupt or not a checkpoint" in line and "rerun train_vae_pair" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"attention": True}, "incompatible checkpoint"),  # a key this version does not know
+        ({"channels": [8, 16]}, "weights do not fit the stored model config"),
+    ],
+)
+def test_checkpoint_of_an_incompatible_model(trained, tmp_path, change, message):
+    state = torch.load(trained[1], weights_only=False)
+    state["model_config"] = {**state["model_config"], **change}
+    path = tmp_path / "other.pt"
+    torch.save(state, path)
+    line = error_line(evaluate_cli(trained, tmp_path / "r", "--set", f"vae_checkpoint={path}"))
+    assert message in line and str(path) in line
+
+
+def test_existing_results_need_overwrite(trained, tmp_path):
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    assert "already exists; pass --overwrite" in error_line(evaluate_cli(trained, out))
+    assert (out / "metrics.json").read_text() == "{}"
