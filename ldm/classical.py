@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ldm.errors import UserError
 from ldm.filters import gaussian_blur
@@ -33,29 +32,28 @@ def gaussian_denoise(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(volume, [float(sigma)] * volume.ndim)
 
 
-def _laplacian_kernel(ndim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Standard (2 ndim + 1)-point finite-difference Laplacian stencil, grid spacing 1."""
-    k = torch.zeros((3,) * ndim, dtype=dtype, device=device)
-    centre = (1,) * ndim
-    k[centre] = -2.0 * ndim
-    for axis in range(ndim):
-        for off in (0, 2):
-            idx = list(centre)
-            idx[axis] = off
-            k[tuple(idx)] = 1.0
-    return k.reshape(1, 1, *k.shape)  # (1, 1, 3, 3[, 3])
+def _laplacian(u: torch.Tensor) -> torch.Tensor:
+    """(2 nd + 1)-point Laplacian of u (1, 1, *sp) with zero-flux (Neumann) borders.
+
+    Per axis: u[i-1] - 2 u[i] + u[i+1], with the ghost voxel beyond an edge equal to the edge
+    voxel (so the border differences vanish); shifted adds, which on CPU are far faster than a
+    1-channel convolution. The Laplacian sums to 0 over the volume: the mean is preserved.
+    """
+    lap = torch.zeros_like(u)
+    for axis in range(2, u.ndim):
+        n = u.shape[axis]
+        if n < 2:
+            continue
+        diff = u.narrow(axis, 1, n - 1) - u.narrow(axis, 0, n - 1)  # u[i+1] - u[i]
+        lap.narrow(axis, 0, n - 1).add_(diff)
+        lap.narrow(axis, 1, n - 1).sub_(diff)
+    return lap
 
 
-def _heat_steps(u: torch.Tensor, num_steps: int, dt: float, kernel: torch.Tensor) -> torch.Tensor:
+def _heat_steps(u: torch.Tensor, num_steps: int, dt: float) -> torch.Tensor:
     """``num_steps`` explicit Euler steps of du/dt = laplacian(u) on ``u`` of shape (1, 1, *sp)."""
-    nd = u.ndim - 2
-    conv = F.conv2d if nd == 2 else F.conv3d
-    pad = [1, 1] * nd
     for _ in range(num_steps):
-        # replicate padding = ghost voxel equal to the edge voxel: zero flux (Neumann) border,
-        # so the discrete Laplacian sums to 0 over the volume and the mean is preserved
-        lap = conv(F.pad(u, pad, mode="replicate"), kernel)
-        u = u + dt * lap  # u^{n+1} = u^n + dt * Laplacian(u^n)
+        u = u + dt * _laplacian(u)  # u^{n+1} = u^n + dt * Laplacian(u^n)
     return u
 
 
@@ -80,8 +78,7 @@ def heat_diffusion(volume: torch.Tensor, num_steps: int, dt: float = 0.1) -> tor
     _check_volume(volume, "heat_diffusion")
     _check_heat_args(volume.ndim, num_steps, dt)
     u = volume.float() if not volume.is_floating_point() else volume
-    kernel = _laplacian_kernel(volume.ndim, u.dtype, u.device)
-    u = _heat_steps(u.reshape(1, 1, *u.shape), num_steps, dt, kernel)  # (1, 1, *spatial)
+    u = _heat_steps(u.reshape(1, 1, *u.shape), num_steps, dt)  # (1, 1, *spatial)
     return u.reshape(volume.shape)
 
 
@@ -129,11 +126,10 @@ def tune_heat(pairs: Pairs, steps_grid: Sequence[int], dt: float) -> tuple[int, 
         _check_volume(lr, "tune_heat")
         _check_heat_args(lr.ndim, grid[0], dt)
         u = lr.float() if not lr.is_floating_point() else lr
-        kernel = _laplacian_kernel(lr.ndim, u.dtype, u.device)
         u = u.reshape(1, 1, *u.shape)  # (1, 1, *spatial)
         done = 0
         for i, steps in enumerate(grid):
-            u = _heat_steps(u, steps - done, dt, kernel)
+            u = _heat_steps(u, steps - done, dt)
             done = steps
             scores[i] += psnr(u.reshape(lr.shape), hr)
     scores /= len(pairs)

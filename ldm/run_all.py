@@ -71,3 +71,46 @@ def run_all(
         if on_phase is not None:
             on_phase(i, len(chosen), phase.name, seconds, result)
     return report
+
+
+def _pictures(result: PhaseResult) -> list[Path]:
+    found: list[Path] = []
+    for out in result.outputs:
+        out = Path(out)
+        if out.is_file() and out.suffix in (".png", ".gif"):
+            found.append(out)
+        elif out.is_dir():
+            found += sorted(p for p in out.rglob("*") if p.suffix in (".png", ".gif"))
+    return found
+
+
+def summary_table(report: RunAllReport) -> str:
+    """Closing summary: quality table (Baseline / VAE / LDM / classical), particles, pictures."""
+    results = {name: result for name, _, result in report.rows}
+    lines: list[str] = []
+    rows: list[tuple[str, dict]] = []
+    if "predict_ldm" in results and results["predict_ldm"].metrics.get("mean"):
+        rows += list(results["predict_ldm"].metrics["mean"].items())
+    if "evaluate_psnr" in results:
+        from ldm.evaluate import LABELS
+
+        mean = results["evaluate_psnr"].metrics["mean"]
+        have = {name for name, _ in rows}
+        for key, scores in mean.items():
+            label = LABELS.get(key, key)
+            if not any(label.startswith(h) for h in have):
+                rows.append((label, scores))
+    if rows:
+        lines.append(f"{'test volumes (original units)':<34}{'PSNR dB':>9}{'SSIM':>8}")
+        lines += [f"{label:<34}{s['psnr']:>9.2f}{s['ssim']:>8.3f}" for label, s in rows]
+    if "particles_gif" in results:
+        m = results["particles_gif"].metrics
+        lines.append(f"particles: final render vs blurred source PSNR {m['psnr_db']:.2f} dB, "
+                     f"SSIM {m['ssim']:.3f}")  # fmt: skip
+    pictures = [p for _, _, r in report.rows for p in _pictures(r)]
+    if pictures:
+        lines.append("pictures:")
+        lines += [f"  {p}" for p in pictures[:40]]
+        if len(pictures) > 40:
+            lines.append(f"  ... and {len(pictures) - 40} more")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ import typer
 
 from ldm.cli import fail, make_app, setup_logging
 from ldm.errors import UserError
-from ldm.run_all import run_all
+from ldm.run_all import run_all, summary_table
 
 app = make_app(__doc__)
 
@@ -35,9 +35,11 @@ def main(
     except UserError as e:
         raise fail(str(e)) from None
     typer.echo(f"\nrun_all ({profile}): {len(report.rows)} phases in {report.seconds:.1f} s")
-    for name, _, result in report.rows:
-        outs = ", ".join(str(o) for o in result.outputs[:3])
-        typer.echo(f"  {name:<20} {result.key:<45} {outs}")
+    for name, seconds, result in report.rows:
+        typer.echo(f"  {name:<20} {seconds:7.1f} s   {result.key}")
+    table = summary_table(report)
+    if table:
+        typer.echo("\n" + table)
 
 
 if __name__ == "__main__":
