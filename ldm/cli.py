@@ -35,13 +35,24 @@ def default_config_path(phase: str) -> Path:
     return REPO_ROOT / "configs" / f"{phase}.yaml"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (test runners swap it), not the one at setup."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """INFO logs to stderr in a short format (tqdm bars go to stderr as well)."""
     level = os.environ.get("LDM_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-        stream=sys.stderr, force=True,
-    )  # fmt: skip
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def fail(message: str) -> typer.Exit:

@@ -1,0 +1,232 @@
+"""particles_gif: particles on a score field rebuild an image; GIF, PNGs, similarity, timings."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldm.config import resolve_path, save_config
+from ldm.distributed import pick_device
+from ldm.errors import ConfigError
+from ldm.filters import gaussian_blur
+from ldm.io import save_json, staged_dir
+from ldm.metrics import psnr, ssim
+from ldm.particles.default_image import default_image
+from ldm.particles.engine import ParticleEngine
+from ldm.particles.field import ScoreField, resize_longer_side
+from ldm.particles.render import (
+    ParticleCode,
+    load_image,
+    render_frame,
+    save_png,
+    side_by_side,
+    to_uint8,
+    write_gif,
+)
+from ldm.phase import PhaseResult
+
+log = logging.getLogger(__name__)
+
+
+def _check_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key} must be in [{lo:g}, {hi:g}], got {value:g}")
+
+
+@dataclass(frozen=True)
+class ParticlesConfig:
+    """particles_gif settings; ranges from DESIGN.md (Visual experiments), checked on load."""
+
+    out_dir: Path = Path("results/particles")
+    image: Path | None = None  # PNG/JPEG; None = the built-in landscape (--image overrides)
+    max_size: int = 512  # longer side of the field grid in pixels, [16, 2048]
+    num_particles: int = 50_000  # [1000, 50000]
+    steps: int = 1000  # T, [50, 1000]
+    eta: float = 0.2  # drift step on the score, [0.01, 2]
+    sigma0: float = 2.0  # initial noise scale, sigma(t) = sigma0 (1 - t/T), [0, 2]
+    deterministic: bool = False  # no noise at all
+    alpha: float = 0.05  # colour relaxation rate, [0.01, 1]
+    beta: float = 3.0  # softmax sharpness of the colour target, [1, 15]
+    field_blur: float = 3.0  # Gaussian blur of the log-densities (finest level), [0.5, 3]
+    anneal_levels: int = 4  # coarse-to-fine field levels (blur x 2^k), 1 = none, [1, 5]
+    scale_levels: bool = True  # level s steps k_s eta, noise sqrt(k_s) sigma, k_s = (b_s/b)^2
+    eps: float = 0.01  # density floor of the luminance/colour densities, [1e-4, 1]
+    render_blur: float = 2.0  # Gaussian blur of the splatted particles, [0.5, 5]
+    decode: bool = True  # frames show decoded source colours; false: raw particle colours
+    gif_every: int = 5  # a GIF frame every k steps, [1, 10]
+    gif_frame_ms: int = 40  # display time of one GIF frame, [10, 1000]
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | mps | auto
+
+    def __post_init__(self) -> None:
+        _check_range("max_size", self.max_size, 16, 2048)
+        _check_range("num_particles", self.num_particles, 1000, 50_000)
+        _check_range("steps", self.steps, 50, 1000)
+        _check_range("eta", self.eta, 0.01, 2)
+        _check_range("sigma0", self.sigma0, 0, 2)
+        _check_range("alpha", self.alpha, 0.01, 1)
+        _check_range("beta", self.beta, 1, 15)
+        _check_range("field_blur", self.field_blur, 0.5, 3)
+        _check_range("anneal_levels", self.anneal_levels, 1, 5)
+        _check_range("eps", self.eps, 1e-4, 1)
+        _check_range("render_blur", self.render_blur, 0.5, 5)
+        _check_range("gif_every", self.gif_every, 1, 10)
+        _check_range("gif_frame_ms", self.gif_frame_ms, 10, 1000)
+        if self.device not in ("cpu", "cuda", "mps", "auto"):
+            raise ConfigError(f"device must be one of cpu, cuda, mps, auto, got {self.device!r}")
+
+
+@dataclass
+class ParticleRun:
+    """Frames (H, W, 3) uint8, the final render (3, H, W) in [0, 1] and timings in seconds."""
+
+    frames: list[torch.Tensor]
+    final: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def simulate(
+    score: ScoreField, engine_kwargs: dict, render_blur: float, every: int,
+    code: ParticleCode | None, progress: bool = False,
+) -> ParticleRun:  # fmt: skip
+    """Run a ``ParticleEngine`` on ``score``; render a frame at t = 0 and every ``every`` steps."""
+    engine = ParticleEngine(score, **engine_kwargs)
+    frames: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []
+    render_s = 0.0
+
+    def grab(e: ParticleEngine) -> None:
+        nonlocal render_s
+        _sync(score.device)  # charge queued engine work to the simulation, not the render
+        t0 = time.perf_counter()
+        last[:] = [render_frame(e.positions, e.colours, score.size, render_blur, code)]
+        frames.append(to_uint8(last[0]))
+        render_s += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    grab(engine)
+    engine.run(grab, every=every, progress=progress)  # the last call renders t = T
+    sim = time.perf_counter() - t0 - render_s
+    return ParticleRun(frames, last[0].cpu(), {
+        "simulate_s": sim, "render_s": render_s, "steps_per_s": engine.steps / max(sim, 1e-9),
+    })  # fmt: skip
+
+
+def similarity(final: torch.Tensor, source: torch.Tensor, blur: float) -> dict[str, float]:
+    """PSNR/SSIM (mean over R, G, B, data range 1) of ``final`` against ``source`` blurred alike."""
+    ref = torch.stack([gaussian_blur(c, (blur, blur)) for c in source])  # (3, H, W)
+    return {
+        "psnr_db": sum(psnr(final[c], ref[c], data_range=1.0) for c in range(3)) / 3,
+        "ssim": sum(ssim(final[c], ref[c], data_range=1.0) for c in range(3)) / 3,
+    }
+
+
+def _engine_kwargs(cfg: ParticlesConfig) -> dict:
+    return dict(
+        num_particles=cfg.num_particles, steps=cfg.steps, eta=cfg.eta, alpha=cfg.alpha,
+        beta=cfg.beta, sigma0=cfg.sigma0, deterministic=cfg.deterministic,
+        scale_levels=cfg.scale_levels, seed=cfg.seed,
+    )  # fmt: skip
+
+
+def run_particles(
+    cfg: ParticlesConfig, *, overwrite: bool = False, image: Path | None = None
+) -> PhaseResult:
+    """Build the score field of an image, run the particles, write GIF/PNGs/metrics to out_dir."""
+    t_start = time.perf_counter()
+    device = pick_device(cfg.device)
+    path = image if image is not None else cfg.image
+    if path is not None:
+        rgb = load_image(Path(path))
+    else:  # the procedural landscape, drawn at the field size (4:3)
+        rgb = default_image(max(16, round(cfg.max_size * 3 / 4)), cfg.max_size)
+    t0 = time.perf_counter()
+    score = ScoreField.from_image(
+        rgb.to(device), max_size=cfg.max_size, field_blur=cfg.field_blur,
+        levels=cfg.anneal_levels, eps=cfg.eps,
+    )  # fmt: skip
+    _sync(device)
+    field_s = time.perf_counter() - t0
+    source = resize_longer_side(rgb, cfg.max_size)  # (3, H, W), the field grid
+    code = ParticleCode.from_field(score, cfg.beta) if cfg.decode else None
+    run = simulate(score, _engine_kwargs(cfg), cfg.render_blur, cfg.gif_every, code, progress=True)
+    metrics = similarity(run.final, source, cfg.render_blur)
+    start = similarity(run.frames[0].permute(2, 0, 1).float() / 255, source, cfg.render_blur)
+    out_dir = resolve_path(cfg.out_dir)
+    names = ["particles.gif", "final.png", "comparison.png", "metrics.json", "config.yaml"]
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        t0 = time.perf_counter()
+        write_gif(run.frames, tmp / names[0], frame_ms=cfg.gif_frame_ms)
+        gif_s = time.perf_counter() - t0
+        save_png(run.final, tmp / names[1])
+        save_png(side_by_side([source, run.final]), tmp / names[2])
+        timings = {"field_s": field_s, **run.timings, "gif_s": gif_s}
+        timings["total_s"] = time.perf_counter() - t_start
+        metrics.update(start_psnr_db=start["psnr_db"], start_ssim=start["ssim"],
+                       frames=len(run.frames), height=score.size[0], width=score.size[1],
+                       image=str(path) if path is not None else "built-in", **timings)  # fmt: skip
+        save_json(metrics, tmp / names[3])
+        save_config(cfg, tmp / names[4])
+    text = _summary(cfg, score, device, metrics, out_dir)
+    key = (
+        f"PSNR {metrics['psnr_db']:.1f} dB, SSIM {metrics['ssim']:.2f}, {metrics['total_s']:.1f} s"
+    )
+    return PhaseResult(text, key, metrics, [out_dir / n for n in names])
+
+
+def _summary(
+    cfg: ParticlesConfig, score: ScoreField, device: torch.device, m: dict, out_dir: Path
+) -> str:
+    mode = "deterministic" if cfg.deterministic else f"stochastic, sigma0={cfg.sigma0:g}"
+    return "\n".join([
+        f"particles_gif: {cfg.num_particles} particles, {cfg.steps} steps ({mode}), "
+        f"field {score.size[1]}x{score.size[0]} with {score.levels} level(s), {m['image']}, "
+        f"{device}",
+        f"similarity to the source blurred like the render (sigma {cfg.render_blur:g} px), "
+        f"mean over R, G, B: PSNR {m['psnr_db']:.2f} dB (start {m['start_psnr_db']:.2f}), "
+        f"SSIM {m['ssim']:.3f} (start {m['start_ssim']:.3f})",
+        f"timings: field {m['field_s']:.2f} s, simulate {m['simulate_s']:.2f} s "
+        f"({m['steps_per_s']:.0f} steps/s), render {m['render_s']:.2f} s ({m['frames']} frames), "
+        f"gif {m['gif_s']:.2f} s, total {m['total_s']:.2f} s",
+        f"wrote {out_dir}: particles.gif, final.png, comparison.png (source | final), "
+        f"metrics.json, config.yaml",
+    ])  # fmt: skip
+
+
+def benchmark(
+    num_particles: int, steps: int, size: int, frame_every: int, seed: int = 0
+) -> dict[str, float]:
+    """Time one run on the built-in image at size x size on the CPU, GIF written to a temp dir.
+
+    Returns wall-clock seconds for field build, simulate, render, gif write and total, steps/s,
+    the process CPU seconds (all threads; tells contention on a busy machine apart) and the
+    frame count. Uses the current ``torch.get_num_threads()``; other parameters are the defaults.
+    """
+    cfg = ParticlesConfig()
+    rgb = default_image(size, size)
+    cpu_start = time.process_time()
+    t_start = time.perf_counter()
+    score = ScoreField.from_image(
+        rgb, max_size=size, field_blur=cfg.field_blur, levels=cfg.anneal_levels, eps=cfg.eps
+    )
+    field_s = time.perf_counter() - t_start
+    kwargs = {**_engine_kwargs(cfg), "num_particles": num_particles, "steps": steps, "seed": seed}
+    code = ParticleCode.from_field(score, cfg.beta)
+    run = simulate(score, kwargs, cfg.render_blur, frame_every, code)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        write_gif(run.frames, Path(tmp) / "bench.gif", frame_ms=cfg.gif_frame_ms)
+        gif_s = time.perf_counter() - t0
+    total = time.perf_counter() - t_start
+    return {"field_s": field_s, **run.timings, "gif_s": gif_s, "total_s": total,
+            "cpu_s": time.process_time() - cpu_start, "frames": float(len(run.frames))}  # fmt: skip

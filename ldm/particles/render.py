@@ -1,0 +1,196 @@
+"""Turn particles into RGB frames, and frames into a GIF and PNGs.
+
+Each particle carries one unit of luminance in its colour: rgb_i = q_i / (w . q_i) with
+w = (0.299, 0.587, 0.114) and q_i its chromaticity. A frame splats rgb_i bilinearly onto the
+pixel grid, blurs with a Gaussian of ``blur`` pixels and scales, so particle density gives
+luminance and particle colours give chromaticity. With a ``ParticleCode`` (from the field's
+normalisers, never the image) the frame is decoded into source units:
+
+    q_c  ~ c_c^(1 / beta) * S_c                 undoes c* = softmax(beta (log(C + eps) - log S_c))
+    RGB  = blur(splat(rgb)) * sum(Y + eps) / N - eps   since particles spread as (Y + eps) / sum
+
+GIFs share one 256-colour palette (median cut over a few frames) applied through a 32^3 lookup
+table, which is much faster than quantising every frame on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.errors import DataError, UserError
+from ldm.filters import gaussian_blur
+from ldm.particles.field import LUMA, ScoreField
+
+WHITE_QUANTILE = 0.99  # raw frames: this luminance quantile is shown as white
+_QUANTILE_SAMPLES = 65536  # pixels used to estimate the quantile (every k-th pixel)
+_LUT_BITS = 5  # bits per channel of the palette lookup table
+
+
+@dataclass(frozen=True)
+class ParticleCode:
+    """How particles encode the source, from the field's normalisers: lets a render be decoded.
+
+    Density: N particles spread as p = (Y + eps) / sum(Y + eps), so Y = D * sum(Y + eps) / N - eps
+    with sum(Y + eps) = sum_c w_c S_c. Colour: c* = softmax(beta * (log(C + eps) - log S_c)).
+    """
+
+    beta: float
+    log_norm: torch.Tensor  # (3,) log S_c = log sum(C + eps) of each channel
+    eps: float
+
+    @classmethod
+    def from_field(cls, field: ScoreField, beta: float) -> ParticleCode:
+        return cls(beta, field.log_norm, field.eps)
+
+    def luma_mass(self) -> float:
+        """sum(Y + eps) over the field grid."""
+        luma = torch.tensor(LUMA, dtype=torch.float64)
+        return float((luma * self.log_norm.double().cpu().exp()).sum())
+
+
+def splat(positions: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear splat: add each particle's ``weights`` (N, C) to its 4 nearest pixels -> (C, H, W).
+
+    ``positions`` (N, 2) are (x, y) pixel coordinates inside [0, W-1] x [0, H-1]; the total mass
+    of each channel is preserved.
+    """
+    h, w = size
+    x0 = positions.floor().clamp_(min=0)
+    x0 = torch.minimum(x0, torch.tensor([max(w - 2, 0), max(h - 2, 0)], device=x0.device))
+    f = (positions - x0).clamp_(0, 1)  # (N, 2) fractional offsets
+    i = (x0[:, 1] * w + x0[:, 0]).long()  # (N,) flat index of the top-left pixel
+    dx, dy = (1 if w > 1 else 0), (w if h > 1 else 0)
+    fx, fy = f[:, 0], f[:, 1]
+    idx = torch.cat([i, i + dx, i + dy, i + dy + dx])  # (4N,)
+    wts = torch.cat([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])  # (4N,)
+    # one weighted bincount per channel: several times faster than index_add_ on CPU
+    chans = [torch.bincount(idx, wts * wc.repeat(4), minlength=h * w) for wc in weights.t()]
+    return torch.stack(chans).reshape(-1, h, w)
+
+
+def particle_rgb(colours: torch.Tensor, code: ParticleCode | None) -> torch.Tensor:
+    """Each particle's colour scaled to one unit of luminance, (N, 3).
+
+    Decoded: q_c ~ c_c^(1 / beta) S_c inverts c* = softmax(beta (log C_c - log S_c)) up to scale,
+    i.e. gives the source chromaticity. Raw (``code`` None): q = c. Then q / (w . q).
+    """
+    q = colours.clamp_min(1e-12)  # (N, 3)
+    if code is not None:
+        s = torch.exp(code.log_norm - code.log_norm.max()).to(q)  # S_c / max S
+        q = q.pow(1.0 / code.beta) * s
+    luma = torch.tensor(LUMA, dtype=q.dtype, device=q.device)
+    return q / (q @ luma).unsqueeze(1)
+
+
+def render_frame(
+    positions: torch.Tensor,
+    colours: torch.Tensor,
+    size: tuple[int, int],
+    blur: float,
+    code: ParticleCode | None = None,
+) -> torch.Tensor:
+    """RGB frame (3, H, W) in [0, 1] of particles at ``positions`` (N, 2) with ``colours`` (N, 3).
+
+    Every particle adds one unit of luminance in its colour (``particle_rgb``); the blurred sum
+    is scaled by sum(Y + eps) / N (decoded) or so that its 0.99 luminance quantile is white (raw).
+    """
+    acc = splat(positions, particle_rgb(colours, code), size)  # (3, H, W)
+    acc = gaussian_blur(acc, (blur, blur))  # each channel on its own
+    if code is not None:  # C + eps = (particles per pixel) * sum(Y + eps) / N, per channel
+        return acc.mul_(code.luma_mass() / positions.shape[0]).sub_(code.eps).clamp_(0, 1)
+    luma = torch.tensor(LUMA, dtype=acc.dtype, device=acc.device)
+    lum = torch.einsum("c,chw->hw", luma, acc).reshape(-1)
+    stride = max(1, lum.numel() // _QUANTILE_SAMPLES)
+    white = torch.quantile(lum[::stride], WHITE_QUANTILE).clamp_min(1e-12)
+    return acc.div_(white).clamp_(0, 1)
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """Read a PNG/JPEG (any format Pillow reads) as float RGB (3, H, W) in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path} (give --image an existing PNG or JPEG file)")
+    try:
+        with Image.open(path) as im:
+            rgb = np.array(im.convert("RGB"))  # (H, W, 3) uint8
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"{path}: not a readable image ({e}); expected a PNG or JPEG file"
+        ) from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 on the CPU (a permuted view)."""
+    scaled = image.detach().mul(255).add_(0.5).clamp_(0, 255)  # round half up
+    return scaled.to(torch.uint8).permute(1, 2, 0).cpu()
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    """Write a (3, H, W) float image in [0, 1] as PNG."""
+    Image.fromarray(np.ascontiguousarray(to_uint8(image).numpy())).save(path)
+    return Path(path)
+
+
+def side_by_side(images: Sequence[torch.Tensor], gap: int = 4) -> torch.Tensor:
+    """Concatenate (3, H, W) images of one height left to right with white gaps."""
+    h = images[0].shape[-2]
+    if any(im.shape[-2] != h for im in images):
+        raise UserError(
+            f"side_by_side needs images of one height, got {[tuple(i.shape) for i in images]}"
+        )
+    spacer = torch.ones(3, h, gap, dtype=images[0].dtype, device=images[0].device)
+    parts = [p for im in images for p in (im, spacer)][:-1]
+    return torch.cat(parts, dim=2)
+
+
+def _palette(frames: Sequence[torch.Tensor], colours: int = 256) -> np.ndarray:
+    """Median-cut palette (colours, 3) uint8 of a montage of ``frames`` (H, W, 3) uint8."""
+    montage = torch.cat([f[::2, ::2] for f in frames], dim=0).numpy()
+    pal = Image.fromarray(montage).quantize(colours, method=Image.Quantize.MEDIANCUT)
+    return np.asarray(pal.getpalette()[: 3 * colours], dtype=np.uint8).reshape(-1, 3)
+
+
+def _lookup_table(palette: np.ndarray) -> torch.Tensor:
+    """Nearest palette index for every colour of a 2^bits-per-channel RGB grid (flat, uint8)."""
+    levels = (torch.arange(2**_LUT_BITS) + 0.5) * 2 ** (8 - _LUT_BITS)
+    grid = torch.cartesian_prod(levels, levels, levels)  # (32768, 3): r, g, b
+    return (
+        torch.cdist(grid, torch.as_tensor(palette, dtype=torch.float32)).argmin(1).to(torch.uint8)
+    )
+
+
+def write_gif(
+    frames: Sequence[torch.Tensor], path: Path, frame_ms: int = 40, hold_last_ms: int = 1500
+) -> Path:
+    """Write (H, W, 3) uint8 frames as a looping GIF with one shared palette."""
+    if not frames:
+        raise UserError("write_gif needs at least one frame, got none")
+    picks = [frames[-1], frames[len(frames) // 2], frames[0]]
+    palette = _palette(picks)
+    lut = _lookup_table(palette)
+    # numpy here: a few tiny integer ops per frame, not worth torch's thread pool
+    lut = lut.numpy()
+    shift, bits = 8 - _LUT_BITS, _LUT_BITS
+    images = []
+    for f in frames:
+        rgb = f.numpy() >> shift  # (H, W, 3) uint8, top bits of each channel
+        index = lut[
+            (rgb[..., 0].astype(np.int32) << 2 * bits)
+            | (rgb[..., 1].astype(np.int32) << bits)
+            | rgb[..., 2]
+        ]
+        im = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
+        im.putpalette(palette.tobytes())
+        images.append(im)
+    durations = [frame_ms] * (len(images) - 1) + [hold_last_ms]
+    images[0].save(
+        path, save_all=True, append_images=images[1:], duration=durations, loop=0, optimize=False
+    )
+    return Path(path)
