@@ -44,7 +44,7 @@ class _StderrHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, _value) -> None:
-        pass
+        """Ignored: the stream is always the current sys.stderr."""
 
 
 def setup_logging() -> None:

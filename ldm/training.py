@@ -75,7 +75,6 @@ class TrainTask(Protocol):
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of the (EMA) model; must hold 'score' (higher is better) for best.pt."""
-        ...
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny but real dataset + VAE + diffusion checkpoints, built once per session."""
+"""Shared fixtures: a tiny but real dataset, VAE and diffusion checkpoints, built once."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
         "--set", "patches.stride=[8, 8, 8]", "--set", "split.val_fraction=0.25",
         "--set", "split.test_fraction=0.25",
     ))  # fmt: skip
-    tiny_train = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.val_every=1",
-                  "--set", "train.device=cpu"]  # fmt: skip
+    tiny_train = ["--set", "train.steps=2", "--set", "train.batch_size=2",
+                  "--set", "train.val_every=1", "--set", "train.device=cpu"]  # fmt: skip
     _ok(run_script(
         "train_vae_pair", "--set", f"data_dir={data}", "--set", f"out_dir={root / 'vae'}",
         "--set", "model.channels=[8, 8, 8]", "--set", "model.norm_groups=4", *tiny_train,
