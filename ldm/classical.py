@@ -97,14 +97,15 @@ def _tune(
     for lr, hr in pairs:
         for i, p in enumerate(params):
             scores[i] += psnr(denoise(lr, p), hr)
-    scores /= len(pairs)
-    best = int(np.argmax(scores))
-    logger.info(
-        "tuning: mean PSNR %s -> best %s",
-        {p: round(float(v), 3) for p, v in zip(params, scores)},
-        params[best],
-    )
-    return params[best], float(scores[best])
+    return _best(params, scores / len(pairs), "tuning")
+
+
+def _best(params: Sequence, mean_scores: np.ndarray, what: str) -> tuple:
+    """(parameter with the highest mean PSNR, that PSNR), logging the whole curve."""
+    best = int(np.argmax(mean_scores))
+    curve = {p: round(float(v), 3) for p, v in zip(params, mean_scores)}
+    logger.info("%s: mean PSNR %s -> best %s", what, curve, params[best])
+    return params[best], float(mean_scores[best])
 
 
 def tune_gaussian(pairs: Pairs, sigmas: Sequence[float]) -> tuple[float, float]:
@@ -132,14 +133,7 @@ def tune_heat(pairs: Pairs, steps_grid: Sequence[int], dt: float) -> tuple[int, 
             u = _heat_steps(u, steps - done, dt)
             done = steps
             scores[i] += psnr(u.reshape(lr.shape), hr)
-    scores /= len(pairs)
-    best = int(np.argmax(scores))
-    logger.info(
-        "tune_heat: mean PSNR %s -> best %d",
-        {g: round(float(v), 3) for g, v in zip(grid, scores)},
-        grid[best],
-    )
-    return grid[best], float(scores[best])
+    return _best(grid, scores / len(pairs), "tune_heat")
 
 
 def _import_bm4d(caller: str) -> types.ModuleType:

@@ -25,7 +25,7 @@ from ldm.models import load_vae
 from ldm.nets import UNet3d, UNetConfig
 from ldm.phase import PhaseResult
 from ldm.samplers import SPACINGS, ddim_sample
-from ldm.training import TrainConfig, train
+from ldm.training import TrainConfig, train, training_summary
 
 
 @dataclass(frozen=True)
@@ -119,17 +119,11 @@ def train_diffusion(cfg: TrainDiffusionConfig, *, overwrite: bool = False) -> Ph
     result = train(model, dataclasses.asdict(m), train_set, task, cfg.train, cfg.out_dir,
                    extra=extra, overwrite=overwrite)  # fmt: skip
     save_config(cfg, cfg.out_dir / "config.yaml")
-    v = result.last_val
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    lines = [f"train_diffusion -> {cfg.out_dir} (step {result.step}, {result.steps_run} steps in "
-             f"{result.seconds:.0f} s, {n_params:.2f} M params)"]  # fmt: skip
-    if v:
-        lines.append(
-            f"validation ({cfg.val_steps} DDIM steps): decoded PSNR {v['psnr']:.2f} dB, latent MSE "
-            f"{v['latent_mse']:.4f}; decode(HR latent) ceiling {v['hr_latent_psnr']:.2f} dB"
-        )
-        key = f"val PSNR {v['psnr']:.2f} dB (ceiling {v['hr_latent_psnr']:.2f})"
-    else:
-        lines.append(f"already trained to step {result.step}; raise train.steps to continue")
-        key = f"already at step {result.step}"
-    return PhaseResult("\n".join(lines), key, {"step": result.step, **v}, [cfg.out_dir])
+
+    def describe(v: dict[str, float]) -> tuple[str, str]:
+        line = (f"validation ({cfg.val_steps} DDIM steps): decoded PSNR {v['psnr']:.2f} dB, "
+                f"latent MSE {v['latent_mse']:.4f}; decode(HR latent) ceiling "
+                f"{v['hr_latent_psnr']:.2f} dB")  # fmt: skip
+        return line, f"val PSNR {v['psnr']:.2f} dB (ceiling {v['hr_latent_psnr']:.2f})"
+
+    return training_summary("train_diffusion", result, model, describe)

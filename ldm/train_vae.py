@@ -21,7 +21,7 @@ from ldm.errors import ConfigError
 from ldm.metrics import psnr
 from ldm.nets import VAE3d, VAEConfig, kl_divergence
 from ldm.phase import PhaseResult
-from ldm.training import TrainConfig, train
+from ldm.training import TrainConfig, train, training_summary
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +104,11 @@ def train_vae_pair(cfg: TrainVAEConfig, *, overwrite: bool = False) -> PhaseResu
         overwrite=overwrite,
     )  # fmt: skip
     save_config(cfg, cfg.out_dir / "config.yaml")
-    v = result.last_val
-    lines = [
-        f"train_vae_pair -> {cfg.out_dir} (step {result.step}, {result.steps_run} steps in "
-        f"{result.seconds:.0f} s, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)",
-    ]
-    if v:
-        lines.append(
-            f"validation PSNR: VAE result {v['psnr']:.2f} dB | "
-            f"Baseline {v['baseline_psnr']:.2f} dB | HR->HR ceiling {v['hr_psnr']:.2f} dB "
-            f"(best {result.best_score:.2f} dB)"
-        )
-        key = f"val PSNR {v['psnr']:.2f} dB (baseline {v['baseline_psnr']:.2f})"
-    else:
-        lines.append(f"already trained to step {result.step}; raise train.steps to continue")
-        key = f"already at step {result.step}"
-    return PhaseResult("\n".join(lines), key, {"step": result.step, **v}, [cfg.out_dir])
+
+    def describe(v: dict[str, float]) -> tuple[str, str]:
+        line = (f"validation PSNR: VAE result {v['psnr']:.2f} dB | Baseline "
+                f"{v['baseline_psnr']:.2f} dB | HR->HR ceiling {v['hr_psnr']:.2f} dB "
+                f"(best {result.best_score:.2f} dB)")  # fmt: skip
+        return line, f"val PSNR {v['psnr']:.2f} dB (baseline {v['baseline_psnr']:.2f})"
+
+    return training_summary("train_vae_pair", result, model, describe)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from ldm.checkpoint import config_diff, load_checkpoint, save_checkpoint
 from ldm.distributed import DistInfo, barrier, init_distributed
 from ldm.errors import CheckpointError, ConfigError, UserError
+from ldm.phase import PhaseResult
 
 log = logging.getLogger(__name__)
 
@@ -318,3 +320,24 @@ def _validate(run: _Run, info: DistInfo) -> dict[str, float]:
     if improved:
         run.save("best.pt")
     return metrics
+
+
+def training_summary(
+    name: str,
+    result: TrainResult,
+    model: nn.Module,
+    describe: Callable[[dict[str, float]], tuple[str, str]],
+) -> PhaseResult:
+    """A training phase's PhaseResult: a head line, then ``describe(last validation)`` ->
+    (line, key), or a note that the run was already complete."""
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    lines = [f"{name} -> {result.run_dir} (step {result.step}, {result.steps_run} steps in "
+             f"{result.seconds:.0f} s, {n_params:.2f} M params)"]  # fmt: skip
+    v = result.last_val
+    if v:
+        line, key = describe(v)
+    else:
+        line = f"already trained to step {result.step}; raise train.steps to continue"
+        key = f"already at step {result.step}"
+    lines.append(line)
+    return PhaseResult("\n".join(lines), key, {"step": result.step, **v}, [result.run_dir])
