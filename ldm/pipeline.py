@@ -26,9 +26,14 @@ class Phase:
 PHASES: list[Phase] = [
     Phase("prepare_data", "ldm.data.prepare", "PrepareDataConfig", "prepare_data"),
     Phase("train_vae_pair", "ldm.train_vae", "TrainVAEConfig", "train_vae_pair"),
+    Phase("evaluate_psnr", "ldm.evaluate", "EvaluateConfig", "evaluate_psnr"),
     Phase("prepare_latents", "ldm.latents", "PrepareLatentsConfig", "prepare_latents"),
     Phase("train_diffusion", "ldm.train_diffusion", "TrainDiffusionConfig", "train_diffusion"),
     Phase("predict_ldm", "ldm.predict", "PredictConfig", "predict_ldm"),
+    Phase("particles_gif", "ldm.particles.phase", "ParticlesConfig", "run_particles"),
+    Phase(
+        "ddim_similar_noise", "ldm.noise_experiment", "DDIMSimilarNoiseConfig", "ddim_similar_noise"
+    ),
 ]
 
 

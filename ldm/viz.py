@@ -35,7 +35,7 @@ def shared_window(
     return float(lo), float(max(hi, lo + 1e-6))
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -54,7 +54,7 @@ def save_views_png(
         ax.axis("off")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_comparison_png(
@@ -78,7 +78,7 @@ def save_comparison_png(
                 ax.set_ylabel(label, fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def to_uint8(img: np.ndarray, window: tuple[float, float]) -> np.ndarray:
