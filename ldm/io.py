@@ -25,6 +25,9 @@ from ldm.errors import DataError, UserError
 # ---------------------------------------------------------------------------------------------
 # atomic files and folders
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -35,6 +38,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; final files get normal modes
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -89,6 +93,7 @@ def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
         old = None

@@ -97,3 +97,15 @@ def test_staged_dir_refuses_then_replaces_only_on_success(tmp_path):
         (d / "b.txt").write_text("second")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left behind
+
+
+def test_written_files_get_normal_permissions(tmp_path, vol):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    save_volume(tmp_path / "p.npy", vol)
+    assert (tmp_path / "p.npy").stat().st_mode & 0o777 == 0o666 & ~umask
+    with staged_dir(tmp_path / "out") as d:
+        (d / "x.txt").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
