@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+
+import ldm.run_all as run_all_mod
+from ldm.errors import UserError
+from ldm.phase import PhaseResult
+from ldm.run_all import PhaseFailed, RunAllReport, run_all, select, summary_table
+
+
+def test_a_failing_phase_stops_the_run_and_is_named(tmp_path, monkeypatch):
+    cfg = tmp_path / "evaluate_psnr.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'nothing'}\nout_dir: {tmp_path / 'out'}\n")
+    monkeypatch.setattr(run_all_mod, "config_path", lambda profile, phase: cfg)
+    seen = []
+    with pytest.raises(
+        PhaseFailed, match="phase evaluate_psnr failed: dataset not found.*run prepare_data first"
+    ):
+        run_all("demo", ["evaluate_psnr", "prepare_latents"], on_phase=lambda *a: seen.append(a))
+    assert seen == []  # stopped at the first phase
+
+
+def test_phase_selection_keeps_pipeline_order_and_rejects_unknown_names():
+    assert [p.name for p in select(["predict_ldm", "prepare_data"])] == [
+        "prepare_data",
+        "predict_ldm",
+    ]
+    with pytest.raises(UserError, match="unknown phase 'train_vae'"):
+        select(["train_vae"])
+
+
+def test_summary_table_joins_ldm_and_classical_rows(tmp_path):
+    png = tmp_path / "a.png"
+    png.write_bytes(b"")
+    ldm_means = {"Baseline": {"psnr": 20.0, "ssim": 0.3}, "LDM": {"psnr": 25.0, "ssim": 0.8}}
+    classical = {"baseline": {"psnr": 20.0, "ssim": 0.3}, "gaussian": {"psnr": 22.0, "ssim": 0.7}}
+    predict = PhaseResult("", "", {"mean": ldm_means}, [tmp_path])
+    evaluate = PhaseResult("", "", {"mean": classical})
+    report = RunAllReport([("predict_ldm", 1.0, predict), ("evaluate_psnr", 1.0, evaluate)])
+    table = summary_table(report)
+    assert "LDM" in table and "25.00" in table and "Gaussian filter" in table
+    assert table.count("Baseline") == 1 and str(png) in table
