@@ -144,6 +144,40 @@ def sliding_window(device: torch.device, size: int = 64) -> dict[str, Any]:
 
 
 @case
+def sampler_quality(
+    device: torch.device,
+    config: str = "configs/demo/predict_ldm.yaml",
+    ddim_steps: tuple[int, ...] = (5, 10, 20, 50),
+    ddpm: bool = True,
+) -> dict[str, Any]:
+    """PSNR/SSIM and time of DDIM at several step counts and of DDPM (all T steps) on the first
+    test case, with the trained checkpoints named by a predict_ldm config."""
+    from ldm.data.dataset import iter_test_cases, load_manifest
+    from ldm.ldm_model import load_ldm
+    from ldm.metrics import psnr, ssim
+
+    cfg = load_config(PredictConfig, REPO_ROOT / config)
+    ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
+    window = tuple(cfg.window or load_manifest(cfg.data_dir)["patch_size"])
+    case = next(iter_test_cases(cfg.data_dir))
+    hr = case.to_original(case.hr)
+    runs = [SamplerConfig("ddim", s) for s in ddim_steps]
+    runs += [SamplerConfig("ddpm")] if ddpm else []
+    rows = []
+    for sampler in runs:
+        c = PredictConfig(**{**cfg.__dict__, "sampler": sampler, "num_samples": 1})
+        t0 = time.perf_counter()
+        out, _ = predict_volume(ldm, case.lr, c, window)
+        seconds = time.perf_counter() - t0
+        vol = case.to_original(out)
+        steps = sampler.steps if sampler.sampler == "ddim" else ldm.schedule.num_train_timesteps
+        rows.append({"sampler": sampler.sampler, "steps": steps, "psnr": psnr(vol, hr),
+                     "ssim": ssim(vol, hr), "seconds": seconds})  # fmt: skip
+    return {"case": case.name, "shape": list(case.hr.shape), "config": config,
+            "baseline_psnr": psnr(case.to_original(case.lr), hr), "runs": rows}  # fmt: skip
+
+
+@case
 def particles(device: torch.device, num_particles: int = 50_000) -> dict[str, Any]:
     from ldm.particles import benchmark
 

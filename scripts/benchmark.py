@@ -22,6 +22,7 @@ PLAN = [
     ("sliding_window", {"size": 256}),
     ("particles", {"num_particles": 10_000}),
     ("particles", {"num_particles": 50_000}),
+    ("sampler_quality", {}),  # needs the demo checkpoints (python scripts/run_all.py)
 ]
 
 
@@ -43,6 +44,10 @@ def _describe(name: str, r: dict) -> str:
     if name == "sliding_window":
         mvox = r["voxels_per_s"] / 1e6
         return f"{r['size']}^3 VAE denoise: {r['seconds']:.2f} s ({mvox:.2f} M vox/s)"
+    if name == "sampler_quality":
+        runs = ", ".join(f"{x['sampler']} {x['steps']}: {x['psnr']:.2f} dB {x['seconds']:.0f} s"
+                         for x in r["runs"])  # fmt: skip
+        return f"{r['case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
     if name == "particles":
         return (
             f"{r['num_particles']} particles x 1000 steps 512^2: {r['total']:.1f} s total, "
