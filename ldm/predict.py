@@ -45,6 +45,7 @@ class PredictConfig:
     num_samples: int = 1  # > 1: mean + per-voxel std (uncertainty map)
     cases: tuple[str, ...] | None = None  # test cases to predict; null = all
     gif: bool = True  # GIF of the reverse process on the central window of the first case
+    amp: bool = True  # bf16 autocast of the networks on CUDA (CPU always runs float32)
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
@@ -54,14 +55,16 @@ class PredictConfig:
 
 
 def ldm_window_fn(
-    ldm: LatentDiffusion, sampler: SamplerConfig, generator: torch.Generator
+    ldm: LatentDiffusion, sampler: SamplerConfig, generator: torch.Generator, amp: bool = True
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """LR window batch (B, 1, *w) -> LDM output (B, 1, *w): encode, sample, decode."""
+    use_amp = amp and ldm.device.type == "cuda"
 
     def fn(lr: torch.Tensor) -> torch.Tensor:
-        cond = ldm.encode_cond(lr)  # (B, C, *w/f), scaled
-        noise = torch.randn(cond.shape, generator=generator, device=ldm.device)  # x_T
-        return ldm.decode(ldm.sample(cond, noise, sampler, generator=generator))
+        with torch.autocast(ldm.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            cond = ldm.encode_cond(lr).float()  # (B, C, *w/f), scaled
+            noise = torch.randn(cond.shape, generator=generator, device=ldm.device)  # x_T
+            return ldm.decode(ldm.sample(cond, noise, sampler, generator=generator)).float()
 
     return fn
 
@@ -75,7 +78,7 @@ def predict_volume(
     for k in range(cfg.num_samples):
         g = torch.Generator(device=ldm.device).manual_seed(cfg.seed + k)
         out = sliding_window_infer(
-            x, ldm_window_fn(ldm, cfg.sampler, g), window, overlap=cfg.overlap,
+            x, ldm_window_fn(ldm, cfg.sampler, g, cfg.amp), window, overlap=cfg.overlap,
             batch_size=cfg.batch_size, device=ldm.device,
         )  # fmt: skip
         samples.append(out[0].numpy())
