@@ -50,8 +50,8 @@ def _describe(name: str, r: dict) -> str:
         return f"{r['case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
     if name == "particles":
         return (
-            f"{r['num_particles']} particles x 1000 steps 512^2: {r['total']:.1f} s total, "
-            f"{r['steps_per_s']:.0f} steps/s"
+            f"{r['num_particles']} particles x 1000 steps 512^2 + GIF: {r['total_s']:.1f} s "
+            f"total ({r['cpu_s']:.1f} s CPU), {r['steps_per_s']:.0f} steps/s"
         )
     return str(r)
 
@@ -73,9 +73,9 @@ def main(
     for name, kwargs in chosen:
         r = run_in_child(name, device, threads, **kwargs)
         rows.append({"case": name, **kwargs, **r})
+        save({"environment": env, "results": rows}, out)  # after every case: nothing is lost
         mem = f"{r['peak_mem_mb']:8.0f} MB" if "peak_mem_mb" in r else " " * 11
         typer.echo(f"{name:<16}{mem}  {_describe(name, r)}")
-    save({"environment": env, "results": rows}, out)
     typer.echo(f"written {out}")
 
 
