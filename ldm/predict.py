@@ -18,6 +18,8 @@ import torch
 
 from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
+from ldm.data.prepare import NormalizeConfig, normalisation
+from ldm.data.sources import case_name
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
 from ldm.inference import autoencode_volume, sliding_window_infer
@@ -104,11 +106,11 @@ def _user_case(path: Path, manifest: dict) -> TestCase:
     data, meta = load_volume(path)
     if data.ndim != 3:
         raise DataError(f"{path}: --input must be a 3D volume, got shape {data.shape}")
-    n = manifest["normalization"]
-    low, high = (float(v) for v in np.percentile(data, [n["low_percentile"], n["high_percentile"]]))
-    if not high > low:
-        raise DataError(f"{path}: volume is constant; nothing to enhance")
-    name = path.name.split(".")[0]
+    n = manifest["normalization"]  # the same LR-percentile map as prepare_data
+    name = case_name(path)
+    low, high = normalisation(
+        data, NormalizeConfig(n["low_percentile"], n["high_percentile"]), name
+    )
     norm = (data - low) / (high - low)
     return TestCase(name, norm, None, low, high, meta)
 
