@@ -13,8 +13,14 @@ from ldm.errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' = cuda > mps > cpu; an unavailable explicit device is a ConfigError."""
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto' = cuda > mps > cpu; an unavailable explicit device is a ConfigError.
+
+    ``local_rank`` defaults to torchrun's LOCAL_RANK, so every process of a DDP run uses its own
+    GPU wherever it asks for a device.
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name not in DEVICES and not name.startswith("cuda:"):
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "auto":
