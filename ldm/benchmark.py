@@ -7,6 +7,7 @@ weights. The DDIM/DDPM quality sweep needs trained checkpoints and uses them whe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -121,7 +122,7 @@ def _random_ldm(device: torch.device) -> LatentDiffusion:
 @case
 def predict_128(device: torch.device, steps: int = 50, size: int = 128) -> dict[str, Any]:
     cfg = load_config(PredictConfig, REPO_ROOT / "configs" / "predict_ldm.yaml")
-    cfg = PredictConfig(**{**cfg.__dict__, "sampler": SamplerConfig(steps=steps)})
+    cfg = dataclasses.replace(cfg, sampler=SamplerConfig(steps=steps))
     ldm = _random_ldm(device)
     lr = np.random.default_rng(0).random((size,) * 3, dtype=np.float32)
     window = tuple(cfg.window or (32, 32, 32))
@@ -165,7 +166,7 @@ def sampler_quality(
     runs += [SamplerConfig("ddpm")] if ddpm else []
     rows = []
     for sampler in runs:
-        c = PredictConfig(**{**cfg.__dict__, "sampler": sampler, "num_samples": 1})
+        c = dataclasses.replace(cfg, sampler=sampler, num_samples=1)
         t0 = time.perf_counter()
         out, _ = predict_volume(ldm, case.lr, c, window)
         seconds = time.perf_counter() - t0
