@@ -7,6 +7,7 @@ phase that made it (``kind``), so a wrong or stale file is a clear error instead
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,22 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; run {producer} first")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors, numbers, strings and containers only. An object that would run
+        # code while unpickling (a __reduce__ payload) is refused before anything executes.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # a class or function reference: what code execution needs
+            raise CheckpointError(
+                f"{path}: refused: it holds Python objects, not only weights, and loading it could "
+                f"run code; use a checkpoint written by {producer}"
+            ) from None
+        raise CheckpointError(
+            f"{path}: corrupt or not a checkpoint (UnpicklingError); rerun {producer}"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(
+            f"{path}: cannot read ({e.strerror or e}); check its permissions"
+        ) from None
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(
             f"{path}: corrupt or not a checkpoint ({type(e).__name__}); rerun {producer}"

@@ -55,10 +55,25 @@ def setup_logging() -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def fail(message: str) -> typer.Exit:
+def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one error line and return the exit (code 2) to raise."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
+    typer.echo(f"error: {message}" if code == 2 else message, err=True)
+    return typer.Exit(code)
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OS error on a user's path: which path, what happened, what to do."""
+    where = e.filename if e.filename is not None else "a file"
+    what = e.strerror or type(e).__name__
+    fixes = {
+        PermissionError: "fix its permissions or choose another location",
+        NotADirectoryError: "a file stands where a folder is needed; choose another path",
+        IsADirectoryError: "a folder stands where a file is needed; choose another path",
+        FileExistsError: "remove it or choose another path",
+        FileNotFoundError: "check the path",
+    }
+    fix = next((v for k, v in fixes.items() if isinstance(e, k)), "check the path and free space")
+    return f"{where}: {what}; {fix}"
 
 
 def run_phase(
@@ -81,7 +96,11 @@ def run_phase(
     except UserError as e:
         if os.environ.get("LDM_DEBUG"):
             raise
-        raise fail(str(e)) from None
+        raise fail(str(e), getattr(e, "exit_code", 2)) from None
+    except OSError as e:  # an unwritable output folder, a file where a folder should be, ...
+        if os.environ.get("LDM_DEBUG"):
+            raise
+        raise fail(os_error_message(e)) from None
     typer.echo(result.text)
     return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -61,6 +62,9 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     for item in overrides or []:
         _apply_override(data, item, cls)
     return _build(cls, data, where, "")
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
@@ -115,10 +119,19 @@ def _build(cls: type[T], data: Any, where: str, prefix: str) -> T:
             kwargs[name] = resolve_path(f.default)
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {prefix}{e}") from None
     except UserError as e:
-        raise ConfigError(f"{where}: {prefix}{e}") from None
+        raise ConfigError(f"{where}: {_with_prefix(str(e), prefix)}") from None
+
+
+def _with_prefix(message: str, prefix: str) -> str:
+    """'steps must be ..' -> 'train.steps must be ..'; a message that already names its section
+    ('train.steps ..', 'raw.dtype: ..') is not prefixed twice."""
+    if not prefix:
+        return message
+    section = prefix.rstrip(".").split(".")[-1] + "."
+    if message.startswith(section):
+        message = message[len(section) :]
+    return prefix + message
 
 
 def _type_name(tp: Any) -> str:
@@ -185,6 +198,8 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads '1e-3' (no dot) as a string
         fail()
     if tp is str:
         if isinstance(value, str):

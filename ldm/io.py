@@ -147,15 +147,23 @@ class VolumeMeta:
     origin: tuple[float, ...] = ()
     affine: list[list[float]] | None = None
     dtype: str = "float32"
+    # MetaImage orientation (TransformMatrix) as SimpleITK gives it: row-major, x/y/z order;
+    # None = identity
+    direction: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "spacing": list(self.spacing), "origin": list(self.origin),
-                "affine": self.affine, "dtype": self.dtype}  # fmt: skip
+        d = {"format": self.format, "spacing": list(self.spacing), "origin": list(self.origin),
+             "affine": self.affine, "dtype": self.dtype}  # fmt: skip
+        if self.direction is not None:
+            d["direction"] = list(self.direction)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VolumeMeta:
+        direction = d.get("direction")
         return cls(d["format"], tuple(d.get("spacing", ())), tuple(d.get("origin", ())),
-                   d.get("affine"), d.get("dtype", "float32"))  # fmt: skip
+                   d.get("affine"), d.get("dtype", "float32"),
+                   tuple(direction) if direction is not None else None)  # fmt: skip
 
 
 def volume_format(path: Path) -> str:
@@ -197,46 +205,80 @@ def check_finite(data: np.ndarray, path: str | Path) -> None:
 
 
 def _parse_mhd(mhd: Path) -> dict[str, str]:
+    try:
+        text = mhd.read_text(errors="replace")
+    except OSError as e:
+        raise DataError(f"{mhd}: cannot read ({e.strerror or e}); check its permissions") from None
     fields = {}
-    for line in mhd.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         if "=" in line:
             k, v = line.split("=", 1)
             fields[k.strip()] = v.strip()
     return fields
 
 
-def _load_raw(path: Path, raw: RawSpec | None) -> tuple[np.ndarray, VolumeMeta]:
-    mhd = path if path.suffix.lower() == ".mhd" else path.with_suffix(".mhd")
-    spacing: tuple[float, ...] = ()
-    origin: tuple[float, ...] = ()
-    if mhd.is_file():
-        h = _parse_mhd(mhd)
-        try:
-            dims = [int(v) for v in h["DimSize"].split()]
-            dtype = np.dtype(_MET_TYPES[h["ElementType"]])
-        except KeyError as e:
-            raise DataError(f"{mhd}: MetaImage header lacks or has an unknown {e}") from None
-        big = (
-            h.get("BinaryDataByteOrderMSB", h.get("ElementByteOrderMSB", "False")).lower() == "true"
+def _check_mhd(mhd: Path) -> None:
+    """Clear errors for the header problems users meet, before SimpleITK reads the file."""
+    h = _parse_mhd(mhd)
+    try:
+        dims = [int(v) for v in h["DimSize"].split()]
+        dtype = np.dtype(_MET_TYPES[h["ElementType"]])
+        ndims = int(h.get("NDims", len(dims)))
+        for key in ("ElementSpacing", "Offset", "Origin", "TransformMatrix"):
+            [float(v) for v in h.get(key, "").split()]
+    except KeyError as e:
+        raise DataError(f"{mhd}: MetaImage header lacks or has an unknown {e}") from None
+    except ValueError as e:
+        raise DataError(f"{mhd}: malformed MetaImage header field ({e}); fix the .mhd") from None
+    if ndims != len(dims) or ndims not in (2, 3, 4):
+        raise DataError(f"{mhd}: DimSize has {len(dims)} values but NDims = {ndims}; fix the .mhd")
+    data_file = h.get("ElementDataFile", "")
+    compressed = h.get("CompressedData", "False").lower() == "true"
+    if not data_file:
+        raise DataError(f"{mhd}: MetaImage header lacks ElementDataFile")
+    if data_file.upper() == "LOCAL" or compressed or " " in data_file or "%" in data_file:
+        return  # embedded, compressed or multi-file data: SimpleITK checks the sizes
+    path = mhd.parent / data_file
+    if not path.is_file():
+        raise DataError(f"raw data file not found: {path} (named by {mhd})")
+    expected = int(np.prod(dims)) * dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DataError(
+            f"{path}: file has {actual} bytes but DimSize {' x '.join(map(str, dims))} x "
+            f"{dtype.itemsize} bytes ({dtype.name}) needs {expected}; fix the .mhd"
         )
-        dtype = dtype.newbyteorder(">" if big else "<")
-        shape = tuple(reversed(dims))  # DimSize is x y z; the array is (z, y, x)
-        spacing = tuple(float(v) for v in reversed(h.get("ElementSpacing", "").split()))
-        origin = tuple(float(v) for v in reversed(h.get("Offset", h.get("Origin", "")).split()))
-        data_file = h.get("ElementDataFile", path.name if path != mhd else "")
-        if data_file.upper() == "LOCAL" or not data_file:
-            raise DataError(f"{mhd}: only headers with a separate ElementDataFile are supported")
-        path = mhd.parent / data_file
-        if not path.is_file():
-            raise DataError(f"raw data file not found: {path} (named by {mhd})")
-    else:
-        if raw is None or raw.shape is None:
-            raise DataError(
-                f"{path}: no .mhd header beside it; give raw.shape (z, y, x), raw.dtype and "
-                f"raw.byte_order in the config"
-            )
-        shape = tuple(raw.shape)
-        dtype = np.dtype(raw.dtype).newbyteorder("<" if raw.byte_order == "little" else ">")
+
+
+def _load_raw(path: Path, raw: RawSpec | None) -> tuple[np.ndarray, VolumeMeta]:
+    """MetaImage through SimpleITK (spacing, origin, direction, LOCAL and compressed data);
+    a headerless .raw through ``raw`` (shape, dtype, byte order)."""
+    mhd = path if path.suffix.lower() == ".mhd" else path.with_suffix(".mhd")
+    if mhd.is_file():
+        import SimpleITK as sitk
+
+        _check_mhd(mhd)
+        try:
+            img = sitk.ReadImage(str(mhd))
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else "unreadable"
+            raise DataError(f"{mhd}: SimpleITK cannot read it ({first})") from None
+        data = sitk.GetArrayFromImage(img)  # (z, y, x)
+        spacing = tuple(float(v) for v in reversed(img.GetSpacing()))
+        origin = tuple(float(v) for v in reversed(img.GetOrigin()))
+        direction = tuple(float(v) for v in img.GetDirection())
+        identity = tuple(float(v) for v in np.eye(img.GetDimension()).ravel())
+        return data, VolumeMeta(
+            "raw", spacing, origin, dtype=data.dtype.name,
+            direction=None if direction == identity else direction,
+        )  # fmt: skip
+    if raw is None or raw.shape is None:
+        raise DataError(
+            f"{path}: no .mhd header beside it; give raw.shape (z, y, x), raw.dtype and "
+            f"raw.byte_order in the config"
+        )
+    shape = tuple(raw.shape)
+    dtype = np.dtype(raw.dtype).newbyteorder("<" if raw.byte_order == "little" else ">")
     expected = int(np.prod(shape)) * dtype.itemsize
     actual = path.stat().st_size
     if actual != expected:
@@ -244,8 +286,11 @@ def _load_raw(path: Path, raw: RawSpec | None) -> tuple[np.ndarray, VolumeMeta]:
             f"{path}: file has {actual} bytes but shape {shape} x {dtype.itemsize} bytes "
             f"({dtype.name}) needs {expected}; fix the shape/dtype in the config or the .mhd"
         )
-    data = np.fromfile(path, dtype=dtype).reshape(shape)
-    return data, VolumeMeta("raw", spacing, origin, dtype=dtype.name)
+    try:
+        data = np.fromfile(path, dtype=dtype).reshape(shape)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); check its permissions") from None
+    return data, VolumeMeta("raw", (), (), dtype=dtype.name)
 
 
 def _load_nifti(path: Path) -> tuple[np.ndarray, VolumeMeta]:
@@ -283,23 +328,37 @@ def save_volume(path: str | Path, data: np.ndarray, meta: VolumeMeta | None = No
         with atomic_path(path) as tmp:
             nib.save(img, str(tmp))
     else:
-        raw_path = path.with_suffix(".raw")
-        arr = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<")))
-        met = _DTYPE_TO_MET.get(arr.dtype.str[1:])
-        if met is None:
-            raise UserError(f"{path}: dtype {arr.dtype} cannot be written as MetaImage")
-        with atomic_path(raw_path) as tmp:
-            arr.tofile(tmp)
-        spacing = meta.spacing or (1.0,) * data.ndim
-        origin = meta.origin or (0.0,) * data.ndim
-        header = "\n".join([
-            "ObjectType = Image", f"NDims = {data.ndim}", "BinaryData = True",
-            "BinaryDataByteOrderMSB = False",
-            f"Offset = {' '.join(str(v) for v in reversed(origin))}",
-            f"ElementSpacing = {' '.join(str(v) for v in reversed(spacing))}",
-            f"DimSize = {' '.join(str(v) for v in reversed(data.shape))}",
-            f"ElementType = {met}", f"ElementDataFile = {raw_path.name}", "",
-        ])  # fmt: skip
-        atomic_write_text(path.with_suffix(".mhd"), header)
-        path = raw_path
+        path = _save_metaimage(path, data, meta)
     return path
+
+
+def _save_metaimage(path: Path, data: np.ndarray, meta: VolumeMeta) -> Path:
+    """.mhd header + .raw data through SimpleITK (spacing, origin and direction kept).
+
+    Both files are written into a temporary folder under their final names (the header names
+    its data file), then renamed into place, data first: never a header without its data.
+    """
+    import SimpleITK as sitk
+
+    raw_path, mhd_path = path.with_suffix(".raw"), path.with_suffix(".mhd")
+    arr = np.ascontiguousarray(data)
+    if arr.dtype.str[1:] not in _DTYPE_TO_MET:
+        raise UserError(f"{path}: dtype {arr.dtype} cannot be written as MetaImage")
+    img = sitk.GetImageFromArray(arr.astype(arr.dtype.newbyteorder("=")))
+    if meta.spacing:
+        img.SetSpacing([float(v) for v in reversed(meta.spacing)])
+    if meta.origin:
+        img.SetOrigin([float(v) for v in reversed(meta.origin)])
+    if meta.direction is not None:
+        img.SetDirection([float(v) for v in meta.direction])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.stem}-", dir=path.parent))
+    try:
+        sitk.WriteImage(img, str(tmp / mhd_path.name), useCompression=False)
+        for f in (tmp / raw_path.name, tmp / mhd_path.name):
+            os.chmod(f, 0o666 & ~_UMASK)
+        os.replace(tmp / raw_path.name, raw_path)
+        os.replace(tmp / mhd_path.name, mhd_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return raw_path

@@ -7,6 +7,7 @@ run. ``num_samples`` > 1 gives the mean and a per-voxel standard deviation (unce
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from ldm.data.sources import case_name
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
 from ldm.inference import autoencode_volume, sliding_window_infer
-from ldm.io import VolumeMeta, load_volume, save_json, save_volume, staged_dir
+from ldm.io import RawSpec, load_volume, save_json, save_volume, staged_dir
 from ldm.ldm_model import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.metrics import psnr, ssim
 from ldm.phase import PhaseResult
@@ -48,6 +49,7 @@ class PredictConfig:
     cases: tuple[str, ...] | None = None  # test cases to predict; null = all
     gif: bool = True  # GIF of the reverse process on the central window of the first case
     amp: bool = True  # bf16 autocast of the networks on CUDA (CPU always runs float32)
+    raw: RawSpec = field(default_factory=RawSpec)  # how to read a headerless --input .raw
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
@@ -102,8 +104,8 @@ def _metrics(case: TestCase, outputs: dict[str, np.ndarray]) -> dict[str, dict[s
     return {k: {"psnr": psnr(v, hr), "ssim": ssim(v, hr)} for k, v in outputs.items()}
 
 
-def _user_case(path: Path, manifest: dict) -> TestCase:
-    data, meta = load_volume(path)
+def _user_case(path: Path, manifest: dict, raw: RawSpec) -> TestCase:
+    data, meta = load_volume(path, raw)
     if data.ndim != 3:
         raise DataError(f"{path}: --input must be a 3D volume, got shape {data.shape}")
     n = manifest["normalization"]  # the same LR-percentile map as prepare_data
@@ -117,7 +119,7 @@ def _user_case(path: Path, manifest: dict) -> TestCase:
 
 def _write_volume(folder: Path, case: TestCase, vol: np.ndarray, suffix: str) -> Path:
     ext = {"raw": ".raw", "nifti": ".nii.gz", "npy": ".npy"}.get(case.meta.format, ".nii.gz")
-    meta = VolumeMeta(case.meta.format, case.meta.spacing, case.meta.origin, case.meta.affine)
+    meta = dataclasses.replace(case.meta, dtype="float32")
     return save_volume(folder / f"{case.name}_{suffix}{ext}", vol.astype(np.float32), meta)
 
 
@@ -162,7 +164,7 @@ def predict_ldm(
     window = tuple(cfg.window or manifest["patch_size"])
     check_window(window, ldm)
     if input_path is not None:
-        cases = [_user_case(Path(input_path), manifest)]
+        cases = [_user_case(Path(input_path), manifest, cfg.raw)]
     else:
         cases = iter_test_cases(cfg.data_dir, list(cfg.cases) if cfg.cases else None)
     rows: dict[str, dict] = {}

@@ -118,7 +118,8 @@ def train_diffusion(cfg: TrainDiffusionConfig, *, overwrite: bool = False) -> Ph
     }
     result = train(model, dataclasses.asdict(m), train_set, task, cfg.train, cfg.out_dir,
                    extra=extra, overwrite=overwrite)  # fmt: skip
-    save_config(cfg, cfg.out_dir / "config.yaml")
+    if result.steps_run or not (cfg.out_dir / "config.yaml").exists():
+        save_config(cfg, cfg.out_dir / "config.yaml")  # a no-op rerun leaves it untouched
 
     def describe(v: dict[str, float]) -> tuple[str, str]:
         line = (f"validation ({cfg.val_steps} DDIM steps): decoded PSNR {v['psnr']:.2f} dB, "

@@ -103,7 +103,8 @@ def train_vae_pair(cfg: TrainVAEConfig, *, overwrite: bool = False) -> PhaseResu
         extra={"data_dir": str(cfg.data_dir), "patch_size": manifest["patch_size"]},
         overwrite=overwrite,
     )  # fmt: skip
-    save_config(cfg, cfg.out_dir / "config.yaml")
+    if result.steps_run or not (cfg.out_dir / "config.yaml").exists():
+        save_config(cfg, cfg.out_dir / "config.yaml")  # a no-op rerun leaves it untouched
 
     def describe(v: dict[str, float]) -> tuple[str, str]:
         line = (f"validation PSNR: VAE result {v['psnr']:.2f} dB | Baseline "

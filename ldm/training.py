@@ -8,12 +8,18 @@ A phase plugs in through a small ``TrainTask``: a loss on a batch and a validati
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +35,7 @@ from tqdm import tqdm
 from ldm.checkpoint import config_diff, load_checkpoint, save_checkpoint
 from ldm.distributed import DistInfo, barrier, init_distributed
 from ldm.errors import CheckpointError, ConfigError, UserError
+from ldm.io import atomic_write_text
 from ldm.phase import PhaseResult
 
 log = logging.getLogger(__name__)
@@ -117,6 +124,7 @@ class _Run:
     def __init__(self, model, model_config, dataset, task, cfg, run_dir, extra, info, device):
         self.model, self.model_config, self.task, self.cfg = model, model_config, task, cfg
         self.run_dir, self.extra, self.info, self.device = Path(run_dir), extra, info, device
+        self.out = self.run_dir  # where files go now: a staging folder while overwriting
         self.dataset = dataset
         self.opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
@@ -128,6 +136,7 @@ class _Run:
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + info.rank)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_score = -math.inf
+        self.last_val: dict[str, float] = {}
         self.sampler = DistributedSampler(
             dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
             drop_last=True,
@@ -167,7 +176,10 @@ class _Run:
     def save(self, name: str) -> None:
         state = self.state()  # every rank joins the all_gather inside
         if self.info.is_main:
-            save_checkpoint(state, self.run_dir / name)
+            save_checkpoint(state, self.out / name)
+            if name == "last.pt" and self.out != self.run_dir:
+                commit_staged_run(self.run_dir)  # the new run replaces the old one only now
+                self.out = self.run_dir
 
     def resume(self, path: Path) -> None:
         ck = load_checkpoint(path, self.task.kind, map_location=self.device)
@@ -188,6 +200,7 @@ class _Run:
         gens = ck["rng"]["generators"]
         if len(gens) == self.info.world_size:
             self.gen.set_state(gens[self.info.rank].cpu())
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         log.info("resumed %s at step %d", path, self.step)
 
     # -- data --------------------------------------------------------------------------------
@@ -219,8 +232,105 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 def _log_line(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise UserError(
+            f"{run_dir / 'metrics.jsonl'}: cannot write ({e.strerror or e}); free space or fix "
+            "the folder's permissions, then rerun to resume"
+        ) from None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a kill
+        if row_step <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
+STAGING = ".overwrite-staging"
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+
+
+def commit_staged_run(run_dir: Path) -> None:
+    """Move a staged run (``--overwrite``) over the old one once it has a last.pt.
+
+    Until then the old last.pt/best.pt/metrics.jsonl stay untouched: a run that crashes or is
+    killed before its first save loses nothing. Also finishes a commit a kill interrupted.
+    """
+    staging = run_dir / STAGING
+    if not (staging / "last.pt").is_file():
+        return
+    for name in RUN_FILES:
+        if not (staging / name).exists():
+            (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FILES[::-1]:  # last.pt last: it marks the commit as done
+        if (staging / name).exists():
+            os.replace(staging / name, run_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    """Check that ``run_dir`` can be written before any training; tidy what a kill left.
+
+    Returns the folder the new files go to: ``run_dir``, or a staging folder inside it when
+    ``overwrite`` would replace an earlier run.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; choose another out_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".tmp-probe-")
+        probe.close()
+    except OSError as e:
+        raise UserError(
+            f"{run_dir}: cannot write there ({e.strerror or e}); fix its permissions or choose "
+            "another out_dir"
+        ) from None
+    commit_staged_run(run_dir)  # a kill between first save and commit
+    shutil.rmtree(run_dir / STAGING, ignore_errors=True)  # a staged run killed before its save
+    for stale in run_dir.glob(".tmp-*"):  # atomic writes a kill interrupted
+        stale.unlink(missing_ok=True)
+    if overwrite and any((run_dir / n).exists() for n in RUN_FILES):
+        (run_dir / STAGING).mkdir()
+        return run_dir / STAGING
+    return run_dir
+
+
+class Interrupted(UserError):
+    """Ctrl-C or SIGTERM during training: last.pt was saved; exit code 130."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM set a flag that the loop checks after each step (a second one aborts)."""
+    flag: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, _frame) -> None:
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def train(
@@ -241,21 +351,35 @@ def train(
     torch.manual_seed(cfg.seed)
     model.to(device)
     run = _Run(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device)
+    if info.is_main:
+        run.out = prepare_run_dir(run_dir, overwrite)
+    barrier(info)
     last = run_dir / "last.pt"
     if last.exists() and not overwrite:
         run.resume(last)
-    elif info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("last.pt", "best.pt", "metrics.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-    barrier(info)
+
     net = model
     if info.enabled:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    start_step, t0, last_val = run.step, time.perf_counter(), {}
+    start_step, t0 = run.step, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {task.kind}", unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)  # fmt: skip
     batches = run.batches()
+    try:
+        with _deferred_interrupts() as interrupted:
+            _loop(run, net, batches, bar, interrupted, info, device, t0)
+    finally:
+        bar.close()  # before any error line, so it is not printed onto the bar
+    barrier(info)
+    last_val = run.last_val
+    return TrainResult(run.step, run.step - start_step, time.perf_counter() - t0,
+                       run.best_score, last_val, run_dir)  # fmt: skip
+
+
+def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info: DistInfo,
+          device: torch.device, t0: float) -> None:  # fmt: skip
+    """Steps until cfg.steps, the time cap, or a deferred Ctrl-C/SIGTERM (saved, then raised)."""
+    cfg, model, task = run.cfg, run.model, run.task
     while run.step < cfg.steps:
         model.train()
         batch = _to(next(batches), device)
@@ -276,26 +400,30 @@ def train(
         lr = run.opt.param_groups[0]["lr"]
         if info.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            record = {
-                "step": run.step,
-                "loss": loss.item(),
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-            }
-            _log_line(run_dir, {**record, **logs, "time": time.perf_counter() - t0})
+            record = {"step": run.step, "loss": loss.item(), "lr": lr,
+                      "grad_norm": float(grad_norm)}  # fmt: skip
+            _log_line(run.out, {**record, **logs, "time": time.perf_counter() - t0})
         out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes
         done = run.step == cfg.steps or out_of_time
+        stop = _agree(bool(interrupted), info, device)
         if run.step % cfg.val_every == 0 or done:
-            last_val = _validate(run, info)
-        if run.step % cfg.save_every == 0 or done:
+            run.last_val = _validate(run, info)
+        if run.step % cfg.save_every == 0 or done or stop:
             run.save("last.pt")
+        if stop:
+            raise Interrupted(f"interrupted at step {run.step}; rerun the same command to resume")
         if out_of_time:
             log.info("stopping at step %d: train.max_minutes=%s reached", run.step, cfg.max_minutes)
             break
-    bar.close()
-    barrier(info)
-    return TrainResult(run.step, run.step - start_step, time.perf_counter() - t0,
-                       run.best_score, last_val, run_dir)  # fmt: skip
+
+
+def _agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if it is true on any (ranks must stop at the same step)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _validate(run: _Run, info: DistInfo) -> dict[str, float]:
@@ -310,7 +438,7 @@ def _validate(run: _Run, info: DistInfo) -> dict[str, float]:
         improved = metrics["score"] > run.best_score
         if improved:
             run.best_score = metrics["score"]
-        _log_line(run.run_dir, {"step": run.step, "val": metrics})
+        _log_line(run.out, {"step": run.step, "val": metrics})
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "score")
         log.info("step %d: validation %s%s", run.step, shown, " (best)" if improved else "")
     if info.enabled:
