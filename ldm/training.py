@@ -289,8 +289,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
         raise UserError(f"{run_dir}: exists and is not a folder; choose another out_dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".tmp-probe-")
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".tmp-probe-"):
+            pass
     except OSError as e:
         raise UserError(
             f"{run_dir}: cannot write there ({e.strerror or e}); fix its permissions or choose "

@@ -166,6 +166,7 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
     patches = {s: {"lr": [], "hr": [], "index": [], "fg": 0} for s in SPLITS}
     case_info: dict[str, dict] = {}
     baseline: dict[str, list[float]] = {s: [] for s in SPLITS}
+    replaced_latents = overwrite and (cfg.out_dir / "latents").is_dir()
     with staged_dir(cfg.out_dir, overwrite=overwrite) as out:
         (out / "test" / "volumes").mkdir(parents=True)
         for i, case in enumerate(tqdm(cases, total=n, desc="prepare_data", unit="case")):
@@ -196,7 +197,12 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
         }
         save_json(manifest, out / "manifest.json")
         save_config(cfg, out / "config.yaml")
-    return _summary(cfg, splits, baseline, time.perf_counter() - t0)
+    result = _summary(cfg, splits, baseline, time.perf_counter() - t0)
+    if replaced_latents:
+        result.text += (
+            f"\nreplaced the old dataset including {cfg.out_dir / 'latents'}: rerun prepare_latents"
+        )
+    return result
 
 
 def _add_case(case: Case, split: str, cfg: PrepareDataConfig, rng, bucket: dict, out: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -15,11 +16,13 @@ from ldm.training import TrainConfig, train
 class TinyTask:
     kind = "vae"
 
-    def __init__(self, val: torch.Tensor, crash_at: int = 0) -> None:
-        self.val, self.crash_at, self.calls = val, crash_at, 0
+    def __init__(self, val: torch.Tensor, crash_at: int = 0, step_sleep: float = 0.0) -> None:
+        self.val, self.crash_at, self.calls, self.step_sleep = val, crash_at, 0, step_sleep
 
     def loss(self, model, batch, generator):
         self.calls += 1
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
         if self.calls == self.crash_at:
             raise KeyboardInterrupt("simulated crash")
         (x,) = batch
@@ -33,18 +36,19 @@ class TinyTask:
         return {"mse": err, "score": -err}
 
 
-def make(seed: int = 0, crash_at: int = 0):
+def make(seed: int = 0, crash_at: int = 0, step_sleep: float = 0.0):
     torch.manual_seed(123)
     model = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 1))
     data = torch.randn(64, 4, generator=torch.Generator().manual_seed(seed))
-    return model, TensorDataset(data), TinyTask(data[:8], crash_at)
+    return model, TensorDataset(data), TinyTask(data[:8], crash_at, step_sleep)
 
 
-def run(run_dir: Path, steps: int, crash_at: int = 0, **kw) -> nn.Module:
-    model, ds, task = make(crash_at=crash_at)
-    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=3, val_every=5,
-                      save_every=5, log_every=2, device="cpu", **kw)  # fmt: skip
-    train(model, {"width": 8}, ds, task, cfg, run_dir, progress=False)
+def run(run_dir: Path, steps: int, crash_at: int = 0, *, overwrite: bool = False,
+        lr_override: float | None = None, step_sleep: float = 0.0, **kw) -> nn.Module:
+    model, ds, task = make(crash_at=crash_at, step_sleep=step_sleep)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=lr_override or 1e-2, warmup_steps=3,
+                      val_every=5, save_every=5, log_every=2, device="cpu", **kw)  # fmt: skip
+    train(model, {"width": 8}, ds, task, cfg, run_dir, overwrite=overwrite, progress=False)
     return model
 
 
