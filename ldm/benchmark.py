@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from ldm.config import REPO_ROOT, load_config
-from ldm.diffusion import make_schedule, training_loss
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
+from ldm.diffusion.schedule import make_schedule, training_loss
 from ldm.distributed import pick_device
 from ldm.inference import autoencode_volume
-from ldm.ldm_model import LatentDiffusion, SamplerConfig
 from ldm.nets import UNet3d, VAE3d
-from ldm.predict import PredictConfig, predict_volume
-from ldm.train_diffusion import TrainDiffusionConfig
-from ldm.train_vae import TrainVAEConfig
+from ldm.phases.predict_ldm import PredictConfig, predict_volume
+from ldm.phases.train_diffusion import TrainDiffusionConfig
+from ldm.phases.train_vae_pair import TrainVAEConfig
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -154,7 +154,7 @@ def sampler_quality(
     """PSNR/SSIM and time of DDIM at several step counts and of DDPM (all T steps) on the first
     test case, with the trained checkpoints named by a predict_ldm config."""
     from ldm.data.dataset import iter_test_cases, load_manifest
-    from ldm.ldm_model import load_ldm
+    from ldm.diffusion.latent_diffusion import load_ldm
     from ldm.metrics import psnr, ssim
 
     cfg = load_config(PredictConfig, REPO_ROOT / config)
@@ -180,7 +180,7 @@ def sampler_quality(
 
 @case
 def particles(device: torch.device, num_particles: int = 50_000) -> dict[str, Any]:
-    from ldm.particles import benchmark
+    from ldm.phases.particles_gif import benchmark
 
     return {"num_particles": num_particles, **benchmark(num_particles, 1000, 512, 5)}
 

@@ -14,7 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.config import REPO_ROOT, load_config
 from ldm.errors import UserError
-from ldm.phase import PhaseResult
+from ldm.pipeline import PhaseResult
 
 T = TypeVar("T")
 

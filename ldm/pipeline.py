@@ -1,20 +1,46 @@
-"""The phases in pipeline order: name, config dataclass and run function (imported lazily)."""
+"""The phases in pipeline order, and what every phase returns.
+
+A phase ``name`` lives in ``ldm.phases.<name>`` (a module or package) with its config dataclass
+and its run function ``run(cfg, *, overwrite: bool) -> PhaseResult``; the script is
+``scripts/<name>.py`` and the default config ``configs/<name>.yaml``. Modules are imported
+lazily, so ``ldm3d --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from ldm.phase import PhaseResult
+
+@dataclass
+class PhaseResult:
+    """Outcome of one phase run.
+
+    text: the multi-line summary the phase's script prints.
+    key: one short string for run_all's one-line-per-phase report (e.g. "PSNR 31.2 dB").
+    metrics: numbers worth keeping (also written to the phase's metrics.json where it has one).
+    outputs: the main files or folders the phase wrote.
+    """
+
+    text: str
+    key: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: list[Path] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Phase:
-    name: str  # also the script name (scripts/<name>.py) and config name (configs/<name>.yaml)
-    module: str
-    config: str  # config dataclass in ``module``
-    run: str  # ``run(cfg, *, overwrite: bool) -> PhaseResult`` in ``module``
+    name: str  # module ldm.phases.<name>, script scripts/<name>.py, config configs/<name>.yaml
+    config: str  # config dataclass in the module
+    run: str  # run function in the module
+    summary: str  # one line for --help
+
+    @property
+    def module(self) -> str:
+        return f"ldm.phases.{self.name}"
 
     def config_cls(self) -> type:
         return getattr(importlib.import_module(self.module), self.config)
@@ -24,17 +50,23 @@ class Phase:
 
 
 PHASES: list[Phase] = [
-    Phase("prepare_data", "ldm.data.prepare", "PrepareDataConfig", "prepare_data"),
-    Phase("train_vae_pair", "ldm.train_vae", "TrainVAEConfig", "train_vae_pair"),
-    Phase("evaluate_psnr", "ldm.evaluate", "EvaluateConfig", "evaluate_psnr"),
-    Phase("prepare_latents", "ldm.latents", "PrepareLatentsConfig", "prepare_latents"),
-    Phase("train_diffusion", "ldm.train_diffusion", "TrainDiffusionConfig", "train_diffusion"),
-    Phase("predict_ldm", "ldm.predict", "PredictConfig", "predict_ldm"),
-    Phase("particles_gif", "ldm.particles.phase", "ParticlesConfig", "run_particles"),
-    Phase(
-        "ddim_similar_noise", "ldm.noise_experiment", "DDIMSimilarNoiseConfig", "ddim_similar_noise"
-    ),
-]
+    Phase("prepare_data", "PrepareDataConfig", "prepare_data",
+          "volumes or the phantom -> normalised LR/HR patch dataset, split by case"),
+    Phase("train_vae_pair", "TrainVAEConfig", "train_vae_pair",
+          "train the paired 3D VAE (LR -> HR denoiser, HR -> HR)"),
+    Phase("evaluate_psnr", "EvaluateConfig", "evaluate_psnr",
+          "PSNR/SSIM of the VAE against tuned classical filters on the test volumes"),
+    Phase("prepare_latents", "PrepareLatentsConfig", "prepare_latents",
+          "encode every patch to VAE latents + one scale factor"),
+    Phase("train_diffusion", "TrainDiffusionConfig", "train_diffusion",
+          "train the conditional latent diffusion UNet"),
+    Phase("predict_ldm", "PredictConfig", "predict_ldm",
+          "the whole LDM on test volumes or your own scan (--input)"),
+    Phase("particles_gif", "ParticlesConfig", "run_particles",
+          "particles follow an image's score field until they rebuild it (GIF)"),
+    Phase("ddim_similar_noise", "DDIMSimilarNoiseConfig", "ddim_similar_noise",
+          "similar starting noises under deterministic DDIM; forward/backward"),
+]  # fmt: skip
 
 
 def get_phase(name: str) -> Phase:
@@ -42,7 +74,3 @@ def get_phase(name: str) -> Phase:
         if p.name == name:
             return p
     raise KeyError(name)
-
-
-def phase_names() -> list[str]:
-    return [p.name for p in PHASES]

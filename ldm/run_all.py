@@ -9,8 +9,7 @@ from pathlib import Path
 
 from ldm.config import REPO_ROOT, load_config
 from ldm.errors import UserError
-from ldm.phase import PhaseResult
-from ldm.pipeline import PHASES, Phase
+from ldm.pipeline import PHASES, Phase, PhaseResult
 
 log = logging.getLogger(__name__)
 PROFILES = ("demo", "default")
@@ -92,7 +91,7 @@ def summary_table(report: RunAllReport) -> str:
     if "predict_ldm" in results and results["predict_ldm"].metrics.get("mean"):
         rows += list(results["predict_ldm"].metrics["mean"].items())
     if "evaluate_psnr" in results:
-        from ldm.evaluate import LABELS
+        from ldm.phases.evaluate_psnr import LABELS
 
         mean = results["evaluate_psnr"].metrics["mean"]
         have = {name for name, _ in rows}

@@ -36,7 +36,7 @@ from ldm.checkpoint import config_diff, load_checkpoint, save_checkpoint
 from ldm.distributed import DistInfo, barrier, init_distributed
 from ldm.errors import CheckpointError, ConfigError, UserError
 from ldm.io import atomic_write_text
-from ldm.phase import PhaseResult
+from ldm.pipeline import PhaseResult
 
 log = logging.getLogger(__name__)
 

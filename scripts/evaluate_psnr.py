@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ldm.cli import ConfigOption, OverwriteOption, SetOption, make_app, run_phase
-from ldm.evaluate import EvaluateConfig, evaluate_psnr
+from ldm.phases.evaluate_psnr import EvaluateConfig, evaluate_psnr
 
 app = make_app(__doc__)
 

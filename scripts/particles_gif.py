@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ldm.cli import ConfigOption, OverwriteOption, SetOption, make_app, run_phase
-from ldm.particles.phase import ParticlesConfig, run_particles
+from ldm.phases.particles_gif import ParticlesConfig, run_particles
 
 app = make_app(__doc__)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ldm.cli import ConfigOption, OverwriteOption, SetOption, make_app, run_phase
-from ldm.predict import PredictConfig, predict_ldm
+from ldm.phases.predict_ldm import PredictConfig, predict_ldm
 
 app = make_app(__doc__)
 

@@ -1,4 +1,4 @@
-"""Tests for ldm.diffusion: schedules, q(x_t | x_0), parametrisations and the training loss."""
+"""Tests for ldm.diffusion.schedule: schedules, q(x_t | x_0), parametrisations, training loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion import (
+from ldm.diffusion.schedule import (
     DiffusionConfig,
     NoiseSchedule,
     add_noise,

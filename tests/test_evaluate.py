@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import ldm.evaluate as evaluate
+import ldm.phases.evaluate_psnr as evaluate
 from ldm.config import load_config
 from ldm.data.dataset import iter_test_cases
-from ldm.evaluate import EvaluateConfig, format_table, mean_scores, tuning_pairs
+from ldm.phases.evaluate_psnr import EvaluateConfig, format_table, mean_scores, tuning_pairs
 from tests.helpers.cli import error_line, run_script
 
 TEST_CASES = ["phantom_002", "phantom_004"]  # the test split of 5 cases, seed 0, 40 % test

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.diffusion import DiffusionConfig, make_schedule
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
+from ldm.diffusion.schedule import DiffusionConfig, make_schedule
 from ldm.errors import ConfigError
-from ldm.ldm_model import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig
-from ldm.noise_experiment import DDIMSimilarNoiseConfig, run_experiment, window_slices
-from ldm.noise_experiment_sweeps import (
+from ldm.phases.ddim_similar_noise import DDIMSimilarNoiseConfig, run_experiment, window_slices
+from ldm.phases.ddim_similar_noise.sweeps import (
     check_determinism,
     mix_noise,
     replace_block,

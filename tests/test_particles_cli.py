@@ -11,9 +11,9 @@ from PIL import Image
 
 from ldm.config import load_config
 from ldm.errors import ConfigError, DataError
-from ldm.particles import benchmark, write_gif
-from ldm.particles.phase import ParticlesConfig
+from ldm.particles import write_gif
 from ldm.particles.render import load_image
+from ldm.phases.particles_gif import ParticlesConfig, benchmark
 from tests.helpers.cli import error_line, run_script
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from ldm.diffusion.latent_diffusion import SamplerConfig, load_ldm
 from ldm.io import load_volume, save_volume
-from ldm.ldm_model import SamplerConfig, load_ldm
-from ldm.predict import PredictConfig, predict_volume
+from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from tests.helpers.cli import error_line, run_script
 
 
@@ -39,7 +39,7 @@ def test_eta0_is_deterministic_and_seed_matters_for_eta1(ldm):
 def test_no_seams_on_constant_input_with_a_constant_window_fn(ldm, monkeypatch):
     """Blending of overlapping windows: a window function that returns a constant gives a
     constant volume (no seams at window borders)."""
-    import ldm.predict as predict
+    import ldm.phases.predict_ldm as predict
 
     monkeypatch.setattr(predict, "ldm_window_fn", lambda *a: lambda x: torch.full_like(x, 0.7))
     mean, _ = predict_volume(ldm, np.zeros((20, 30, 17), np.float32), cfg(), (16, 16, 16))

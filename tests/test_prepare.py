@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ldm.data.dataset import PatchPairs, iter_test_cases, load_manifest
-from ldm.data.prepare import SplitConfig, patch_starts, split_cases
 from ldm.errors import ConfigError
 from ldm.io import save_volume
+from ldm.phases.prepare_data import SplitConfig, patch_starts, split_cases
 from tests.helpers.cli import error_line, run_script
 
 TINY = ["--set", "phantom.num_cases=5", "--set", "phantom.shape=[24, 24, 24]",

@@ -21,7 +21,7 @@ from ldm.cli import run_phase
 from ldm.config import load_config
 from ldm.errors import ConfigError, DataError, UserError
 from ldm.io import VolumeMeta, load_volume, save_volume
-from ldm.train_vae import TrainVAEConfig
+from ldm.phases.train_vae_pair import TrainVAEConfig
 from ldm.training import STAGING, Interrupted
 from tests.helpers.cli import ROOT, error_line, run_script
 from tests.helpers.tiny_train import run

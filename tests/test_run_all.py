@@ -4,7 +4,7 @@ import pytest
 
 import ldm.run_all as run_all_mod
 from ldm.errors import UserError
-from ldm.phase import PhaseResult
+from ldm.pipeline import PhaseResult
 from ldm.run_all import PhaseFailed, RunAllReport, run_all, select, summary_table
 
 

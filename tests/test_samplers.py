@@ -1,4 +1,4 @@
-"""Tests for ldm.samplers: timestep spacing, DDIM (eq. 12, 16) and DDPM ancestral sampling."""
+"""Tests for ldm.diffusion.samplers: timestep spacing, DDIM (eq. 12, 16), DDPM ancestral."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.diffusion import DiffusionConfig, NoiseSchedule, add_noise, make_schedule
+from ldm.diffusion.samplers import SPACINGS, ddim_sample, ddim_sigma, ddpm_sample, make_timesteps
+from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, add_noise, make_schedule
 from ldm.errors import UserError
-from ldm.samplers import SPACINGS, ddim_sample, ddim_sigma, ddpm_sample, make_timesteps
 
 
 def _schedule(schedule: str = "linear", prediction_type: str = "epsilon", T: int = 1000):

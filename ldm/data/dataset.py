@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm.errors import DataError
+from ldm.errors import ConfigError, DataError
 from ldm.io import VolumeMeta, load_json
 
 MANIFEST_VERSION = 1
+SPLITS = ("train", "val", "test")
 
 
 def load_manifest(dataset_dir: Path) -> dict[str, Any]:
@@ -32,6 +33,14 @@ def load_manifest(dataset_dir: Path) -> dict[str, Any]:
             f"{MANIFEST_VERSION}; rerun prepare_data --overwrite"
         )
     return manifest
+
+
+def check_patch_size(patch: list[int], f: int, where: str) -> None:
+    if any(p % f for p in patch):
+        raise ConfigError(
+            f"{where}: patch size {tuple(patch)} is not divisible by the VAE downsampling factor "
+            f"{f}; change model.channels or the patch size in prepare_data"
+        )
 
 
 def _load_array(path: Path) -> np.ndarray:

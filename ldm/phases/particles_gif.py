@@ -28,7 +28,7 @@ from ldm.particles.render import (
     to_uint8,
     write_gif,
 )
-from ldm.phase import PhaseResult
+from ldm.pipeline import PhaseResult
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from ldm.errors import ConfigError, DataError, UserError
 from ldm.inference import autoencode_volume
 from ldm.io import save_json, staged_dir
 from ldm.metrics import psnr, ssim
-from ldm.models import load_vae
-from ldm.phase import PhaseResult
+from ldm.nets.loading import load_vae
+from ldm.pipeline import PhaseResult
 from ldm.viz import save_comparison_png
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from ldm.config import save_config
-from ldm.data.dataset import PatchPairs, load_manifest
+from ldm.data.dataset import PatchPairs, check_patch_size, load_manifest
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError
 from ldm.metrics import psnr
 from ldm.nets import VAE3d, VAEConfig, kl_divergence
-from ldm.phase import PhaseResult
+from ldm.pipeline import PhaseResult
 from ldm.training import TrainConfig, train, training_summary
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,6 @@ class VAEPairTask:
         result = psnr(torch.cat(out_lr), self.val_hr)
         ceiling = psnr(torch.cat(out_hr), self.val_hr)
         return {"psnr": result, "baseline_psnr": self.baseline, "hr_psnr": ceiling, "score": result}
-
-
-def check_patch_size(patch: list[int], f: int, where: str) -> None:
-    if any(p % f for p in patch):
-        raise ConfigError(
-            f"{where}: patch size {tuple(patch)} is not divisible by the VAE downsampling factor "
-            f"{f}; change model.channels or the patch size in prepare_data"
-        )
 
 
 def train_vae_pair(cfg: TrainVAEConfig, *, overwrite: bool = False) -> PhaseResult:

@@ -2,7 +2,7 @@
 the determinism check and the forward/backward (noise, then denoise) run.
 
 Every noise tensor is (B, C, *latent) and is treated as one vector; outputs are decoded images
-in normalised intensity. See :mod:`ldm.noise_experiment` for the phase that uses them.
+in normalised intensity. See :mod:`ldm.phases.ddim_similar_noise` for the phase that uses them.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldm.diffusion import add_noise
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
+from ldm.diffusion.schedule import add_noise
 from ldm.errors import ConfigError, UserError
-from ldm.ldm_model import LatentDiffusion, SamplerConfig
 from ldm.metrics import psnr
 
 log = logging.getLogger(__name__)

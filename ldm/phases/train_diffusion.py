@@ -16,15 +16,15 @@ from torch import nn
 
 from ldm.config import save_config
 from ldm.data.dataset import PatchPairs, load_manifest
-from ldm.diffusion import DiffusionConfig, make_schedule, training_loss
+from ldm.data.latents import LatentPairs, latents_dir, load_latents_meta
+from ldm.diffusion.samplers import SPACINGS, ddim_sample
+from ldm.diffusion.schedule import DiffusionConfig, make_schedule, training_loss
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError
-from ldm.latents import LatentPairs, latents_dir, load_latents_meta
 from ldm.metrics import psnr
-from ldm.models import load_vae
 from ldm.nets import UNet3d, UNetConfig
-from ldm.phase import PhaseResult
-from ldm.samplers import SPACINGS, ddim_sample
+from ldm.nets.loading import load_vae
+from ldm.pipeline import PhaseResult
 from ldm.training import TrainConfig, train, training_summary
 
 

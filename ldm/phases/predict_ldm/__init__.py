@@ -19,16 +19,16 @@ import torch
 
 from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
-from ldm.data.prepare import NormalizeConfig, normalisation
+from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.data.sources import case_name
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
 from ldm.inference import autoencode_volume, sliding_window_infer
 from ldm.io import RawSpec, load_volume, save_json, save_volume, staged_dir
-from ldm.ldm_model import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.metrics import psnr, ssim
-from ldm.phase import PhaseResult
-from ldm.predict_report import case_pictures, reverse_process_gif, summary_text
+from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
+from ldm.pipeline import PhaseResult
 
 log = logging.getLogger(__name__)
 

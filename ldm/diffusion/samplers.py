@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.diffusion import Model, NoiseSchedule, model_output_to_x0_eps, noise_like
+from ldm.diffusion.schedule import Model, NoiseSchedule, model_output_to_x0_eps, noise_like
 from ldm.errors import UserError
 
 SPACINGS = ("trailing", "leading", "linspace")

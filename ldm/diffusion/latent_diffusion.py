@@ -14,11 +14,11 @@ import torch
 
 from ldm.checkpoint import file_digest
 from ldm.config import config_from_dict
-from ldm.diffusion import DiffusionConfig, NoiseSchedule, make_schedule
+from ldm.diffusion.samplers import SPACINGS, ddim_sample, ddpm_sample
+from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, make_schedule
 from ldm.errors import CheckpointError, ConfigError
-from ldm.models import load_unet, load_vae
 from ldm.nets import UNet3d, VAE3d
-from ldm.samplers import SPACINGS, ddim_sample, ddpm_sample
+from ldm.nets.loading import load_unet, load_vae
 
 SAMPLERS = ("ddim", "ddpm")
 

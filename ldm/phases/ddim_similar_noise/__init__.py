@@ -12,8 +12,8 @@ Two experiments on one window of one test case (DESIGN "Visual experiments"):
 2. Forward/backward (SDEdit, Meng et al. 2022): noise the HR latent to x_t ~ q(x_t | x_0) for a
    sweep of t, run DDIM back from each t and compare the decoded result with HR.
 
-The sampling code lives in :mod:`ldm.noise_experiment_sweeps`, the pictures in
-:mod:`ldm.noise_experiment_viz`.
+The sampling code lives in :mod:`ldm.phases.ddim_similar_noise.sweeps`, the pictures in
+:mod:`ldm.phases.ddim_similar_noise.viz`.
 """
 
 from __future__ import annotations
@@ -30,23 +30,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm import noise_experiment_viz as nviz
 from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
+from ldm.diffusion.samplers import SPACINGS
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
 from ldm.io import save_json, staged_dir
-from ldm.ldm_model import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.metrics import psnr
-from ldm.noise_experiment_sweeps import (
+from ldm.phases.ddim_similar_noise import viz as nviz
+from ldm.phases.ddim_similar_noise.sweeps import (
     ForwardBackward,
     SweepResult,
     check_determinism,
     forward_backward,
     run_sweeps,
 )
-from ldm.phase import PhaseResult
-from ldm.samplers import SPACINGS
+from ldm.pipeline import PhaseResult
 from ldm.viz import shared_window
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def write_pictures(
     refs: dict[str, float],
     steps: int,
 ) -> list[Path]:
-    """Every GIF and PNG of the experiment (see :mod:`ldm.noise_experiment_viz`)."""
+    """Every GIF and PNG of the experiment (see :mod:`ldm.phases.ddim_similar_noise.viz`)."""
     out_dir = Path(out_dir)
     window = shared_window([hr, *(s.outputs for s in sweeps)])
     files = []

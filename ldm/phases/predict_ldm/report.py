@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ldm.data.dataset import TestCase
-from ldm.ldm_model import LatentDiffusion, SamplerConfig
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.viz import save_comparison_png, save_gif, save_views_png, shared_window, to_uint8, views
 
 

@@ -19,32 +19,17 @@ import numpy as np
 from tqdm import tqdm
 
 from ldm.config import save_config
+from ldm.data.dataset import MANIFEST_VERSION, SPLITS
 from ldm.data.degrade import DegradeConfig
+from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.data.sources import SOURCES, Case, HROnlySource, PairsSource, PhantomSource, iter_cases
 from ldm.errors import ConfigError, DataError
 from ldm.io import RawSpec, save_json, staged_dir
 from ldm.metrics import psnr
-from ldm.phase import PhaseResult
+from ldm.pipeline import PhaseResult
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
-SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class NormalizeConfig:
-    """Map LR percentiles [low, high] to [0, 1]; the same map is applied to HR."""
-
-    low_percentile: float = 0.5
-    high_percentile: float = 99.5
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.low_percentile < self.high_percentile <= 100:
-            raise ConfigError(
-                "normalize: need 0 <= low_percentile < high_percentile <= 100, got "
-                f"{self.low_percentile}, {self.high_percentile}"
-            )
 
 
 @dataclass(frozen=True)
@@ -131,13 +116,6 @@ def patch_starts(
         axes.append(starts)
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape))
     return [tuple(int(v) for v in row) for row in grid]
-
-
-def normalisation(lr: np.ndarray, cfg: NormalizeConfig, name: str) -> tuple[float, float]:
-    low, high = np.percentile(lr, [cfg.low_percentile, cfg.high_percentile])
-    if not high > low:
-        raise DataError(f"case {name}: LR volume is constant between the normalisation percentiles")
-    return float(low), float(high)
 
 
 def _select_patches(

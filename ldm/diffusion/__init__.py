@@ -1,0 +1,1 @@
+"""Diffusion: noise schedules and training targets, samplers, the latent-diffusion wrapper."""
