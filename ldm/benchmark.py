@@ -223,3 +223,63 @@ def save(report: dict[str, Any], out: Path) -> Path:
     from ldm.io import save_json
 
     return save_json(report, out)
+
+
+PLAN = [
+    ("vae_train", {}),
+    ("unet_train", {}),
+    ("predict_128", {"steps": 50, "size": 128}),
+    ("sliding_window", {"size": 64}),
+    ("sliding_window", {"size": 128}),
+    ("sliding_window", {"size": 256}),
+    ("particles", {"num_particles": 10_000}),
+    ("particles", {"num_particles": 50_000}),
+    ("sampler_quality", {}),  # needs the demo checkpoints (python scripts/run_all.py)
+]
+
+
+def _describe(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"error: {r['error']}"
+    if name == "vae_train":
+        return (
+            f"{r['step_s']:.2f} s/step (batch {r['batch_pairs']} pairs of 32^3), "
+            f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s, {r['samples_per_s']:.1f} samples/s"
+        )
+    if name == "unet_train":
+        return (
+            f"{r['step_s']:.3f} s/step (batch {r['batch']} x 8^3 latents), "
+            f"{r['samples_per_s']:.1f} samples/s"
+        )
+    if name == "predict_128":
+        return f"{r['seconds']:.1f} s for 128^3, {r['ddim_steps']} DDIM steps, window {r['window']}"
+    if name == "sliding_window":
+        mvox = r["voxels_per_s"] / 1e6
+        return f"{r['size']}^3 VAE denoise: {r['seconds']:.2f} s ({mvox:.2f} M vox/s)"
+    if name == "sampler_quality":
+        runs = ", ".join(f"{x['sampler']} {x['steps']}: {x['psnr']:.2f} dB {x['seconds']:.0f} s"
+                         for x in r["runs"])  # fmt: skip
+        return f"{r['case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
+    if name == "particles":
+        return (
+            f"{r['num_particles']} particles x 1000 steps 512^2 + GIF: {r['total_s']:.1f} s "
+            f"total ({r['cpu_s']:.1f} s CPU), {r['steps_per_s']:.0f} steps/s"
+        )
+    return str(r)
+
+
+def run_plan(device: str, threads: int, only: str, out: Path, echo=print) -> list[dict]:
+    """Run the chosen cases (each in a child process), print a line each, save after each."""
+    env = environment(device, threads)
+    echo(f"benchmark on {env['device']} ({env['device_name']}), {threads} threads, "
+         f"torch {env['torch']}")  # fmt: skip
+    chosen = [(n, kw) for n, kw in PLAN if not only or n in only.split(",")]
+    rows = []
+    for name, kwargs in chosen:
+        r = run_in_child(name, device, threads, **kwargs)
+        rows.append({"case": name, **kwargs, **r})
+        save({"environment": env, "results": rows}, out)  # after every case: nothing is lost
+        mem = f"{r['peak_mem_mb']:8.0f} MB" if "peak_mem_mb" in r else " " * 11
+        echo(f"{name:<16}{mem}  {_describe(name, r)}")
+    echo(f"written {out}")
+    return rows

@@ -32,6 +32,7 @@ OverwriteOption = Annotated[
 
 
 def default_config_path(phase: str) -> Path:
+    """configs/<phase>.yaml of the current folder, else of the checkout (see REPO_ROOT)."""
     return REPO_ROOT / "configs" / f"{phase}.yaml"
 
 
@@ -107,20 +108,3 @@ def run_phase(
 
 def make_app(help_text: str) -> typer.Typer:
     return typer.Typer(add_completion=False, help=help_text, pretty_exceptions_enable=False)
-
-
-def phase_app(name: str, help_text: str) -> typer.Typer:
-    """The standard script of a registered phase: --config, --set, --overwrite, nothing else."""
-    from ldm.pipeline import get_phase
-
-    phase = get_phase(name)
-    app = make_app(help_text)
-
-    @app.command(help=help_text)
-    def main(
-        config: ConfigOption = None, set_: SetOption = None, overwrite: OverwriteOption = False
-    ) -> None:
-        run_phase(name, phase.config_cls(), config, set_,
-                  lambda cfg: phase.run_fn()(cfg, overwrite=overwrite))  # fmt: skip
-
-    return app

@@ -24,9 +24,13 @@ T = TypeVar("T")
 
 
 def _find_root() -> Path:
+    """Where the default configs/ live: LDM_ROOT, the current folder if it has configs/, else
+    the checkout the package sits in (an editable install)."""
     env = os.environ.get("LDM_ROOT")
     if env:
         return Path(env).resolve()
+    if (Path.cwd() / "configs").is_dir():
+        return Path.cwd().resolve()
     here = Path(__file__).resolve().parents[1]
     return here if (here / "configs").is_dir() else Path.cwd().resolve()
 
@@ -35,9 +39,10 @@ REPO_ROOT: Path = _find_root()
 
 
 def resolve_path(p: str | Path) -> Path:
-    """A path from a config: absolute as given, relative ones against the repository root."""
+    """A path from a config: absolute as given, relative ones against the current folder
+    (like every command-line tool), never against where the package is installed."""
     p = Path(p).expanduser()
-    return p if p.is_absolute() else (REPO_ROOT / p)
+    return p if p.is_absolute() else (Path.cwd() / p)
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:

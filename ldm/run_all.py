@@ -113,3 +113,14 @@ def summary_table(report: RunAllReport) -> str:
         if len(pictures) > 40:
             lines.append(f"  ... and {len(pictures) - 40} more")
     return "\n".join(lines)
+
+
+def print_report(profile: str, report: RunAllReport) -> str:
+    """The closing text of run_all: one line per phase, then the summary table."""
+    lines = [f"\nrun_all ({profile}): {len(report.rows)} phases in {report.seconds:.1f} s"]
+    lines += [f"  {name:<20} {seconds:7.1f} s   {result.key}"
+              for name, seconds, result in report.rows]  # fmt: skip
+    table = summary_table(report)
+    if table:
+        lines.append("\n" + table)
+    return "\n".join(lines)

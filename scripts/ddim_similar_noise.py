@@ -1,10 +1,11 @@
-"""Visual experiment: similar start noise -> similar DDIM output; eta=0 determinism; noising the
-HR latent to t and denoising back. Writes GIFs, PNGs and metrics.json under out_dir.
+"""ddim_similar_noise: similar starting noises under deterministic DDIM; forward/backward.
+
+Same as `ldm3d ddim_similar_noise`; `--help` lists the options.
 """
 
-from ldm.cli import phase_app
+from ldm.app import script_app
 
-app = phase_app("ddim_similar_noise", __doc__)
+app = script_app("ddim_similar_noise")
 
 if __name__ == "__main__":
     app()

@@ -1,8 +1,11 @@
-"""Phase 1: cut paired LR/HR volumes (or the built-in vessel phantoms) into a patch dataset."""
+"""prepare_data: volumes or the phantom -> normalised LR/HR patch dataset, split by case.
 
-from ldm.cli import phase_app
+Same as `ldm3d prepare_data`; `--help` lists the options.
+"""
 
-app = phase_app("prepare_data", __doc__)
+from ldm.app import script_app
+
+app = script_app("prepare_data")
 
 if __name__ == "__main__":
     app()

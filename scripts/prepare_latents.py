@@ -1,8 +1,11 @@
-"""Phase 3: encode every LR/HR patch with the trained VAE into latents + one scale factor."""
+"""prepare_latents: encode every patch to VAE latents + one scale factor.
 
-from ldm.cli import phase_app
+Same as `ldm3d prepare_latents`; `--help` lists the options.
+"""
 
-app = phase_app("prepare_latents", __doc__)
+from ldm.app import script_app
+
+app = script_app("prepare_latents")
 
 if __name__ == "__main__":
     app()

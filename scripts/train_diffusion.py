@@ -1,11 +1,11 @@
-"""Phase 4: train the conditional latent diffusion UNet (LR latent -> HR latent); resumes.
+"""train_diffusion: train the conditional latent diffusion UNet.
 
-Multi-GPU: torchrun --nproc_per_node=N scripts/train_diffusion.py [--config ...]
+Same as `ldm3d train_diffusion`; `--help` lists the options.
 """
 
-from ldm.cli import phase_app
+from ldm.app import script_app
 
-app = phase_app("train_diffusion", __doc__)
+app = script_app("train_diffusion")
 
 if __name__ == "__main__":
     app()

@@ -1,11 +1,11 @@
-"""Phase 2: train the paired 3D VAE (encode LR, decode HR); resumes from the last checkpoint.
+"""train_vae_pair: train the paired 3D VAE (LR -> HR denoiser, HR -> HR).
 
-Multi-GPU: torchrun --nproc_per_node=N scripts/train_vae_pair.py [--config ...]
+Same as `ldm3d train_vae_pair`; `--help` lists the options.
 """
 
-from ldm.cli import phase_app
+from ldm.app import script_app
 
-app = phase_app("train_vae_pair", __doc__)
+app = script_app("train_vae_pair")
 
 if __name__ == "__main__":
     app()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ldm.checkpoint import load_checkpoint
+from ldm.data.latents import LatentPairs, load_latents_meta
 from ldm.diffusion.latent_diffusion import load_ldm
 from ldm.errors import CheckpointError, DataError
-from ldm.data.latents import LatentPairs, load_latents_meta
 from tests.helpers.cli import error_line, run_script
 
 

@@ -1,0 +1,5 @@
+"""``python -m ldm <phase> ...``: the same commands as ``ldm3d``."""
+
+from ldm.app import main
+
+main()
