@@ -137,7 +137,8 @@ def sliding_window_infer(
         for p, sl in zip(pred, slices):
             out[(slice(None), *sl)] += p
             weight[sl] += importance
-    assert out is not None and bool((weight > 0).all())
+    if out is None or not bool((weight > 0).all()):
+        raise RuntimeError("sliding windows left voxels uncovered")
     out /= weight
     return out[(slice(None), *crop)].contiguous()
 

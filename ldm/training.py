@@ -8,18 +8,12 @@ A phase plugs in through a small ``TrainTask``: a loss on a batch and a validati
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,9 +28,16 @@ from tqdm import tqdm
 
 from ldm.checkpoint import config_diff, load_checkpoint, save_checkpoint
 from ldm.distributed import DistInfo, barrier, init_distributed
-from ldm.errors import CheckpointError, ConfigError, UserError
-from ldm.io import atomic_write_text
+from ldm.errors import CheckpointError, UserError
 from ldm.pipeline import PhaseResult
+from ldm.run_dir import (
+    Interrupted,
+    commit_staged_run,
+    deferred_interrupts,
+    prepare_run_dir,
+    truncate_metrics,
+)
+from ldm.validate import check_choice, check_min, check_range
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "val_every", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+            check_min(f"train.{name}", getattr(self, name), 1)
+        check_min("train.lr", self.lr, 0, exclusive=True)
+        check_choice("train.amp", self.amp, AMP_MODES)
+        check_range("train.ema_decay", self.ema_decay, 0, 1, hi_open=True)
 
 
 class TrainTask(Protocol):
@@ -200,7 +197,7 @@ class _Run:
         gens = ck["rng"]["generators"]
         if len(gens) == self.info.world_size:
             self.gen.set_state(gens[self.info.rank].cpu())
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         log.info("resumed %s at step %d", path, self.step)
 
     # -- data --------------------------------------------------------------------------------
@@ -242,97 +239,6 @@ def _log_line(run_dir: Path, record: dict[str, Any]) -> None:
         ) from None
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row_step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a kill
-        if row_step <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(x + "\n" for x in keep))
-
-
-STAGING = ".overwrite-staging"
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
-
-
-def commit_staged_run(run_dir: Path) -> None:
-    """Move a staged run (``--overwrite``) over the old one once it has a last.pt.
-
-    Until then the old last.pt/best.pt/metrics.jsonl stay untouched: a run that crashes or is
-    killed before its first save loses nothing. Also finishes a commit a kill interrupted.
-    """
-    staging = run_dir / STAGING
-    if not (staging / "last.pt").is_file():
-        return
-    for name in RUN_FILES:
-        if not (staging / name).exists():
-            (run_dir / name).unlink(missing_ok=True)
-    for name in RUN_FILES[::-1]:  # last.pt last: it marks the commit as done
-        if (staging / name).exists():
-            os.replace(staging / name, run_dir / name)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    """Check that ``run_dir`` can be written before any training; tidy what a kill left.
-
-    Returns the folder the new files go to: ``run_dir``, or a staging folder inside it when
-    ``overwrite`` would replace an earlier run.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: exists and is not a folder; choose another out_dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".tmp-probe-"):
-            pass
-    except OSError as e:
-        raise UserError(
-            f"{run_dir}: cannot write there ({e.strerror or e}); fix its permissions or choose "
-            "another out_dir"
-        ) from None
-    commit_staged_run(run_dir)  # a kill between first save and commit
-    shutil.rmtree(run_dir / STAGING, ignore_errors=True)  # a staged run killed before its save
-    for stale in run_dir.glob(".tmp-*"):  # atomic writes a kill interrupted
-        stale.unlink(missing_ok=True)
-    if overwrite and any((run_dir / n).exists() for n in RUN_FILES):
-        (run_dir / STAGING).mkdir()
-        return run_dir / STAGING
-    return run_dir
-
-
-class Interrupted(UserError):
-    """Ctrl-C or SIGTERM during training: last.pt was saved; exit code 130."""
-
-    exit_code = 130
-
-
-@contextlib.contextmanager
-def _deferred_interrupts() -> Iterator[list[int]]:
-    """SIGINT/SIGTERM set a flag that the loop checks after each step (a second one aborts)."""
-    flag: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, _frame) -> None:
-        if flag:
-            raise KeyboardInterrupt
-        flag.append(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def train(
     model: nn.Module,
     model_config: dict[str, Any],
@@ -366,7 +272,7 @@ def train(
                disable=not (progress and info.is_main), dynamic_ncols=True)  # fmt: skip
     batches = run.batches()
     try:
-        with _deferred_interrupts() as interrupted:
+        with deferred_interrupts() as interrupted:
             _loop(run, net, batches, bar, interrupted, info, device, t0)
     finally:
         bar.close()  # before any error line, so it is not printed onto the bar

@@ -22,7 +22,7 @@ from ldm.config import load_config
 from ldm.errors import ConfigError, DataError, UserError
 from ldm.io import VolumeMeta, load_volume, save_volume
 from ldm.phases.train_vae_pair import TrainVAEConfig
-from ldm.training import STAGING, Interrupted
+from ldm.run_dir import STAGING, Interrupted
 from tests.helpers.cli import ROOT, error_line, run_script
 from tests.helpers.tiny_train import run
 
@@ -133,7 +133,7 @@ def test_resume_does_not_duplicate_metric_rows(tmp_path):
 
 def test_sigint_saves_last_and_the_rerun_resumes(tmp_path):
     script = (
-        "import sys; from pathlib import Path; from ldm.training import Interrupted\n"
+        "import sys; from pathlib import Path; from ldm.run_dir import Interrupted\n"
         "from tests.helpers.tiny_train import run\n"
         "try:\n    run(Path(sys.argv[1]), steps=100000, step_sleep=0.01)\n"
         "except Interrupted as e:\n    print(e); sys.exit(e.exit_code)\n"

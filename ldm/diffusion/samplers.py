@@ -66,7 +66,8 @@ def make_timesteps(
         ts.reverse()
     else:
         ts = [i * (n // steps) for i in reversed(range(steps))]
-    assert all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0 and ts[0] <= t_top, ts
+    if not (all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0 and ts[0] <= t_top):
+        raise ValueError(f"{steps} {spacing} steps give no strictly decreasing timesteps: {ts}")
     return ts
 
 

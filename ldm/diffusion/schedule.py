@@ -77,7 +77,8 @@ class NoiseSchedule:
     def __post_init__(self) -> None:
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         n = self.betas.shape
-        assert len(n) == 1 and self.alphas.shape == n and self.alphas_cumprod.shape == n, n
+        if len(n) != 1 or self.alphas.shape != n or self.alphas_cumprod.shape != n:
+            raise ValueError(f"betas, alphas, alphas_cumprod must be 1D of one length, got {n}")
 
     @property
     def num_train_timesteps(self) -> int:

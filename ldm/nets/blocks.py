@@ -156,7 +156,8 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))  # (B, Cout, D, H, W)
         h = self.norm2(h)
         if self.emb_proj is not None:
-            assert emb is not None, "ResBlock built with emb_dim > 0 needs an embedding"
+            if emb is None:
+                raise ValueError("ResBlock built with emb_dim > 0 needs an embedding")
             film = self.emb_proj(F.silu(emb))  # (B, 2 * Cout)
             film = film.reshape(*film.shape, *([1] * (h.ndim - 2)))  # (B, 2 * Cout, 1, 1, 1)
             scale, shift = film.chunk(2, dim=1)
@@ -175,7 +176,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, num_heads: int, norm_groups: int) -> None:
         super().__init__()
-        assert channels % num_heads == 0, "channels must be divisible by num_heads"
+        if channels % num_heads:
+            raise ValueError(f"channels {channels} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)

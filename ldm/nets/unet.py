@@ -132,7 +132,8 @@ class UNet3d(nn.Module):
             if i != 0:
                 self.upsample.append(Upsample(sd, ch[i], ch[i - 1]))
                 c = ch[i - 1]
-        assert not skips, "every skip tensor must be consumed by the up path"
+        if skips:
+            raise RuntimeError("every skip tensor must be consumed by the up path")
 
         self.norm_out = nn.GroupNorm(g, ch[0])
         self.conv_out = conv3x3(sd, ch[0], config.out_channels)

@@ -98,8 +98,10 @@ class ScoreField:
     eps: float
 
     def __post_init__(self) -> None:
-        assert self.fields.ndim == 4 and self.fields.shape[1] == 5, self.fields.shape
-        assert len(self.blurs) == self.fields.shape[0]
+        if self.fields.ndim != 4 or self.fields.shape[1] != 5:
+            raise ValueError(f"fields must be (levels, 5, H, W), got {tuple(self.fields.shape)}")
+        if len(self.blurs) != self.fields.shape[0]:
+            raise ValueError(f"{len(self.blurs)} blurs for {self.fields.shape[0]} field levels")
 
     @classmethod
     def from_image(

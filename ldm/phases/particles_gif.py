@@ -12,7 +12,6 @@ import torch
 
 from ldm.config import resolve_path, save_config
 from ldm.distributed import pick_device
-from ldm.errors import ConfigError
 from ldm.filters import gaussian_blur
 from ldm.io import save_json, staged_dir
 from ldm.metrics import psnr, ssim
@@ -29,18 +28,14 @@ from ldm.particles.render import (
     write_gif,
 )
 from ldm.pipeline import PhaseResult
+from ldm.validate import check_choice, check_range
 
 log = logging.getLogger(__name__)
 
 
-def _check_range(key: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise ConfigError(f"{key} must be in [{lo:g}, {hi:g}], got {value:g}")
-
-
 @dataclass(frozen=True)
 class ParticlesConfig:
-    """particles_gif settings; ranges from DESIGN.md (Visual experiments), checked on load."""
+    """particles_gif settings; ranges in docs/design.md (particles), checked on load."""
 
     out_dir: Path = Path("results/particles")
     image: Path | None = None  # PNG/JPEG; None = the built-in landscape (--image overrides)
@@ -64,21 +59,20 @@ class ParticlesConfig:
     device: str = "cpu"  # cpu | cuda | mps | auto
 
     def __post_init__(self) -> None:
-        _check_range("max_size", self.max_size, 16, 2048)
-        _check_range("num_particles", self.num_particles, 1000, 50_000)
-        _check_range("steps", self.steps, 50, 1000)
-        _check_range("eta", self.eta, 0.01, 2)
-        _check_range("sigma0", self.sigma0, 0, 2)
-        _check_range("alpha", self.alpha, 0.01, 1)
-        _check_range("beta", self.beta, 1, 15)
-        _check_range("field_blur", self.field_blur, 0.5, 3)
-        _check_range("anneal_levels", self.anneal_levels, 1, 5)
-        _check_range("eps", self.eps, 1e-4, 1)
-        _check_range("render_blur", self.render_blur, 0.5, 5)
-        _check_range("gif_every", self.gif_every, 1, 10)
-        _check_range("gif_frame_ms", self.gif_frame_ms, 10, 1000)
-        if self.device not in ("cpu", "cuda", "mps", "auto"):
-            raise ConfigError(f"device must be one of cpu, cuda, mps, auto, got {self.device!r}")
+        check_range("max_size", self.max_size, 16, 2048)
+        check_range("num_particles", self.num_particles, 1000, 50_000)
+        check_range("steps", self.steps, 50, 1000)
+        check_range("eta", self.eta, 0.01, 2)
+        check_range("sigma0", self.sigma0, 0, 2)
+        check_range("alpha", self.alpha, 0.01, 1)
+        check_range("beta", self.beta, 1, 15)
+        check_range("field_blur", self.field_blur, 0.5, 3)
+        check_range("anneal_levels", self.anneal_levels, 1, 5)
+        check_range("eps", self.eps, 1e-4, 1)
+        check_range("render_blur", self.render_blur, 0.5, 5)
+        check_range("gif_every", self.gif_every, 1, 10)
+        check_range("gif_frame_ms", self.gif_frame_ms, 10, 1000)
+        check_choice("device", self.device, ("cpu", "cuda", "mps", "auto"))
 
 
 @dataclass

@@ -24,10 +24,10 @@ from ldm.config import save_config
 from ldm.data.dataset import SPLITS, PatchPairs, check_patch_size, load_manifest
 from ldm.data.latents import LATENTS_VERSION, latents_dir
 from ldm.distributed import pick_device
-from ldm.errors import ConfigError
 from ldm.io import save_json, staged_dir
 from ldm.nets.loading import load_vae
 from ldm.pipeline import PhaseResult
+from ldm.validate import check_min
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ class PrepareLatentsConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_min("batch_size", self.batch_size, 1)
 
 
 def vae_identity(path: Path, state: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ldm.io import RawSpec, load_volume, save_json, save_volume, staged_dir
 from ldm.metrics import psnr, ssim
 from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
 from ldm.pipeline import PhaseResult
+from ldm.validate import check_min, check_range
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,9 @@ class PredictConfig:
     raw: RawSpec = field(default_factory=RawSpec)  # how to read a headerless --input .raw
 
     def __post_init__(self) -> None:
-        if not 0 <= self.overlap < 1:
-            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.num_samples < 1 or self.batch_size < 1:
-            raise ConfigError("num_samples and batch_size must be >= 1")
+        check_range("overlap", self.overlap, 0, 1, hi_open=True)
+        check_min("num_samples", self.num_samples, 1)
+        check_min("batch_size", self.batch_size, 1)
 
 
 def ldm_window_fn(
