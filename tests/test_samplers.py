@@ -8,9 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.diffusion.samplers import SPACINGS, ddim_sample, ddim_sigma, ddpm_sample, make_timesteps
+from ldm.diffusion.samplers import (
+    SPACINGS,
+    ddim_sample,
+    ddim_sigma,
+    ddpm_sample,
+    make_timesteps,
+    sampler_timesteps,
+)
 from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, add_noise, make_schedule
 from ldm.errors import UserError
+
+
+def ddim(model, x, schedule, steps=50, spacing="trailing", t_start=None, **kw):
+    """ddim_sample over make_timesteps(steps, spacing, t_start): the LDM wrapper's call."""
+    ts = make_timesteps(schedule.num_train_timesteps, steps, spacing, t_start)
+    return ddim_sample(model, x, schedule, ts, **kw)
+
+
+def ddpm(model, x, schedule, **kw):
+    return ddpm_sample(model, x, schedule, sampler_timesteps("ddpm", schedule.num_train_timesteps,
+                                                             0, "trailing"), **kw)
 
 
 def _schedule(schedule: str = "linear", prediction_type: str = "epsilon", T: int = 1000):
@@ -74,7 +92,8 @@ def test_make_timesteps_known_values():
 def test_make_timesteps_with_t_start():
     assert make_timesteps(1000, 10, "trailing", t_start=499) == list(range(499, 0, -50))
     assert make_timesteps(1000, 5, "linspace", t_start=400) == [400, 300, 200, 100, 0]
-    assert make_timesteps(1000, 5, "leading", t_start=499) == [400, 300, 200, 100, 0]
+    with pytest.raises(UserError, match="'leading' cannot start at t_start"):
+        make_timesteps(1000, 5, "leading", t_start=499)  # would tell the model t=400 at 499
     assert make_timesteps(1000, 1, "trailing", t_start=0) == [0]
     assert make_timesteps(1000, 20, "trailing", t_start=19) == list(range(19, -1, -1))
     assert make_timesteps(np.int64(100), np.int64(2), t_start=np.int64(9)) == [9, 4]  # numpy ints
@@ -122,7 +141,7 @@ def test_ddim_with_oracle_recovers_x0_float64(prediction_type, schedule_name):
     oracle = _oracle(s, x0)
     for spacing in SPACINGS:
         for steps in (1, 10, 50) if spacing != "trailing" else (1, 10, 50, 1000):
-            out = ddim_sample(oracle, x_T, s, steps=steps, spacing=spacing, disable=True)
+            out = ddim(oracle, x_T, s, steps=steps, spacing=spacing, disable=True)
             assert out.dtype == torch.float64
             assert (out - x0).abs().max() < 1e-9, (spacing, steps)
 
@@ -136,7 +155,7 @@ def test_ddim_with_oracle_recovers_x0_float32(prediction_type, atol):
     x_T = torch.randn(x0.shape, generator=g)
     for spacing in SPACINGS:
         for steps in (1, 10, 50):
-            out = ddim_sample(_oracle(s, x0), x_T, s, steps=steps, spacing=spacing, disable=True)
+            out = ddim(_oracle(s, x0), x_T, s, steps=steps, spacing=spacing, disable=True)
             assert out.dtype == torch.float32
             assert (out - x0).abs().max() < atol, (spacing, steps)
 
@@ -151,7 +170,7 @@ def test_ddim_from_t_start_with_oracle_recovers_x0(prediction_type):
         x_t = add_noise(s, x0, noise, torch.full((2,), t_start))
         for spacing in ("trailing", "linspace"):
             calls = []
-            out = ddim_sample(
+            out = ddim(
                 _oracle(s, x0),
                 x_t,
                 s,
@@ -170,7 +189,7 @@ def test_ddpm_with_oracle_recovers_x0():
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(2, 1, 3, 3, 3, generator=g, dtype=torch.float64)
     x_T = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    out = ddpm_sample(_oracle(s, x0), x_T, s, generator=g, disable=True)
+    out = ddpm(_oracle(s, x0), x_T, s, generator=g, disable=True)
     assert (out - x0).abs().max() < 1e-9  # last step: mean = x0, no noise at t = 0
 
 
@@ -183,7 +202,7 @@ def test_ddim_eta0_is_deterministic_eta1_is_not():
 
     def run(eta: float, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        return ddim_sample(_smooth_model, x_T, s, steps=20, eta=eta, generator=g, disable=True)
+        return ddim(_smooth_model, x_T, s, steps=20, eta=eta, generator=g, disable=True)
 
     assert torch.equal(run(0.0, 0), run(0.0, 0))
     assert torch.equal(run(0.0, 0), run(0.0, 1))  # eta = 0 draws no noise at all
@@ -215,7 +234,7 @@ def test_ddim_sigma_known_values():
 def test_ddim_eta1_all_steps_equals_ddpm():
     s = _schedule("linear", T=50)
     x_T = torch.randn(2, 1, 3, 3, 3, generator=torch.Generator().manual_seed(7))
-    ddim = ddim_sample(
+    out_ddim = ddim(
         _smooth_model,
         x_T,
         s,
@@ -224,10 +243,10 @@ def test_ddim_eta1_all_steps_equals_ddpm():
         generator=torch.Generator().manual_seed(8),
         disable=True,
     )
-    ddpm = ddpm_sample(
+    out_ddpm = ddpm(
         _smooth_model, x_T, s, generator=torch.Generator().manual_seed(8), disable=True
     )
-    assert (ddim - ddpm).abs().max() < 1e-4
+    assert (out_ddim - out_ddpm).abs().max() < 1e-4
 
 
 def test_ddpm_samples_gaussian_data_with_right_mean_and_std():
@@ -236,7 +255,7 @@ def test_ddpm_samples_gaussian_data_with_right_mean_and_std():
     mu, sd, n = 0.7, 0.5, 10_000
     g = torch.Generator().manual_seed(9)
     x_T = torch.randn(1, n, generator=g)
-    out = ddpm_sample(_gaussian_data_model(s, mu, sd), x_T, s, generator=g, disable=True).double()
+    out = ddpm(_gaussian_data_model(s, mu, sd), x_T, s, generator=g, disable=True).double()
     assert abs(out.mean().item() - mu) < 5 * sd / math.sqrt(n)
     assert abs(out.std().item() / sd - 1) < 5 / math.sqrt(2 * n)
 
@@ -254,7 +273,7 @@ def test_callback_and_extra_args():
         assert t.dtype == torch.long and t.shape == (2,)
         return x * 0.1 + cond * 0.01
 
-    out = ddim_sample(
+    out = ddim(
         model,
         x_T,
         s,
@@ -269,7 +288,7 @@ def test_callback_and_extra_args():
     assert torch.equal(calls[0]["x"], x_T)
     assert torch.equal(calls[-1]["pred_original_sample"], out)  # eta = 0: last step returns x0
     seen = []
-    ddpm_sample(model, x_T, _schedule(T=4), extra_args={"cond": cond}, callback=seen.append)
+    ddpm(model, x_T, _schedule(T=4), extra_args={"cond": cond}, callback=seen.append)
     assert [c["t"] for c in seen] == [3, 2, 1, 0]
 
 
@@ -281,7 +300,7 @@ def test_half_precision_input_is_computed_in_float32():
         dtypes.append(x.dtype)
         return torch.zeros_like(x)
 
-    out = ddim_sample(model, torch.randn(1, 1, 4, 4).half(), s, steps=3, disable=True)
+    out = ddim(model, torch.randn(1, 1, 4, 4).half(), s, steps=3, disable=True)
     assert out.dtype == torch.float16 and set(dtypes) == {torch.float32}
 
 
@@ -289,19 +308,19 @@ def test_sampler_user_errors():
     s = _schedule()
     x = torch.randn(2, 1, 4, 4)
     with pytest.raises(UserError, match="eta"):
-        ddim_sample(_smooth_model, x, s, eta=1.5, disable=True)
+        ddim(_smooth_model, x, s, eta=1.5, disable=True)
     with pytest.raises(UserError, match="eta"):
-        ddim_sample(_smooth_model, x, s, eta=-0.1, disable=True)
+        ddim(_smooth_model, x, s, eta=-0.1, disable=True)
     with pytest.raises(UserError, match="trailing, leading, linspace"):
-        ddim_sample(_smooth_model, x, s, spacing="karras", disable=True)
+        ddim(_smooth_model, x, s, spacing="karras", disable=True)
     with pytest.raises(UserError, match="steps"):
-        ddim_sample(_smooth_model, x, s, steps=2000, disable=True)
+        ddim(_smooth_model, x, s, steps=2000, disable=True)
     with pytest.raises(UserError, match="t_start"):
-        ddim_sample(_smooth_model, x, s, t_start=1000, disable=True)
+        ddim(_smooth_model, x, s, t_start=1000, disable=True)
     with pytest.raises(UserError, match="floating-point"):
-        ddpm_sample(_smooth_model, torch.zeros(2, 3, dtype=torch.long), s, disable=True)
+        ddpm(_smooth_model, torch.zeros(2, 3, dtype=torch.long), s, disable=True)
     with pytest.raises(UserError, match="out_channels"):
-        ddim_sample(lambda x, t: x[:, :0], x, s, steps=2, disable=True)
+        ddim(lambda x, t: x[:, :0], x, s, steps=2, disable=True)
     with pytest.raises(UserError, match="t_prev"):
         ddim_sigma(s, 10, 10, 1.0)
     with pytest.raises(UserError, match="t_prev"):

@@ -14,13 +14,12 @@ import torch
 
 from ldm.checkpoint import file_digest
 from ldm.config import config_from_dict
-from ldm.diffusion.samplers import SPACINGS, ddim_sample, ddpm_sample
+from ldm.diffusion.samplers import SAMPLERS, SPACINGS, sampler_timesteps
 from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, make_schedule
 from ldm.errors import CheckpointError, ConfigError
 from ldm.nets import UNet3d, VAE3d
 from ldm.nets.loading import load_unet, load_vae
-
-SAMPLERS = ("ddim", "ddpm")
+from ldm.validate import check_choice, check_min, check_range
 
 
 @dataclass(frozen=True)
@@ -31,14 +30,10 @@ class SamplerConfig:
     spacing: str = "trailing"  # trailing | leading | linspace
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.spacing not in SPACINGS:
-            raise ConfigError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if not 0 <= self.eta <= 1:
-            raise ConfigError(f"eta must be in [0, 1], got {self.eta}")
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("spacing", self.spacing, SPACINGS)
+        check_min("steps", self.steps, 1)
+        check_range("eta", self.eta, 0, 1)
 
 
 @dataclass
@@ -81,14 +76,11 @@ class LatentDiffusion:
                 f"steps {sampler.steps} > the model's {self.schedule.num_train_timesteps} "
                 "training timesteps; lower steps"
             )
-        extra = {"cond": cond}
-        if sampler.sampler == "ddpm":
-            return ddpm_sample(self.unet, noise, self.schedule, extra_args=extra,
-                               generator=generator, callback=callback, disable=True)  # fmt: skip
-        return ddim_sample(
-            self.unet, noise, self.schedule, steps=sampler.steps, eta=sampler.eta,
-            spacing=sampler.spacing, t_start=t_start, extra_args=extra, generator=generator,
-            callback=callback, disable=True,
+        timesteps = sampler_timesteps(sampler.sampler, self.schedule.num_train_timesteps,
+                                      sampler.steps, sampler.spacing, t_start)  # fmt: skip
+        return SAMPLERS[sampler.sampler](
+            self.unet, noise, self.schedule, timesteps, eta=sampler.eta,
+            extra_args={"cond": cond}, generator=generator, callback=callback, disable=True,
         )  # fmt: skip
 
 

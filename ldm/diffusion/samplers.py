@@ -65,6 +65,12 @@ def make_timesteps(
         ts = [0] if steps == 1 else [round(Fraction(t_top * i, steps - 1)) for i in range(steps)]
         ts.reverse()
     else:
+        if t_start is not None:
+            # leading never reaches t_top: the model would be told a smaller t than x is at
+            raise UserError(
+                "spacing 'leading' cannot start at t_start (its first step is below it); "
+                "use trailing or linspace"
+            )
         ts = [i * (n // steps) for i in reversed(range(steps))]
     if not (all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0 and ts[0] <= t_top):
         raise ValueError(f"{steps} {spacing} steps give no strictly decreasing timesteps: {ts}")
@@ -136,24 +142,21 @@ def ddim_sample(
     model: Model,
     x: Tensor,
     schedule: NoiseSchedule,
+    timesteps: list[int],
     *,
-    steps: int = 50,
     eta: float = 0.0,
-    spacing: str = "trailing",
-    t_start: int | None = None,
     extra_args: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     disable: bool | None = None,
 ) -> Tensor:
-    """DDIM sampling (Song et al. 2021, eq. 12) from x = x_T (or x_{t_start}) down to x_0.
+    """DDIM sampling (Song et al. 2021, eq. 12) from x = x_{timesteps[0]} down to x_0.
 
     ``eta = 0`` is deterministic; ``eta = 1`` with all T steps is DDPM ancestral sampling.
     ``callback`` gets {"i", "t", "x" (the x_t fed to the model), "pred_original_sample"} each step.
     """
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
-    timesteps = make_timesteps(schedule.num_train_timesteps, steps, spacing, t_start)
     in_dtype, extra_args = x.dtype, extra_args or {}
     x = x.to(_working_dtype(x))
     for i, t in enumerate(tqdm(timesteps, disable=disable, desc="DDIM", leave=False)):
@@ -208,20 +211,24 @@ def ddpm_sample(
     model: Model,
     x: Tensor,
     schedule: NoiseSchedule,
+    timesteps: list[int],
     *,
+    eta: float = 1.0,
     extra_args: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     disable: bool | None = None,
 ) -> Tensor:
-    """DDPM ancestral sampling over all T steps (Ho et al. 2020, Alg. 2, sigma_t^2 = beta-tilde_t).
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2, sigma_t^2 = beta-tilde_t) over
+    consecutive ``timesteps`` t, t - 1, ..., 0. ``eta`` is unused: the variance is fixed.
 
     ``callback`` gets {"i", "t", "x" (the x_t fed to the model), "pred_original_sample"} each step.
     """
-    T = schedule.num_train_timesteps
+    if list(timesteps) != list(range(timesteps[0], -1, -1)):
+        raise UserError("DDPM steps through every timestep down to 0; use sampler ddim for fewer")
     in_dtype, extra_args = x.dtype, extra_args or {}
     x = x.to(_working_dtype(x))
-    for i, t in enumerate(tqdm(range(T - 1, -1, -1), disable=disable, desc="DDPM", leave=False)):
+    for i, t in enumerate(tqdm(timesteps, disable=disable, desc="DDPM", leave=False)):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
         model_output = model(x, t_batch, **extra_args)
         x_prev, x0 = ddpm_step(schedule, model_output, x, t, generator)
@@ -229,3 +236,22 @@ def ddpm_sample(
             callback({"i": i, "t": t, "x": x, "pred_original_sample": x0})
         x = x_prev
     return x.to(in_dtype)
+
+
+Sampler = Callable[..., Tensor]
+# k-diffusion's rule: one signature, picked by name.
+# sampler(model, x, schedule, timesteps, *, eta, extra_args, generator, callback, disable)
+SAMPLERS: dict[str, Sampler] = {"ddim": ddim_sample, "ddpm": ddpm_sample}
+
+
+def sampler_timesteps(
+    name: str, num_train_timesteps: int, steps: int, spacing: str, t_start: int | None = None
+) -> list[int]:
+    """The timesteps sampler ``name`` walks: DDPM every one from t_start (or T - 1) to 0; DDIM
+    ``steps`` of them spaced by ``spacing``."""
+    if name not in SAMPLERS:
+        raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    if name == "ddpm":
+        top = num_train_timesteps - 1 if t_start is None else _as_int("t_start", t_start)
+        return list(range(top, -1, -1))
+    return make_timesteps(num_train_timesteps, steps, spacing, t_start)

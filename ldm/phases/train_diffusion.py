@@ -17,7 +17,7 @@ from torch import nn
 from ldm.config import save_config
 from ldm.data.dataset import PatchPairs, load_manifest
 from ldm.data.latents import LatentPairs, latents_dir, load_latents_meta
-from ldm.diffusion.samplers import SPACINGS, ddim_sample
+from ldm.diffusion.samplers import SPACINGS, ddim_sample, make_timesteps
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule, training_loss
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError
@@ -77,10 +77,10 @@ class LatentDiffusionTask:
         g = torch.Generator(device=self.device).manual_seed(1234)  # same noise every validation
         cond = self.val_cond.to(self.device)
         x = torch.randn(cond.shape, generator=g, device=self.device)
-        z = ddim_sample(
-            model, x, self.schedule, steps=self.cfg.val_steps, spacing=self.cfg.val_spacing,
-            extra_args={"cond": cond}, disable=True,
-        ).float().cpu()  # fmt: skip
+        timesteps = make_timesteps(self.schedule.num_train_timesteps, self.cfg.val_steps,
+                                   self.cfg.val_spacing)  # fmt: skip
+        z = ddim_sample(model, x, self.schedule, timesteps, extra_args={"cond": cond},
+                        disable=True).float().cpu()  # fmt: skip
         mse = float(((z - self.val_z) ** 2).mean())
         decoded = psnr(self._decode(z), self.val_hr)
         return {"latent_mse": mse, "psnr": decoded, "hr_latent_psnr": self.ceiling,
