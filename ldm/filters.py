@@ -9,7 +9,6 @@ kernel was slow in the same measurements). Memory: the output plus 2 r border pl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -100,8 +99,3 @@ def gaussian_blur(
         if len(weights) > 1:
             y = _blur_axis(y, weights, 2 + axis, mode)
     return y.reshape(shape)
-
-
-def gaussian_sigma_for_fwhm(fwhm: float) -> float:
-    """Sigma of a Gaussian with the given full width at half maximum."""
-    return fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))

@@ -143,10 +143,3 @@ class ScoreField:
     @property
     def device(self) -> torch.device:
         return self.fields.device
-
-    def to(self, device: torch.device | str) -> ScoreField:
-        """The same fields on ``device``."""
-        return ScoreField(
-            self.fields.to(device), self.blurs, self.log_norm.to(device),
-            self.log_density.to(device), self.eps,
-        )  # fmt: skip
