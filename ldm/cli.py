@@ -92,6 +92,9 @@ def run_phase(
     setup_logging()
     try:
         cfg = load_config(cls, config or default_config_path(phase), overrides or [])
+        out_dir = getattr(cfg, "out_dir", None)
+        if out_dir is not None:  # relative paths resolve against the current folder
+            typer.echo(f"{phase}: output folder {out_dir}", err=True)
         with logging_redirect_tqdm():  # log lines above the progress bars, not through them
             result = fn(cfg)
     except UserError as e:

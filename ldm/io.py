@@ -241,12 +241,16 @@ def _check_mhd(mhd: Path) -> None:
     path = mhd.parent / data_file
     if not path.is_file():
         raise DataError(f"raw data file not found: {path} (named by {mhd})")
-    expected = int(np.prod(dims)) * dtype.itemsize
+    _check_size(path, tuple(reversed(dims)), dtype, "the .mhd")
+
+
+def _check_size(path: Path, shape: tuple[int, ...], dtype: np.dtype, fix: str) -> None:
+    expected = int(np.prod(shape)) * dtype.itemsize
     actual = path.stat().st_size
     if actual != expected:
         raise DataError(
-            f"{path}: file has {actual} bytes but DimSize {' x '.join(map(str, dims))} x "
-            f"{dtype.itemsize} bytes ({dtype.name}) needs {expected}; fix the .mhd"
+            f"{path}: file has {actual} bytes but shape {shape} x {dtype.itemsize} bytes "
+            f"({dtype.name}) needs {expected}; fix {fix}"
         )
 
 
@@ -279,13 +283,7 @@ def _load_raw(path: Path, raw: RawSpec | None) -> tuple[np.ndarray, VolumeMeta]:
         )
     shape = tuple(raw.shape)
     dtype = np.dtype(raw.dtype).newbyteorder("<" if raw.byte_order == "little" else ">")
-    expected = int(np.prod(shape)) * dtype.itemsize
-    actual = path.stat().st_size
-    if actual != expected:
-        raise DataError(
-            f"{path}: file has {actual} bytes but shape {shape} x {dtype.itemsize} bytes "
-            f"({dtype.name}) needs {expected}; fix the shape/dtype in the config or the .mhd"
-        )
+    _check_size(path, shape, dtype, "raw.shape/raw.dtype in the config")
     try:
         data = np.fromfile(path, dtype=dtype).reshape(shape)
     except OSError as e:

@@ -66,7 +66,8 @@ def _data_range(target: torch.Tensor, data_range: float | None, name: str) -> fl
 def psnr(pred: ArrayLike, target: ArrayLike, data_range: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB: 10 log10(R^2 / MSE); inf when pred == target.
 
-    ``R`` defaults to ``target.max() - target.min()`` (the HR volume's range, DESIGN "Metrics").
+    ``R`` defaults to ``target.max() - target.min()`` (the HR volume's range;
+    docs/design.md, "Metrics").
     Same as ``skimage.metrics.peak_signal_noise_ratio``.
     """
     p, t = _as_pair(pred, target, "psnr")

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from ldm.checkpoint import config_diff, load_checkpoint, save_checkpoint
+from ldm.config import save_config
 from ldm.distributed import DistInfo, barrier, init_distributed
 from ldm.errors import CheckpointError, UserError
 from ldm.pipeline import PhaseResult
@@ -250,8 +251,13 @@ def train(
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    config: Any = None,
 ) -> TrainResult:
-    """Train ``model`` until ``cfg.steps`` (resuming from ``run_dir/last.pt`` if present)."""
+    """Train ``model`` until ``cfg.steps`` (resuming from ``run_dir/last.pt`` if present).
+
+    ``config``, the phase's whole config, is saved as ``run_dir/config.yaml`` when steps ran
+    (a no-op rerun leaves it untouched).
+    """
     info, device = init_distributed(cfg.device)
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
@@ -277,6 +283,9 @@ def train(
     finally:
         bar.close()  # before any error line, so it is not printed onto the bar
     barrier(info)
+    if info.is_main and config is not None and (run.step > start_step
+                                                 or not (run_dir / "config.yaml").exists()):
+        save_config(config, run_dir / "config.yaml")
     last_val = run.last_val
     return TrainResult(run.step, run.step - start_step, time.perf_counter() - t0,
                        run.best_score, last_val, run_dir)  # fmt: skip

@@ -114,3 +114,9 @@ def test_every_shipped_config_loads():
             path = folder / f"{phase.name}.yaml"
             assert path.is_file(), path
             load_config(phase.config_cls(), path)
+
+
+def test_relative_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Cfg, write(tmp_path, "out_dir: runs/a\n"))
+    assert cfg.out_dir == tmp_path / "runs/a"

@@ -157,13 +157,23 @@ def ddim_sample(
     """
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
+
+    def step(out: Tensor, x: Tensor, i: int, t: int) -> tuple[Tensor, Tensor]:
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        return ddim_step(schedule, out, x, t, t_prev, eta, generator)
+
+    return _chain(model, x, timesteps, step, extra_args, callback, disable, "DDIM")
+
+
+def _chain(model: Model, x: Tensor, timesteps: list[int], step, extra_args, callback, disable,
+           desc: str) -> Tensor:  # fmt: skip
+    """The loop every sampler shares: model call at each t, ``step`` to the next x, callback."""
     in_dtype, extra_args = x.dtype, extra_args or {}
     x = x.to(_working_dtype(x))
-    for i, t in enumerate(tqdm(timesteps, disable=disable, desc="DDIM", leave=False)):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for i, t in enumerate(tqdm(timesteps, disable=disable, desc=desc, leave=False)):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
         model_output = model(x, t_batch, **extra_args)
-        x_prev, x0 = ddim_step(schedule, model_output, x, t, t_prev, eta, generator)
+        x_prev, x0 = step(model_output, x, i, t)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "pred_original_sample": x0})
         x = x_prev
@@ -226,16 +236,11 @@ def ddpm_sample(
     """
     if list(timesteps) != list(range(timesteps[0], -1, -1)):
         raise UserError("DDPM steps through every timestep down to 0; use sampler ddim for fewer")
-    in_dtype, extra_args = x.dtype, extra_args or {}
-    x = x.to(_working_dtype(x))
-    for i, t in enumerate(tqdm(timesteps, disable=disable, desc="DDPM", leave=False)):
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-        model_output = model(x, t_batch, **extra_args)
-        x_prev, x0 = ddpm_step(schedule, model_output, x, t, generator)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "pred_original_sample": x0})
-        x = x_prev
-    return x.to(in_dtype)
+
+    def step(out: Tensor, x: Tensor, i: int, t: int) -> tuple[Tensor, Tensor]:
+        return ddpm_step(schedule, out, x, t, generator)
+
+    return _chain(model, x, timesteps, step, extra_args, callback, disable, "DDPM")
 
 
 Sampler = Callable[..., Tensor]

@@ -2,7 +2,7 @@
 
 Every method runs on the normalised volumes; its output is mapped back to original intensity
 units (``TestCase.to_original``) and scored against the HR volume there, with data range =
-HR max - min (DESIGN "Metrics"). The classical baselines (Gaussian filter, heat diffusion,
+HR max - min (docs/design.md, "Metrics"). The classical baselines (Gaussian filter, heat diffusion,
 optional BM4D) get their one parameter tuned for PSNR on train patches, never on test data.
 """
 

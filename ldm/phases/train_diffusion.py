@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.config import save_config
 from ldm.data.dataset import PatchPairs, load_manifest
 from ldm.data.latents import LatentPairs, latents_dir, load_latents_meta
 from ldm.diffusion.samplers import SPACINGS, ddim_sample, make_timesteps
@@ -117,9 +116,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, *, overwrite: bool = False) -> Ph
         "latent_shape": meta["latent_shape"],
     }
     result = train(model, dataclasses.asdict(m), train_set, task, cfg.train, cfg.out_dir,
-                   extra=extra, overwrite=overwrite)  # fmt: skip
-    if result.steps_run or not (cfg.out_dir / "config.yaml").exists():
-        save_config(cfg, cfg.out_dir / "config.yaml")  # a no-op rerun leaves it untouched
+                   extra=extra, overwrite=overwrite, config=cfg)  # fmt: skip
 
     def describe(v: dict[str, float]) -> tuple[str, str]:
         line = (f"validation ({cfg.val_steps} DDIM steps): decoded PSNR {v['psnr']:.2f} dB, "

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.config import save_config
 from ldm.data.dataset import PatchPairs, check_patch_size, load_manifest
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError
@@ -93,10 +92,8 @@ def train_vae_pair(cfg: TrainVAEConfig, *, overwrite: bool = False) -> PhaseResu
     result = train(
         model, dataclasses.asdict(cfg.model), train_set, task, cfg.train, cfg.out_dir,
         extra={"data_dir": str(cfg.data_dir), "patch_size": manifest["patch_size"]},
-        overwrite=overwrite,
+        overwrite=overwrite, config=cfg,
     )  # fmt: skip
-    if result.steps_run or not (cfg.out_dir / "config.yaml").exists():
-        save_config(cfg, cfg.out_dir / "config.yaml")  # a no-op rerun leaves it untouched
 
     def describe(v: dict[str, float]) -> tuple[str, str]:
         line = (f"validation PSNR: VAE result {v['psnr']:.2f} dB | Baseline "

@@ -1,6 +1,6 @@
 """ddim_similar_noise: how DDIM sampling of the trained LDM reacts to its start noise.
 
-Two experiments on one window of one test case (DESIGN "Visual experiments"):
+Two experiments on one window of one test case (docs/design.md, "Visual experiments"):
 
 1. Similar noise -> similar output. From a base noise n0 (and one fresh noise n1) three sweeps
    move gradually from n0 to n1; every point is sampled with deterministic DDIM (eta = 0) under
