@@ -74,7 +74,7 @@ def test_existing_dataset_is_not_replaced_without_overwrite(tmp_path):
 
 def test_patch_larger_than_volume(tmp_path):
     line = error_line(prepare(tmp_path / "ds", "--set", "patches.size=[32, 32, 32]"))
-    assert "patches.size (32, 32, 32) is larger than case" in line
+    assert "phantom_000: volume shape (24, 24, 24) is smaller than patches.size" in line
     assert not (tmp_path / "ds").exists()  # nothing half-written
 
 
@@ -83,10 +83,10 @@ def test_unknown_config_key(tmp_path):
     assert "unknown key 'pathces'" in line and "did you mean 'patches'" in line
 
 
-def _pairs(tmp_path, lr: np.ndarray, hr: np.ndarray, *extra):
-    files = []
-    for i in range(3):
-        files.append(save_volume(tmp_path / f"c{i}_lr.npy", lr))
+def _pairs(tmp_path, lr: np.ndarray | None, hr: np.ndarray | None, *extra):
+    """prepare_data on 3 pairs c{i}_lr/hr.npy in tmp_path (written from lr, hr unless None)."""
+    for i in range(3 if lr is not None else 0):
+        save_volume(tmp_path / f"c{i}_lr.npy", lr)
         save_volume(tmp_path / f"c{i}_hr.npy", hr)
     return run_script(
         "prepare_data", "--set", f"out_dir={tmp_path / 'ds'}", "--set", "source=pairs",
@@ -137,3 +137,36 @@ def test_missing_file_and_raw_size_mismatch(tmp_path):
         "prepare_data", *base, "--set", f"hr_only.hr=[{files}]", "--set", "raw.shape=[8, 8, 8]",
     ))  # fmt: skip
     assert "v0.raw: file has 400 bytes" in line and "needs 2048" in line
+
+
+def test_errors_name_the_file(tmp_path):
+    """Constant volume, too-small case and duplicate case names each name the offending file."""
+    rng = np.random.default_rng(0)
+    hr = rng.random((16, 16, 16)).astype(np.float32)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        save_volume(data / f"c{i}_hr.npy", hr)
+        save_volume(data / f"c{i}_lr.npy", hr + 0.1 * rng.random(hr.shape).astype(np.float32))
+    save_volume(data / "c1_lr.npy", np.full((16, 16, 16), 3.0, np.float32))
+    line = error_line(_pairs(data, None, None))
+    assert f"{data / 'c1_lr.npy'}: the LR volume is constant" in line
+    assert not (data / "ds").exists()
+
+    save_volume(data / "c1_lr.npy", hr)
+    save_volume(data / "c2_hr.npy", hr[:4])
+    save_volume(data / "c2_lr.npy", hr[:4])
+    line = error_line(_pairs(data, None, None))
+    assert f"{data / 'c2_lr.npy'}: volume shape (4, 16, 16) is smaller than patches.size" in line
+
+    base = ["--set", f"out_dir={tmp_path / 'ds'}", "--set", "source=hr_only",
+            "--set", "patches.size=[8, 8, 8]", "--set", "split.val_fraction=0"]  # fmt: skip
+    (tmp_path / "a").mkdir()
+    save_volume(tmp_path / "a" / "brain.npy", hr)
+    files = f"[{data / 'c0_hr.npy'}, {tmp_path / 'a' / 'brain.npy'}, {data / 'c1_hr.npy'}, "
+    files += f"{tmp_path / 'brain.npy'}]"
+    save_volume(tmp_path / "brain.npy", hr)
+    line = error_line(run_script("prepare_data", *base, "--set", f"hr_only.hr={files}"))
+    assert f"{tmp_path / 'brain.npy'}: case name 'brain' is already taken by " in line
+    assert str(tmp_path / "a" / "brain.npy") in line and "rename one" in line
+    assert not (tmp_path / "ds").exists()

@@ -24,8 +24,12 @@ class NormalizeConfig:
             )
 
 
-def normalisation(lr: np.ndarray, cfg: NormalizeConfig, name: str) -> tuple[float, float]:
+def normalisation(lr: np.ndarray, cfg: NormalizeConfig, where: str) -> tuple[float, float]:
+    """LR percentiles (low, high); ``where`` names the file in the error for a constant volume."""
     low, high = np.percentile(lr, [cfg.low_percentile, cfg.high_percentile])
     if not high > low:
-        raise DataError(f"case {name}: LR volume is constant between the normalisation percentiles")
+        raise DataError(
+            f"{where}: the LR volume is constant between the normalisation percentiles "
+            f"({cfg.low_percentile}, {cfg.high_percentile}); check the file or widen normalize"
+        )
     return float(low), float(high)

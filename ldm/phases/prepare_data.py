@@ -149,11 +149,15 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
         (out / "test" / "volumes").mkdir(parents=True)
         for i, case in enumerate(tqdm(cases, total=n, desc="prepare_data", unit="case")):
             split = which[i]
+            if case.name in case_info:
+                raise DataError(
+                    f"{_source_of(case)}: case name {case.name!r} is already taken by "
+                    f"{_origin_file(case_info[case.name]['origin'], case.name)}; "
+                    "rename one of the two files"
+                )
             info = _add_case(case, split, cfg, rng, patches[split], out)
             case_info[case.name] = info
             baseline[split].append(info["baseline_psnr"])
-        if len(case_info) != n:
-            raise DataError(f"case names are not unique ({n} cases, {len(case_info)} names)")
         splits = {}
         for s in SPLITS:
             splits[s] = _write_split(out / s, s, patches[s], cfg.patches.size)
@@ -183,13 +187,22 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
     return result
 
 
+def _origin_file(origin: dict[str, str], name: str) -> str:
+    """The file a case came from (its LR file for pairs), for error messages."""
+    return origin.get("lr") or origin.get("hr") or f"phantom case {name}"
+
+
+def _source_of(case: Case) -> str:
+    return _origin_file(case.origin, case.name)
+
+
 def _add_case(case: Case, split: str, cfg: PrepareDataConfig, rng, bucket: dict, out: Path) -> dict:
     if any(p > s for p, s in zip(cfg.patches.size, case.hr.shape)):
         raise ConfigError(
-            f"patches.size {tuple(cfg.patches.size)} is larger than case {case.name} of shape "
-            f"{case.hr.shape}; use a smaller patch size"
+            f"{_source_of(case)}: volume shape {case.hr.shape} is smaller than patches.size "
+            f"{tuple(cfg.patches.size)}; use a smaller patches.size or drop this case"
         )
-    low, high = normalisation(case.lr, cfg.normalize, case.name)
+    low, high = normalisation(case.lr, cfg.normalize, _source_of(case))
     lr = (case.lr - low) / (high - low)
     hr = (case.hr - low) / (high - low)
     lr_p, hr_p, starts, n_fg = _select_patches(lr, hr, cfg.patches, rng)

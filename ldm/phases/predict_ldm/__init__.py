@@ -111,7 +111,7 @@ def _user_case(path: Path, manifest: dict, raw: RawSpec) -> TestCase:
     n = manifest["normalization"]  # the same LR-percentile map as prepare_data
     name = case_name(path)
     low, high = normalisation(
-        data, NormalizeConfig(n["low_percentile"], n["high_percentile"]), name
+        data, NormalizeConfig(n["low_percentile"], n["high_percentile"]), str(path)
     )
     norm = (data - low) / (high - low)
     return TestCase(name, norm, None, low, high, meta)
