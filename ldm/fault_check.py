@@ -159,6 +159,12 @@ def _loadable_run(run_dir: Path, kind: str) -> bool:
     return True  # stale .tmp-* names a kill leaves are never read, and removed on the rerun
 
 
+def _leftovers(out: Path) -> list[Path]:
+    """Temp files/folders of this output that a kill left and the rerun did not remove."""
+    hidden = [*out.parent.glob(f".{out.name}.*"), *out.parent.glob(".tmp-*")]
+    return hidden + [p for p in out.rglob(".tmp-*")] if out.exists() else hidden
+
+
 def _weights_equal(a: Path, b: Path, kind: str) -> bool:
     x, y = load_checkpoint(a, kind), load_checkpoint(b, kind)
     return all(
@@ -212,6 +218,7 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
                 fault.checks["old output intact"] = snapshot(out) == before
             code, _, _ = run_phase(spec.name, spec.args(ws, out), overwrite=out.exists())
             fault.checks["rerun completes"] = code == 0
+            fault.checks["no leftovers"] = not _leftovers(out)
         faults.append(fault)
         log(f"  {spec.name:<16} {fault.mode:<9} killed at {killed:5.1f} s  "
             f"{'ok' if fault.survived else 'FAILED ' + str(fault.checks)}")  # fmt: skip

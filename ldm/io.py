@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,7 +36,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temp name ends with the real name, so writers that look at the suffix (.nii.gz) work
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
+    _remove_stale(path.parent, rf"\.tmp-(\d+)-.*-{re.escape(path.name)}")
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".tmp-{os.getpid()}-", suffix=f"-{path.name}", dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; final files get normal modes
@@ -86,13 +90,18 @@ def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     only after the new folder is complete, so a failed run leaves the previous results intact.
     """
     final = Path(final)
+    if final.parent.is_dir():
+        _recover_swap(final)
     if final.exists() and any(final.iterdir()) and not overwrite:
         raise UserError(
             f"{final} already exists; pass --overwrite to replace it, or choose another output "
             f"folder (--set out_dir=...)"
         )
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _remove_stale(final.parent, rf"\.{re.escape(final.name)}\.(\d+)\..*\.tmp")
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
+    )
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
@@ -106,6 +115,43 @@ def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or an absurd number): leave its files alone
+    return True
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Delete temp files/folders in ``folder`` named by ``pattern`` (group 1 = the writer's pid)
+    whose writer is dead: what a killed run left behind. A live writer's files are kept."""
+    regex = re.compile(pattern)
+    for entry in folder.glob(".*"):
+        m = regex.fullmatch(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _recover_swap(final: Path) -> None:
+    """Finish or undo a folder swap that a kill interrupted (see ``staged_dir``)."""
+    regex = re.compile(rf"\.{re.escape(final.name)}\.old-(\d+)")
+    for old in final.parent.glob(f".{final.name}.old-*"):
+        m = regex.fullmatch(old.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # the new folder is in place: drop the old one
+        else:
+            os.replace(old, final)  # killed between the two renames: put the old results back
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from ldm.errors import DataError, UserError
-from ldm.io import RawSpec, VolumeMeta, load_volume, save_volume, staged_dir
+from ldm.io import RawSpec, VolumeMeta, load_volume, save_json, save_volume, staged_dir
 
 
 @pytest.fixture
@@ -109,3 +114,35 @@ def test_written_files_get_normal_permissions(tmp_path, vol):
     with staged_dir(tmp_path / "out") as d:
         (d / "x.txt").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (what a SIGKILLed run leaves in temp names)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return int(proc.stdout)
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_swap_is_undone(tmp_path):
+    dead = _dead_pid()
+    final = tmp_path / "results"
+    # a kill between the two renames of a swap: only the old results exist, under their old name
+    old = tmp_path / f".results.old-{dead}"
+    old.mkdir()
+    (old / "table.json").write_text("old")
+    stale_dir = tmp_path / f".results.{dead}.abc123.tmp"  # a staged folder a kill left
+    stale_dir.mkdir()
+    stale_file = tmp_path / f".tmp-{dead}-xyz-table.json"  # an atomic write a kill left
+    stale_file.write_text("half")
+    live_file = tmp_path / f".tmp-{os.getpid()}-xyz-other.json"  # ours: never touched
+    live_file.write_text("mine")
+    with pytest.raises(UserError, match="already exists"), staged_dir(final):
+        pass
+    assert (final / "table.json").read_text() == "old" and not old.exists()
+    with staged_dir(final, overwrite=True) as out:
+        save_json({"new": 1}, out / "table.json")
+    assert not stale_dir.exists()
+    assert json.loads((final / "table.json").read_text()) == {"new": 1}
+    save_json({"x": 1}, tmp_path / "table.json")
+    assert not stale_file.exists() and live_file.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live_file.name, "results", "table.json"]
