@@ -4,7 +4,7 @@ Used for the built-in phantom, the MNI152 template and users who only have HR vo
 operations: blur (per-axis Gaussian) -> downsample (area average over f-voxel blocks, f may be
 non-integer) -> resample back onto the HR grid -> additive Gaussian or Rician noise. All
 randomness comes from the ``seed``. A ``preset`` fills the fields a config leaves out (see
-docs/design.md, "Degradation presets"); explicit fields override the preset.
+docs/design.md, "Degradation"); explicit fields override the preset.
 """
 
 from __future__ import annotations
