@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from ldm.data.degrade import DegradeConfig, degrade, resample_to
 from ldm.data.phantom import PhantomConfig, make_phantom
 from ldm.errors import ConfigError, DataError
 from ldm.io import RawSpec, VolumeMeta, load_volume
+
+if TYPE_CHECKING:
+    from ldm.data.mni152 import MNI152Source
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def iter_cases(
     deg: DegradeConfig,
     raw: RawSpec,
     seed: int,
-    mni152=None,
+    mni152: MNI152Source | None = None,
 ) -> tuple[int, Iterator[Case]]:
     """(number of cases, iterator over them); volumes are loaded one case at a time.
 
