@@ -97,15 +97,17 @@ for _phase in PHASES:
     command(_phase.name, _phase.summary)(_SPECIAL.get(_phase.name) or _plain(_phase.name))
 
 
-@command("run_all", "every phase in order on a profile (demo: configs/demo, default: configs)")
+@command("run_all", "every phase in order on a profile (demo, default, mri: configs/mri)")
 def run_all(
-    profile: Annotated[str, typer.Option(help="demo (configs/demo) or default (configs)")] = "demo",
+    profile: Annotated[
+        str, typer.Option(help="demo (configs/demo), default (configs) or mri (configs/mri)")
+    ] = "demo",
     phases: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="comma-separated subset, e.g. prepare_data,train_vae_pair"),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="default profile: replace existing outputs (demo always does)")
+        bool, typer.Option(help="default/mri profile: replace existing outputs (demo always does)")
     ] = False,
 ) -> None:
     from ldm.run_all import print_report

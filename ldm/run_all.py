@@ -1,4 +1,5 @@
-"""run_all: every phase in order on one profile (demo: configs/demo/, default: configs/)."""
+"""run_all: every phase in order on one profile (demo: configs/demo/, default: configs/,
+mri: configs/mri/, the MNI152 brain template; needs the ``mri`` extra)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from ldm.errors import UserError
 from ldm.pipeline import PHASES, Phase, PhaseResult
 
 log = logging.getLogger(__name__)
-PROFILES = ("demo", "default")
+PROFILES = ("demo", "default", "mri")
+PROFILE_DIRS = {"demo": "demo", "default": "", "mri": "mri"}
 
 
 class PhaseFailed(UserError):
@@ -31,7 +33,7 @@ class RunAllReport:
 def config_path(profile: str, phase: Phase) -> Path:
     if profile not in PROFILES:
         raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
-    folder = REPO_ROOT / "configs" / ("demo" if profile == "demo" else "")
+    folder = REPO_ROOT / "configs" / PROFILE_DIRS[profile]
     return folder / f"{phase.name}.yaml"
 
 
@@ -54,7 +56,8 @@ def run_all(
     """Run the phases in order; ``on_phase(i, n, name, seconds, result)`` after each one.
 
     The demo profile writes only under dataset/demo, checkpoint/demo and results/demo and
-    always starts those over; the default profile replaces nothing unless ``overwrite``.
+    always starts those over; the default and mri profiles replace nothing unless ``overwrite``
+    (training resumes). The mri profile writes under dataset/mri, checkpoint/mri, results/mri.
     """
     chosen = select(phases)
     report = RunAllReport()

@@ -130,8 +130,8 @@ def test_resample_to_rejects_bad_arguments() -> None:
     [
         ({"blur_sigma": (1.0, -0.5, 1.0)}, "blur_sigma must be 3 finite numbers >= 0"),
         ({"blur_sigma": (1.0, 1.0)}, "blur_sigma"),
-        ({"downsample": (2, 0, 2)}, "downsample must be 3 integers >= 1"),
-        ({"downsample": (2, 1.5, 2)}, "downsample"),
+        ({"downsample": (2, 0, 2)}, "downsample must be 3 numbers >= 1"),
+        ({"downsample": (2, 0.5, 2)}, "downsample"),
         ({"resample": "cubic"}, "resample must be one of trilinear, nearest, got 'cubic'"),
         ({"noise": "poisson"}, "noise must be one of gaussian, rician, none, got 'poisson'"),
         ({"noise_sigma": -0.1}, "noise_sigma"),
@@ -158,3 +158,95 @@ def test_config_accepts_lists_and_stores_tuples() -> None:
 def test_degrade_rejects_bad_input(hr: np.ndarray, seed: int, match: str) -> None:
     with pytest.raises(UserError, match=match):
         degrade(hr, DegradeConfig(), seed=seed)
+
+
+def test_presets_fill_the_fields_and_explicit_fields_override() -> None:
+    denoise = DegradeConfig(preset="denoise")
+    fwhm1 = 1 / (2 * math.sqrt(2 * math.log(2)))  # sigma of a Gaussian of FWHM 1 voxel
+    assert denoise.blur_sigma == pytest.approx((fwhm1,) * 3) and denoise.downsample == (1, 1, 1)
+    assert (denoise.noise, denoise.noise_sigma) == ("rician", 0.04)
+    thick = DegradeConfig(preset="thick_slices")
+    assert thick.downsample == (1, 1, 3) and thick.blur_sigma == pytest.approx((0, 0, 3 * fwhm1))
+    assert DegradeConfig() == DegradeConfig(preset="custom")  # the historical defaults
+    mine = DegradeConfig(preset="denoise", noise_sigma=0.1)
+    assert mine.noise_sigma == 0.1 and mine.noise == "rician"
+    with pytest.raises(UserError, match="preset must be one of custom, denoise, thick_slices"):
+        DegradeConfig(preset="thin_slices")
+
+
+def test_a_saved_preset_config_loads_back_the_same(tmp_path) -> None:
+    from ldm.config import load_config, save_config
+
+    cfg = DegradeConfig(preset="thick_slices", noise="none")
+    save_config(cfg, tmp_path / "d.yaml")  # lists the preset and every resolved field
+    assert load_config(DegradeConfig, tmp_path / "d.yaml") == cfg
+
+
+def _axis_contrast(x: np.ndarray, axis: int) -> float:
+    """Mean absolute difference between neighbours along ``axis`` (edge sharpness)."""
+    return float(np.abs(np.diff(x, axis=axis)).mean())
+
+
+def test_thick_slices_lose_resolution_along_the_last_axis_only() -> None:
+    cfg = DegradeConfig(preset="thick_slices", noise="none")
+    wave = 0.5 + 0.5 * np.sin(2 * np.pi * np.arange(24, dtype=np.float32) / 5)  # 5-voxel period
+    kept = []
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = 24
+        hr = np.broadcast_to(wave.reshape(shape), (24, 24, 24)).copy()
+        lr = degrade(hr, cfg, seed=0)
+        kept.append(_axis_contrast(lr, axis) / _axis_contrast(hr, axis))
+    assert kept[0] == pytest.approx(1.0) and kept[1] == pytest.approx(1.0)  # x, y untouched
+    assert kept[2] < 0.2  # z: slice profile + 3-voxel slices wipe out a 5-voxel detail
+    hr = _volume((24, 24, 24))
+    noisy = degrade(hr, DegradeConfig(preset="thick_slices"), seed=0)
+    assert noisy.shape == hr.shape and not np.allclose(noisy, degrade(hr, cfg, seed=0))
+
+
+def test_denoise_preset_rician_bias_is_positive() -> None:
+    hr = np.zeros((24, 24, 24), dtype=np.float32)
+    hr[12:] = 1.0
+    lr = degrade(hr, DegradeConfig(preset="denoise"), seed=4)
+    dark = lr[:10] - hr[:10]  # away from the edge the 1-voxel blur changes nothing
+    assert dark.min() >= 0 and abs(dark.mean() / (0.04 * math.sqrt(math.pi / 2)) - 1) < 0.05
+    assert (lr - hr).mean() > 0
+
+
+def test_non_integer_downsampling_factor() -> None:
+    cfg = DegradeConfig(blur_sigma=(0.0, 0.0, 0.0), downsample=(1.5, 1, 1), noise="none")
+    assert cfg.downsample == (1.5, 1, 1)
+    wave = np.sin(2 * np.pi * np.arange(30, dtype=np.float32) / 3)  # 3-voxel period
+    along_x = np.broadcast_to(wave[:, None, None], (30, 30, 4)).copy()
+    along_y = np.broadcast_to(wave[None, :, None], (30, 30, 4)).copy()
+    lr_x, lr_y = degrade(along_x, cfg, seed=0), degrade(along_y, cfg, seed=0)
+    assert lr_x.shape == along_x.shape
+    assert _axis_contrast(lr_x, 0) < 0.5 * _axis_contrast(along_x, 0)  # 20 voxels for 30
+    np.testing.assert_allclose(lr_y, along_y, atol=1e-6)  # other axes untouched
+    ramp = np.broadcast_to(np.arange(30, dtype=np.float32)[:, None, None], (30, 4, 4)).copy()
+    err = (degrade(ramp, cfg, seed=0) - ramp)[2:-2]  # fractional voxels: staircase error only
+    assert abs(err.mean()) < 0.02 and np.abs(err).max() < 0.2  # no shift
+
+
+@pytest.mark.parametrize("mode", ["trilinear", "nearest"])
+def test_fractional_path_equals_the_pooling_path_for_integer_factors(mode: str) -> None:
+    import torch
+
+    from ldm.data.degrade import _axis_maps
+
+    hr = _volume((13, 14, 15))
+    cfg = DegradeConfig(blur_sigma=(0.0, 0.0, 0.0), downsample=(2, 3, 1), resample=mode,
+                        noise="none")  # fmt: skip
+    x = torch.from_numpy(hr)
+    for axis, f in enumerate((2, 3)):
+        down, up = _axis_maps(hr.shape[axis], float(f), mode)
+        x = torch.movedim((torch.movedim(x, axis, -1) @ down.T) @ up.T, -1, axis)
+    np.testing.assert_allclose(x.numpy(), degrade(hr, cfg, seed=0), atol=1e-5)
+
+
+def test_noise_level_can_come_from_a_given_data_range() -> None:
+    hr = np.full((16, 16, 16), 5.0, dtype=np.float32)
+    cfg = DegradeConfig(**NOISE_ONLY, noise_sigma=0.1)
+    assert abs(np.std(degrade(hr, cfg, seed=1, data_range=2.0)) / 0.2 - 1) < 0.05
+    with pytest.raises(UserError, match="data_range"):
+        degrade(hr, cfg, seed=1, data_range=-1.0)

@@ -1,4 +1,5 @@
-"""Where prepare_data gets its cases: the built-in phantom, LR/HR pairs, or HR-only volumes."""
+"""Where prepare_data gets its cases: the built-in phantom, LR/HR pairs, HR-only volumes, or
+blocks of the MNI152 brain template (ldm/data/mni152.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,9 +16,12 @@ from ldm.data.phantom import PhantomConfig, make_phantom
 from ldm.errors import ConfigError, DataError
 from ldm.io import RawSpec, VolumeMeta, load_volume
 
+if TYPE_CHECKING:
+    from ldm.data.mni152 import MNI152Source
+
 log = logging.getLogger(__name__)
 
-SOURCES = ("phantom", "pairs", "hr_only")
+SOURCES = ("phantom", "pairs", "hr_only", "mni152")
 RESAMPLE_MODES = ("trilinear", "nearest", "none")
 
 
@@ -118,8 +123,12 @@ def iter_cases(
     deg: DegradeConfig,
     raw: RawSpec,
     seed: int,
+    mni152: MNI152Source | None = None,
 ) -> tuple[int, Iterator[Case]]:
-    """(number of cases, iterator over them); volumes are loaded one case at a time."""
+    """(number of cases, iterator over them); volumes are loaded one case at a time.
+
+    ``mni152`` is the ``MNI152Source`` section (ldm/data/mni152.py imports this module, so it is
+    imported here only when that source is chosen)."""
     if source == "phantom":
         return phantom.num_cases, _phantom_cases(phantom, deg, seed)
     if source == "pairs":
@@ -134,6 +143,10 @@ def iter_cases(
             raise ConfigError("source 'hr_only' needs hr_only.hr (a list) or hr_only.folder")
         _check_exist(hr_files)
         return len(hr_files), _hr_only_cases(hr_files, deg, raw, seed)
+    if source == "mni152":
+        from ldm.data.mni152 import MNI152Source, mni152_cases
+
+        return mni152_cases(mni152 if mni152 is not None else MNI152Source(), deg, seed)
     raise ConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
 
 

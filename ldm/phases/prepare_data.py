@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ldm.config import save_config
 from ldm.data.dataset import MANIFEST_VERSION, SPLITS
 from ldm.data.degrade import DegradeConfig
+from ldm.data.mni152 import MNI152Source
 from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.data.sources import SOURCES, Case, HROnlySource, PairsSource, PhantomSource, iter_cases
 from ldm.errors import ConfigError, DataError
@@ -69,12 +70,13 @@ class PatchConfig:
 class PrepareDataConfig:
     out_dir: Path = Path("dataset/vessel_phantom")
     seed: int = 0
-    source: str = "phantom"  # phantom | pairs | hr_only
+    source: str = "phantom"  # phantom | pairs | hr_only | mni152
     phantom: PhantomSource = field(default_factory=PhantomSource)
     pairs: PairsSource = field(default_factory=PairsSource)
     hr_only: HROnlySource = field(default_factory=HROnlySource)
+    mni152: MNI152Source = field(default_factory=MNI152Source)  # nilearn's T1 template
     raw: RawSpec = field(default_factory=RawSpec)  # for .raw files without a .mhd header
-    degrade: DegradeConfig = field(default_factory=DegradeConfig)  # phantom and hr_only
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)  # phantom, hr_only, mni152
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     patches: PatchConfig = field(default_factory=PatchConfig)
@@ -137,7 +139,8 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
     """Build the dataset folder ``cfg.out_dir`` (written to a temp folder, then renamed)."""
     t0 = time.perf_counter()
     n, cases = iter_cases(
-        cfg.source, cfg.phantom, cfg.pairs, cfg.hr_only, cfg.degrade, cfg.raw, cfg.seed
+        cfg.source, cfg.phantom, cfg.pairs, cfg.hr_only, cfg.degrade, cfg.raw, cfg.seed,
+        mni152=cfg.mni152,
     )
     which = split_cases(n, cfg.split, cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
