@@ -13,9 +13,10 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import ldm.baselines as baselines
 import ldm.phases.evaluate_psnr as evaluate
+from ldm.baselines import format_table, mean_scores, tuning_pairs
 from ldm.config import load_config
 from ldm.data.dataset import iter_test_cases
-from ldm.phases.evaluate_psnr import EvaluateConfig, format_table, mean_scores, tuning_pairs
+from ldm.phases.evaluate_psnr import EvaluateConfig
 from tests.helpers.cli import error_line, run_script
 
 TEST_CASES = ["phantom_002", "phantom_004"]  # the test split of 5 cases, seed 0, 40 % test

@@ -46,9 +46,6 @@ from ldm.viz import save_comparison_png
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluateConfig", "TuneConfig", "evaluate_psnr", "format_table", "mean_scores",
-           "tuning_pairs"]  # fmt: skip
-
 
 @dataclass(frozen=True)
 class EvaluateConfig:
