@@ -135,7 +135,7 @@ def _scores(
 
 def _predict_case(
     ldm: LatentDiffusion, case: TestCase, cfg: PredictConfig, window: tuple[int, ...], out: Path,
-    gif: bool, params: dict | None,
+    gif: bool, params: Callable[[], dict],
 ) -> dict:  # fmt: skip
     """Predict one case into ``out/<case>/``; returns its metrics.json row."""
     folder, final = out / case.name, cfg.out_dir / case.name  # staged and final locations
@@ -147,8 +147,8 @@ def _predict_case(
     ldm_vol = case.to_original(mean)
     row: dict = {"seconds": seconds}
     outputs = {"LDM": ldm_vol}
-    if case.hr is not None and params is not None:
-        row["metrics"], vae = _scores(ldm, case, cfg, window, params, mean)
+    if case.hr is not None:  # baselines tuned after the first LDM run (it checks the sampler)
+        row["metrics"], vae = _scores(ldm, case, cfg, window, params(), mean)
         outputs = {**vae, "LDM": ldm_vol}
     row["output"] = str(final / _write_volume(folder, case, ldm_vol, "ldm").name)
     if std is not None:
@@ -167,10 +167,10 @@ def _predict_case(
 
 def _cases(
     cfg: PredictConfig, manifest: dict, external: ExternalInputs | None
-) -> tuple[Iterator[TestCase], bool, dict | None]:
-    """(cases, whether any has HR, external info for metrics.json or None)."""
+) -> tuple[Iterator[TestCase], dict | None]:
+    """(cases, external info for metrics.json or None)."""
     if external is None or not external.given:
-        return iter_test_cases(cfg.data_dir, list(cfg.cases) if cfg.cases else None), True, None
+        return iter_test_cases(cfg.data_dir, list(cfg.cases) if cfg.cases else None), None
     pairs, warnings = load_external_cases(external, manifest, cfg.raw, False, "predict_ldm")
     if len({name for name, _, _ in pairs}) != len(pairs):
         raise DataError(f"external inputs: case names are not unique: {[p[0] for p in pairs]}")
@@ -184,7 +184,7 @@ def _cases(
         "training_spacing": manifest.get("spacing"),
         "warnings": warnings,
     }
-    return cases, any(hr is not None for _, _, hr in pairs), info
+    return cases, info
 
 
 def predict_ldm(
@@ -194,21 +194,26 @@ def predict_ldm(
     external: ExternalInputs | None = None,
 ) -> PhaseResult:
     manifest = load_manifest(cfg.data_dir)
-    cases, with_hr, ext_info = _cases(cfg, manifest, external)
+    cases, ext_info = _cases(cfg, manifest, external)
     device = pick_device(cfg.device)
     ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
     window = tuple(cfg.window or manifest["patch_size"])
     check_window(window, ldm)
     rows: dict[str, dict] = {}
     with staged_dir(cfg.out_dir, overwrite=overwrite) as out:
-        params = None
-        if with_hr:
-            params = tune_classical(cfg.tune, tuning_pairs(cfg.data_dir, cfg.tune.max_patches,
-                                                           device))  # fmt: skip
+        tuned: dict = {}
+
+        def get_params() -> dict:  # tuned once, when the first case with HR needs them
+            if not tuned:
+                pairs = tuning_pairs(cfg.data_dir, cfg.tune.max_patches, device)
+                tuned.update(tune_classical(cfg.tune, pairs))
+            return tuned
+
         for i, case in enumerate(cases):
             (out / case.name).mkdir()
             rows[case.name] = _predict_case(ldm, case, cfg, window, out,
-                                            gif=cfg.gif and i == 0, params=params)  # fmt: skip
+                                            gif=cfg.gif and i == 0, params=get_params)  # fmt: skip
+        params = tuned or None  # None: no case had HR
         summary = {"cases": rows, "window": list(window), "sampler": cfg.sampler.__dict__,
                    "num_samples": cfg.num_samples, "vae_step": ldm.vae_step,
                    "diffusion_step": ldm.unet_step, "device": str(device),
