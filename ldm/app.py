@@ -66,7 +66,30 @@ def _plain(name: str) -> Callable[..., None]:
 
 InputOption = Annotated[
     Optional[Path],  # noqa: UP045  (typer needs Optional on Python 3.10)
-    typer.Option("--input", help="a 3D LR volume (.nii.gz, .raw+.mhd, .npy); no HR needed"),
+    typer.Option("--input", help="a 3D LR volume (.nii.gz, .raw+.mhd, .npy), not the test set"),
+]
+TargetOption = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--target", help="the HR reference of --input (same grid): adds the score table"),
+]
+FolderOption = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--folder", help="a folder of external volumes (with --input-glob)"),
+]
+InputGlobOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--input-glob", help="LR files in --folder, e.g. '*_lr.nii.gz'"),
+]
+TargetGlobOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--target-glob", help="HR files in --folder, paired by the '*' part"),
+]
+ResampleOption = Annotated[
+    bool,
+    typer.Option(
+        "--resample",
+        help="run the models at the training voxel spacing, resample outputs back to the input",
+    ),
 ]
 ImageOption = Annotated[
     Optional[Path],  # noqa: UP045
@@ -74,13 +97,43 @@ ImageOption = Annotated[
 ]
 
 
+def _external(
+    input_path: Path | None, target: Path | None, folder: Path | None, input_glob: str | None,
+    target_glob: str | None, resample: bool,
+) -> Any:  # fmt: skip
+    from ldm.external import ExternalInputs
+
+    return ExternalInputs(input_path, target, folder, input_glob, target_glob, resample)
+
+
 def predict_ldm(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
     input_path: InputOption = None,
+    target: TargetOption = None,
+    folder: FolderOption = None,
+    input_glob: InputGlobOption = None,
+    target_glob: TargetGlobOption = None,
+    resample: ResampleOption = False,
 ) -> None:
-    _run("predict_ldm", config, set_, overwrite=overwrite, input_path=input_path)
+    external = _external(input_path, target, folder, input_glob, target_glob, resample)
+    _run("predict_ldm", config, set_, overwrite=overwrite, external=external)
+
+
+def evaluate_psnr(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+    input_path: InputOption = None,
+    target: TargetOption = None,
+    folder: FolderOption = None,
+    input_glob: InputGlobOption = None,
+    target_glob: TargetGlobOption = None,
+    resample: ResampleOption = False,
+) -> None:
+    external = _external(input_path, target, folder, input_glob, target_glob, resample)
+    _run("evaluate_psnr", config, set_, overwrite=overwrite, external=external)
 
 
 def particles_gif(
@@ -92,7 +145,9 @@ def particles_gif(
     _run("particles_gif", config, set_, overwrite=overwrite, image=image)
 
 
-_SPECIAL = {"predict_ldm": predict_ldm, "particles_gif": particles_gif}
+_SPECIAL = {
+    "predict_ldm": predict_ldm, "evaluate_psnr": evaluate_psnr, "particles_gif": particles_gif
+}
 for _phase in PHASES:
     command(_phase.name, _phase.summary)(_SPECIAL.get(_phase.name) or _plain(_phase.name))
 

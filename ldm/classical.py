@@ -1,4 +1,9 @@
-"""Classical denoising baselines for the evaluation table: Gaussian filter, heat diffusion, BM4D."""
+"""Classical denoising baselines for the evaluation tables.
+
+Gaussian filter, heat diffusion, total variation (Chambolle) and non-local means (both
+scikit-image, 3D with ``channel_axis=None``), BM4D when the optional package is installed.
+Each has one parameter, tuned for PSNR on train patches (docs/design.md, "Metrics").
+"""
 
 from __future__ import annotations
 
@@ -176,3 +181,79 @@ def tune_bm4d_sigma(pairs: Pairs, sigmas: Sequence[float]) -> tuple[float, float
     _check_grid(pairs, sigmas, "tune_bm4d_sigma")
     sigma, score = _tune(pairs, [float(s) for s in sigmas], bm4d_denoise)
     return float(sigma), score
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-image: total variation and non-local means (3D, channel_axis=None)
+
+
+def _to_numpy(volume: torch.Tensor) -> np.ndarray:
+    return volume.detach().cpu().double().numpy()
+
+
+def _like(y: np.ndarray, volume: torch.Tensor) -> torch.Tensor:
+    dtype = volume.dtype if volume.is_floating_point() else torch.float32
+    return torch.from_numpy(np.ascontiguousarray(y)).to(device=volume.device, dtype=dtype)
+
+
+def tv_denoise(volume: torch.Tensor, weight: float) -> torch.Tensor:
+    """Total-variation denoising (Chambolle 2004) via ``skimage.restoration``; 0 = identity.
+
+    Larger ``weight`` (in the volume's units) removes more noise and flattens more detail.
+    """
+    from skimage.restoration import denoise_tv_chambolle  # noqa: PLC0415 - slow import
+
+    _check_volume(volume, "tv_denoise")
+    if not weight >= 0:
+        raise UserError(f"tv_denoise: weight must be >= 0, got {weight}")
+    if weight == 0:
+        return volume.clone()
+    y = denoise_tv_chambolle(_to_numpy(volume), weight=float(weight), channel_axis=None)
+    return _like(y, volume)
+
+
+def nlm_denoise(
+    volume: torch.Tensor, h: float, patch_size: int = 3, patch_distance: int = 3
+) -> torch.Tensor:
+    """Non-local means (Buades et al. 2005; fast mode of Darbon et al. 2008) via scikit-image.
+
+    ``h`` is the filter strength in the volume's units (0 = identity); patches of
+    ``patch_size``^3 voxels compared within a (2 ``patch_distance`` + 1)^3 search window.
+    """
+    from skimage.restoration import denoise_nl_means  # noqa: PLC0415 - slow import
+
+    _check_volume(volume, "nlm_denoise")
+    if not h >= 0:
+        raise UserError(f"nlm_denoise: h must be >= 0, got {h}")
+    if patch_size < 1 or patch_distance < 1:
+        raise UserError(
+            f"nlm_denoise: patch_size and patch_distance must be >= 1, got {patch_size}, "
+            f"{patch_distance}"
+        )
+    if h == 0:
+        return volume.clone()
+    y = denoise_nl_means(
+        _to_numpy(volume), h=float(h), patch_size=int(patch_size),
+        patch_distance=int(patch_distance), fast_mode=True, channel_axis=None,
+    )  # fmt: skip
+    return _like(y, volume)
+
+
+def tune_tv(pairs: Pairs, weights: Sequence[float]) -> tuple[float, float]:
+    """TV weight with the best mean PSNR over ``pairs``; returns (weight, psnr)."""
+    _check_grid(pairs, weights, "tune_tv")
+    weight, score = _tune(pairs, [float(w) for w in weights], tv_denoise)
+    return float(weight), score
+
+
+def tune_nlm(
+    pairs: Pairs, hs: Sequence[float], patch_size: int = 3, patch_distance: int = 3
+) -> tuple[float, float]:
+    """Non-local means strength h with the best mean PSNR over ``pairs``; returns (h, psnr)."""
+    _check_grid(pairs, hs, "tune_nlm")
+
+    def denoise(v: torch.Tensor, h: float) -> torch.Tensor:
+        return nlm_denoise(v, h, patch_size, patch_distance)
+
+    h, score = _tune(pairs, [float(h) for h in hs], denoise)
+    return float(h), score

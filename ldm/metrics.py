@@ -143,3 +143,33 @@ def ssim(pred: ArrayLike, target: ArrayLike, data_range: float | None = None) ->
         halo = slice(c.start, c.stop + 2 * pad)
         total += _ssim_map_sum(p[halo].double(), t[halo].double(), r, pad)
     return total / math.prod(valid)
+
+
+def intensity_fit(
+    pred: ArrayLike, target: ArrayLike, data_range: float | None = None
+) -> dict[str, float]:
+    """Global intensity agreement of ``pred`` with ``target`` (docs/design.md, "Metrics").
+
+    ``bias`` = mean(pred - target) in the volumes' units, ``bias_pct`` = 100 bias / R with
+    R = ``data_range`` (default target max - min), and ``contrast`` = the slope a of the least
+    squares fit pred ~ a target + b, i.e. cov(pred, target) / var(target): 1 keeps the target's
+    contrast, < 1 flattens it, > 1 exaggerates it. A learned model can shift or scale intensities
+    on data unlike its training set while PSNR alone only says that something is off.
+    """
+    p, t = _as_pair(pred, target, "intensity_fit")
+    if p.numel() < 2:
+        raise UserError("intensity_fit: need at least 2 voxels")
+    r = _data_range(t, data_range, "intensity_fit")
+    p, t = p.reshape(-1), t.reshape(-1)
+    sums = torch.zeros(5, dtype=torch.float64, device=t.device)  # p, t, p t, t t, count
+    for c in _chunks(p.numel(), _SLAB_VOXELS):
+        pc, tc = p[c].double(), t[c].double()
+        sums += torch.stack([pc.sum(), tc.sum(), (pc * tc).sum(), (tc * tc).sum(),
+                             torch.tensor(float(pc.numel()), dtype=torch.float64)])  # fmt: skip
+    sp, st, spt, stt, n = (float(v) for v in sums)
+    mp, mt = sp / n, st / n
+    var_t = stt / n - mt * mt
+    cov = spt / n - mp * mt
+    bias = mp - mt
+    contrast = cov / var_t if var_t > 0 else math.nan
+    return {"bias": bias, "bias_pct": 100.0 * bias / r, "contrast": contrast}

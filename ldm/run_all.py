@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ldm.baselines import LABELS
 from ldm.config import REPO_ROOT, load_config
 from ldm.errors import UserError
 from ldm.pipeline import PHASES, Phase, PhaseResult
@@ -92,10 +93,8 @@ def summary_table(report: RunAllReport) -> str:
     lines: list[str] = []
     rows: list[tuple[str, dict]] = []
     if "predict_ldm" in results and results["predict_ldm"].metrics.get("mean"):
-        rows += list(results["predict_ldm"].metrics["mean"].items())
+        rows += [(LABELS.get(k, k), v) for k, v in results["predict_ldm"].metrics["mean"].items()]
     if "evaluate_psnr" in results:
-        from ldm.phases.evaluate_psnr import LABELS
-
         mean = results["evaluate_psnr"].metrics["mean"]
         have = {name for name, _ in rows}
         for key, scores in mean.items():

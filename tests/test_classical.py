@@ -141,3 +141,43 @@ def test_bm4d_denoise_wraps_the_package(monkeypatch) -> None:
     assert calls == [((4, 5, 6), 0.2), ((5, 6, 1), 0.2)]
     with pytest.raises(UserError, match="sigma"):
         bm4d_denoise(vol, 0.0)
+
+
+def _noisy_cube(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy, clean) 20^3: a bright cube on a dark background plus white noise of std 0.1."""
+    clean = torch.zeros(20, 20, 20)
+    clean[5:15, 5:15, 5:15] = 1.0
+    g = torch.Generator().manual_seed(seed)
+    return clean + 0.1 * torch.randn(clean.shape, generator=g), clean
+
+
+def test_tv_and_nlm_match_scikit_image_and_denoise():
+    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+
+    from ldm.classical import nlm_denoise, tv_denoise
+
+    noisy, clean = _noisy_cube()
+    tv = tv_denoise(noisy, 0.1)
+    ref = denoise_tv_chambolle(noisy.double().numpy(), weight=0.1, channel_axis=None)
+    assert tv.shape == noisy.shape and np.allclose(tv.numpy(), ref, atol=1e-6)
+    nlm = nlm_denoise(noisy, 0.1, 3, 3)
+    ref = denoise_nl_means(noisy.double().numpy(), h=0.1, patch_size=3, patch_distance=3,
+                           fast_mode=True, channel_axis=None)  # fmt: skip
+    assert np.allclose(nlm.numpy(), ref, atol=1e-6)
+    base = psnr(noisy, clean)
+    assert psnr(tv, clean) > base + 3 and psnr(nlm, clean) > base + 3  # both really denoise
+    assert torch.equal(tv_denoise(noisy, 0), noisy) and torch.equal(nlm_denoise(noisy, 0), noisy)
+    with pytest.raises(UserError, match="weight must be >= 0"):
+        tv_denoise(noisy, -1)
+    with pytest.raises(UserError, match="patch_size and patch_distance must be >= 1"):
+        nlm_denoise(noisy, 0.1, 0, 3)
+
+
+def test_tune_tv_and_nlm_pick_a_denoising_value_from_the_grid():
+    from ldm.classical import tune_nlm, tune_tv
+
+    pairs = [_noisy_cube(s) for s in range(2)]
+    weight, score = tune_tv(pairs, [0.0, 0.1, 5.0])
+    assert weight == 0.1 and score > np.mean([psnr(lr, hr) for lr, hr in pairs])
+    h, _ = tune_nlm(pairs, [0.0, 0.08, 2.0])
+    assert h == 0.08  # 0 = no denoising; 2.0 flattens the cube

@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+import ldm.baselines as baselines
 import ldm.phases.evaluate_psnr as evaluate
+from ldm.baselines import format_table, mean_scores, tuning_pairs
 from ldm.config import load_config
 from ldm.data.dataset import iter_test_cases
-from ldm.phases.evaluate_psnr import EvaluateConfig, format_table, mean_scores, tuning_pairs
+from ldm.phases.evaluate_psnr import EvaluateConfig
 from tests.helpers.cli import error_line, run_script
 
 TEST_CASES = ["phantom_002", "phantom_004"]  # the test split of 5 cases, seed 0, 40 % test
@@ -48,7 +50,9 @@ def _args(trained, out, *extra: str) -> list[str]:
     return [
         "--set", f"data_dir={data}", "--set", f"vae_checkpoint={ckpt}", "--set", f"out_dir={out}",
         "--set", "device=cpu", "--set", "tune.max_patches=4",
-        "--set", f"tune.gaussian_sigmas={SIGMAS}", "--set", f"tune.heat_steps={STEPS}", *extra,
+        "--set", f"tune.gaussian_sigmas={SIGMAS}", "--set", f"tune.heat_steps={STEPS}",
+        "--set", "tune.tv_weights=[0.05, 0.2]", "--set", "tune.nlm_hs=[0.05, 0.15]",
+        "--set", "tune.filter_max_patches=2", *extra,
     ]  # fmt: skip
 
 
@@ -57,14 +61,16 @@ def evaluate_cli(trained, out, *extra: str):
 
 
 def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "bm4d_available", lambda: False)
+    monkeypatch.setattr(baselines, "bm4d_available", lambda: False)
     out = tmp_path / "res"
     result = evaluate_cli(trained, out)
     assert result.exit_code == 0, result.output
     text = result.output
-    assert "BM4D: skipped (pip install bm4d to include it)" in text
-    for label in ("Baseline (LR)", "VAE result", "VAE ceiling", "Gaussian filter", "Heat diff"):
+    assert "BM4D: skipped (pip install bm4d to include it" in text
+    for label in ("Baseline (LR)", "VAE result", "VAE ceiling", "Gaussian filter", "Heat diff",
+                  "TV (Chambolle)", "Non-local means"):  # fmt: skip
         assert re.search(rf"^{re.escape(label)}.*\d+\.\d\d\s+-?\d\.\d{{4}}", text, re.M), label
+    assert re.search(r"^method\s+PSNR \(dB\)\s+SSIM\s+bias\s+bias %\s+contrast", text, re.M)
     assert all(f"{name} PSNR" in text for name in TEST_CASES)  # 2 cases: per-case columns
     line = re.search(r"^Result PSNR: (\S+) dB \| Baseline PSNR: (\S+) dB$", text, re.M)
     assert line, text
@@ -72,7 +78,7 @@ def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypa
     metrics = json.loads((out / "metrics.json").read_text())
     mean = metrics["mean"]
     assert list(metrics["cases"]) == TEST_CASES
-    assert set(mean) == {"baseline", "vae_result", "vae_ceiling", "gaussian", "heat"}
+    assert set(mean) == {"baseline", "vae_result", "vae_ceiling", "gaussian", "heat", "tv", "nlm"}
     assert line.groups() == (f"{mean['vae_result']['psnr']:.2f}", f"{mean['baseline']['psnr']:.2f}")
     base = [metrics["cases"][c]["baseline"]["psnr"] for c in TEST_CASES]
     assert mean["baseline"]["psnr"] == pytest.approx(np.mean(base))
@@ -81,6 +87,8 @@ def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypa
     tuned = metrics["tuned"]
     assert tuned["num_patches"] == 4 and tuned["bm4d_sigma"] is None
     assert tuned["gaussian_sigma"] in SIGMAS and tuned["heat_steps"] in STEPS
+    assert tuned["tv_weight"] in (0.05, 0.2) and tuned["nlm_h"] in (0.05, 0.15)
+    assert tuned["filter_patches"] == 2
 
     # the baseline row against scikit-image, in original units with the HR range
     for case in iter_test_cases(trained[0], TEST_CASES):
@@ -93,7 +101,11 @@ def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypa
             use_sample_covariance=False,
         )  # fmt: skip
         assert got["ssim"] == pytest.approx(ref_ssim, abs=1e-6)
-    assert Image.open(out / "comparison.png").size[1] > 600  # 6 rows of views
+        # bias and contrast of the LR against numpy's mean and least-squares slope
+        assert got["bias"] == pytest.approx(float(np.mean(lr - hr)), abs=1e-6 * r)
+        assert got["bias_pct"] == pytest.approx(100 * got["bias"] / r)
+        assert got["contrast"] == pytest.approx(np.polyfit(hr.ravel(), lr.ravel(), 1)[0], rel=1e-6)
+    assert Image.open(out / "comparison.png").size[1] > 800  # 8 rows of views
     assert "tune:" in (out / "config.yaml").read_text()
 
 
@@ -104,9 +116,9 @@ def test_bm4d_row_when_the_package_is_available(trained, tmp_path, monkeypatch):
         calls.append(len(pairs))
         return sigmas[1], 30.0
 
-    monkeypatch.setattr(evaluate, "bm4d_available", lambda: True)
-    monkeypatch.setattr(evaluate, "tune_bm4d_sigma", fake_tune)
-    monkeypatch.setattr(evaluate, "bm4d_denoise", lambda volume, sigma: volume.clone())
+    monkeypatch.setattr(baselines, "bm4d_available", lambda: True)
+    monkeypatch.setattr(baselines, "tune_bm4d_sigma", fake_tune)
+    monkeypatch.setattr(baselines, "bm4d_denoise", lambda volume, sigma: volume.clone())
     overrides = [a for a in _args(trained, tmp_path / "res") if a != "--set"]
     cfg = load_config(
         EvaluateConfig, None, [*overrides, "cases=[phantom_004]", "tune.bm4d_max_patches=2"]
@@ -121,42 +133,29 @@ def test_bm4d_row_when_the_package_is_available(trained, tmp_path, monkeypatch):
 
 
 def test_format_table_and_mean():
-    case_a = {"baseline": {"psnr": 20.0, "ssim": 0.5}, "vae_result": {"psnr": 30.0, "ssim": 0.9}}
-    case_b = {"baseline": {"psnr": 22.0, "ssim": 0.7}, "vae_result": {"psnr": 26.0, "ssim": 0.7}}
+    def sc(p, s, b=0.0):
+        return {"psnr": p, "ssim": s, "bias": b, "bias_pct": 10 * b, "contrast": 1.0 + b}
+
+    case_a = {"vae_result": sc(30.0, 0.9, 0.1), "baseline": sc(20.0, 0.5)}
+    case_b = {"vae_result": sc(26.0, 0.7, 0.3), "baseline": sc(22.0, 0.7)}
     per_case = {"a": case_a, "b": case_b}
     mean = mean_scores(per_case)
-    assert mean == {
-        "baseline": {"psnr": 21.0, "ssim": 0.6},
-        "vae_result": {"psnr": 28.0, "ssim": 0.8},
-    }
+    assert list(mean) == ["baseline", "vae_result"]  # table order
+    assert mean["baseline"] == sc(21.0, 0.6)
+    assert mean["vae_result"] == pytest.approx(sc(28.0, 0.8, 0.2))
     lines = format_table(per_case, mean).splitlines()
     assert lines[0].split() == [
-        "method",
-        "PSNR",
-        "(dB)",
-        "SSIM",
-        "a",
-        "PSNR",
-        "a",
-        "SSIM",
-        "b",
-        "PSNR",
-        "b",
-        "SSIM",
-    ]
+        "method", "PSNR", "(dB)", "SSIM", "bias", "bias", "%", "contrast",
+        "a", "PSNR", "a", "SSIM", "b", "PSNR", "b", "SSIM",
+    ]  # fmt: skip
     assert lines[2].split() == [
-        "Baseline",
-        "(LR)",
-        "21.00",
-        "0.6000",
-        "20.00",
-        "0.5000",
-        "22.00",
-        "0.7000",
-    ]
+        "Baseline", "(LR)", "21.00", "0.6000", "0", "+0.00", "1.000",
+        "20.00", "0.5000", "22.00", "0.7000",
+    ]  # fmt: skip
+    assert lines[3].split()[2:7] == ["28.00", "0.8000", "0.2", "+2.00", "1.200"]
     assert len({len(line) for line in lines}) == 1  # aligned
     one = format_table({"a": case_a}, mean_scores({"a": case_a})).splitlines()
-    assert one[3].split() == ["VAE", "result", "30.00", "0.9000"]  # one case: no case columns
+    assert one[3].split() == ["VAE", "result", "30.00", "0.9000", "0.1", "+1.00", "1.100"]
 
 
 def test_tuning_pairs_are_evenly_spaced_train_patches(trained):

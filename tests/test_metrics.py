@@ -128,3 +128,20 @@ def test_ssim_too_small_or_wrong_dims_raises() -> None:
         ssim(np.zeros((12,) * 4), np.zeros((12,) * 4), data_range=1.0)
     with pytest.raises(UserError, match="empty"):
         psnr(np.zeros(0), np.zeros(0), data_range=1.0)
+
+
+def test_intensity_fit_bias_and_contrast():
+    rng = np.random.default_rng(0)
+    hr = rng.random((12, 10, 8)) * 50 + 10
+    noise = rng.normal(0, 1, hr.shape)
+    pred = 0.8 * hr + 3.0 + noise
+    got = metrics.intensity_fit(pred, hr)
+    r = hr.max() - hr.min()
+    assert got["bias"] == pytest.approx(float(np.mean(pred - hr)))
+    assert got["bias_pct"] == pytest.approx(100 * got["bias"] / r)
+    assert got["contrast"] == pytest.approx(np.polyfit(hr.ravel(), pred.ravel(), 1)[0])
+    assert got["contrast"] == pytest.approx(0.8, abs=0.02)
+    same = metrics.intensity_fit(torch.from_numpy(hr), torch.from_numpy(hr), data_range=10.0)
+    assert same == pytest.approx({"bias": 0.0, "bias_pct": 0.0, "contrast": 1.0})
+    with pytest.raises(UserError, match="same shape"):
+        metrics.intensity_fit(hr[:2], hr)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -62,15 +63,19 @@ def _predict(tp, out, *extra):
 
 def test_cli_writes_pictures_volume_and_metrics(tiny_pipeline, tmp_path):
     out = tmp_path / "pred"
-    result = _predict(tiny_pipeline, out, "--set", "num_samples=2")
+    result = _predict(tiny_pipeline, out, "--set", "num_samples=2", "--set", "tune.bm4d=false")
     assert result.exit_code == 0, result.output
-    assert "Baseline PSNR/SSIM" in result.output and "LDM PSNR/SSIM" in result.output
+    for label in ("Baseline (LR)", "Gaussian filter", "Heat diffusion", "TV (Chambolle)",
+                  "Non-local means", "VAE result", "LDM", "VAE ceiling (HR->HR)"):  # fmt: skip
+        assert re.search(rf"^{re.escape(label)}\s+\d+\.\d\d\s", result.output, re.M), label
     (case,) = [p for p in out.iterdir() if p.is_dir()]
     for name in ("1_input_LR.png", "2_target_HR.png", "3_output_LDM.png", "4_uncertainty.png",
                  "reverse_process.gif", "metrics.json"):  # fmt: skip
         assert (case / name).is_file(), name
     m = json.loads((case / "metrics.json").read_text())
-    assert set(m["metrics"]) == {"Baseline", "VAE result", "LDM"}
+    assert set(m["metrics"]) == {"baseline", "gaussian", "heat", "tv", "nlm", "vae_result", "ldm",
+                                 "vae_ceiling"}  # fmt: skip
+    assert set(m["metrics"]["ldm"]) == {"psnr", "ssim", "bias", "bias_pct", "contrast"}
     vol, meta = load_volume(m["output"])  # the phantom is written as .raw + .mhd
     assert meta.format == "raw" and vol.shape == (24, 24, 24)
 

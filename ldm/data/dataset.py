@@ -84,7 +84,7 @@ class TestCase:
 
     name: str
     lr: np.ndarray  # (D, H, W) normalised
-    hr: np.ndarray
+    hr: np.ndarray | None  # None: an input without a reference (predict_ldm --input)
     low: float
     high: float
     meta: VolumeMeta
@@ -92,6 +92,14 @@ class TestCase:
     def to_original(self, x: np.ndarray) -> np.ndarray:
         """Normalised -> original intensity units (inverse of the LR percentile map)."""
         return x * (self.high - self.low) + self.low
+
+    def to_model(self, x: np.ndarray) -> np.ndarray:
+        """A volume on this case's grid -> the grid the models run on (here the same)."""
+        return x
+
+    def from_model(self, x: np.ndarray) -> np.ndarray:
+        """A model output -> this case's grid (inverse of ``to_model``; here the identity)."""
+        return x
 
 
 def iter_test_cases(dataset_dir: Path, names: list[str] | None = None) -> Iterator[TestCase]:

@@ -179,6 +179,7 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
             },
             "splits": splits,
             "cases": case_info,
+            "spacing": training_spacing(case_info),
         }
         save_json(manifest, out / "manifest.json")
         save_config(cfg, out / "config.yaml")
@@ -197,6 +198,15 @@ def _origin_file(origin: dict[str, str], name: str) -> str:
 
 def _source_of(case: Case) -> str:
     return _origin_file(case.origin, case.name)
+
+
+def training_spacing(case_info: dict[str, dict]) -> list[float] | None:
+    """Voxel spacing of the training data from the HR headers: the per-axis median over the
+    train cases (phantom: 1 mm); None when no train case has one (e.g. .npy volumes). External
+    inputs are compared with it (ldm/external.py)."""
+    spacings = [c["meta"]["spacing"] for c in case_info.values()
+                if c["split"] == "train" and len(c["meta"].get("spacing") or ()) == 3]  # fmt: skip
+    return [float(v) for v in np.median(spacings, axis=0)] if spacings else None
 
 
 def _add_case(case: Case, split: str, cfg: PrepareDataConfig, rng, bucket: dict, out: Path) -> dict:

@@ -3,6 +3,9 @@
 For each image-space window: encode LR -> DDIM/DDPM sample of the HR latent conditioned on it ->
 decode; windows are blended with Gaussian weights. Seeded: eta = 0 gives the same volume every
 run. ``num_samples`` > 1 gives the mean and a per-voxel standard deviation (uncertainty).
+Inputs: the test cases, or external volumes (``--input [--target]``, ``--folder`` + globs; read
+and normalised by ldm/external.py). Where HR is known the table has the classical baselines
+(tuned on train patches), the VAE result, the LDM and the VAE ceiling (ldm/baselines.py).
 """
 
 from __future__ import annotations
@@ -10,23 +13,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ldm.baselines import (
+    LABELS,
+    TuneConfig,
+    classical_outputs,
+    score_outputs,
+    tune_classical,
+    tuning_pairs,
+)
 from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
-from ldm.data.normalize import NormalizeConfig, normalisation
-from ldm.data.sources import case_name
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
+from ldm.external import ExternalInputs, load_external_case, load_external_cases
 from ldm.inference import autoencode_volume, sliding_window_infer
-from ldm.io import RawSpec, load_volume, save_json, save_volume, staged_dir
-from ldm.metrics import psnr, ssim
+from ldm.io import RawSpec, save_json, save_volume, staged_dir
 from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
 from ldm.pipeline import PhaseResult
 from ldm.validate import check_min, check_range
@@ -51,6 +60,7 @@ class PredictConfig:
     gif: bool = True  # GIF of the reverse process on the central window of the first case
     amp: bool = True  # bf16 autocast of the networks on CUDA (CPU always runs float32)
     raw: RawSpec = field(default_factory=RawSpec)  # how to read a headerless --input .raw
+    tune: TuneConfig = field(default_factory=TuneConfig)  # classical baselines (where HR is known)
 
     def __post_init__(self) -> None:
         check_range("overlap", self.overlap, 0, 1, hi_open=True)
@@ -99,53 +109,53 @@ def check_window(window: tuple[int, ...], ldm: LatentDiffusion) -> None:
         )
 
 
-def _metrics(case: TestCase, outputs: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    hr = case.to_original(case.hr)
-    return {k: {"psnr": psnr(v, hr), "ssim": ssim(v, hr)} for k, v in outputs.items()}
-
-
-def _user_case(path: Path, manifest: dict, raw: RawSpec) -> TestCase:
-    data, meta = load_volume(path, raw)
-    if data.ndim != 3:
-        raise DataError(f"{path}: --input must be a 3D volume, got shape {data.shape}")
-    n = manifest["normalization"]  # the same LR-percentile map as prepare_data
-    name = case_name(path)
-    low, high = normalisation(
-        data, NormalizeConfig(n["low_percentile"], n["high_percentile"]), str(path)
-    )
-    norm = (data - low) / (high - low)
-    return TestCase(name, norm, None, low, high, meta)
-
-
 def _write_volume(folder: Path, case: TestCase, vol: np.ndarray, suffix: str) -> Path:
     ext = {"raw": ".raw", "nifti": ".nii.gz", "npy": ".npy"}.get(case.meta.format, ".nii.gz")
     meta = dataclasses.replace(case.meta, dtype="float32")
     return save_volume(folder / f"{case.name}_{suffix}{ext}", vol.astype(np.float32), meta)
 
 
+def _scores(
+    ldm: LatentDiffusion, case: TestCase, cfg: PredictConfig, window: tuple[int, ...],
+    params: dict, ldm_norm: np.ndarray,
+) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+    """The score table of one case with HR, and the VAE result in original units."""
+
+    def ae(volume: np.ndarray) -> np.ndarray:
+        out = autoencode_volume(ldm.vae, case.to_model(volume), window, overlap=cfg.overlap,
+                                batch_size=cfg.batch_size, device=ldm.device, progress=False)
+        return case.from_model(out)  # fmt: skip
+
+    classical = classical_outputs(case.to_model(case.lr), params, ldm.device)
+    outputs = {"baseline": case.lr, **{k: case.from_model(v) for k, v in classical.items()},
+               "vae_result": ae(case.lr), "ldm": ldm_norm, "vae_ceiling": ae(case.hr)}  # fmt: skip
+    scores, _ = score_outputs(outputs, case.hr, case.to_original)
+    return scores, {LABELS["vae_result"]: case.to_original(outputs["vae_result"])}
+
+
 def _predict_case(
     ldm: LatentDiffusion, case: TestCase, cfg: PredictConfig, window: tuple[int, ...], out: Path,
-    gif: bool,
+    gif: bool, params: Callable[[], dict],
 ) -> dict:  # fmt: skip
     """Predict one case into ``out/<case>/``; returns its metrics.json row."""
     folder, final = out / case.name, cfg.out_dir / case.name  # staged and final locations
     t0 = time.perf_counter()
-    mean, std = predict_volume(ldm, case.lr, cfg, window)
+    mean, std = predict_volume(ldm, case.to_model(case.lr), cfg, window)
+    mean = case.from_model(mean)
     seconds = time.perf_counter() - t0
     log.info("%s: LDM in %.1f s", case.name, seconds)
     ldm_vol = case.to_original(mean)
     row: dict = {"seconds": seconds}
     outputs = {"LDM": ldm_vol}
-    if case.hr is not None:
-        vae_out = autoencode_volume(ldm.vae, case.lr, window, overlap=cfg.overlap,
-                                    batch_size=cfg.batch_size, device=ldm.device)  # fmt: skip
-        outputs = {"Baseline": case.to_original(case.lr),
-                   "VAE result": case.to_original(vae_out), "LDM": ldm_vol}  # fmt: skip
-        row["metrics"] = _metrics(case, outputs)
+    if case.hr is not None:  # baselines tuned after the first LDM run (it checks the sampler)
+        row["metrics"], vae = _scores(ldm, case, cfg, window, params(), mean)
+        outputs = {**vae, "LDM": ldm_vol}
     row["output"] = str(final / _write_volume(folder, case, ldm_vol, "ldm").name)
-    std_vol = None if std is None else std * (case.high - case.low)  # original units
-    if std_vol is not None:
+    if std is not None:
+        std_vol = case.from_model(std) * (case.high - case.low)  # original units
         row["uncertainty"] = str(final / _write_volume(folder, case, std_vol, "std").name)
+    else:
+        std_vol = None
     case_pictures(folder, case, outputs, std_vol)
     if gif:
         reverse_process_gif(
@@ -155,28 +165,63 @@ def _predict_case(
     return row
 
 
+def _cases(
+    cfg: PredictConfig, manifest: dict, external: ExternalInputs | None
+) -> tuple[Iterator[TestCase], dict | None]:
+    """(cases, external info for metrics.json or None)."""
+    if external is None or not external.given:
+        return iter_test_cases(cfg.data_dir, list(cfg.cases) if cfg.cases else None), None
+    pairs, warnings = load_external_cases(external, manifest, cfg.raw, False, "predict_ldm")
+    if len({name for name, _, _ in pairs}) != len(pairs):
+        raise DataError(f"external inputs: case names are not unique: {[p[0] for p in pairs]}")
+    cases = (
+        load_external_case(name, lr, hr, manifest, cfg.raw, external.resample)[0]
+        for name, lr, hr in pairs
+    )
+    info = {
+        "pairs": {n: {"input": str(lr), "target": hr and str(hr)} for n, lr, hr in pairs},
+        "resample": external.resample,
+        "training_spacing": manifest.get("spacing"),
+        "warnings": warnings,
+    }
+    return cases, info
+
+
 def predict_ldm(
-    cfg: PredictConfig, *, overwrite: bool = False, input_path: Path | None = None
+    cfg: PredictConfig,
+    *,
+    overwrite: bool = False,
+    external: ExternalInputs | None = None,
 ) -> PhaseResult:
     manifest = load_manifest(cfg.data_dir)
+    cases, ext_info = _cases(cfg, manifest, external)
     device = pick_device(cfg.device)
     ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
     window = tuple(cfg.window or manifest["patch_size"])
     check_window(window, ldm)
-    if input_path is not None:
-        cases = [_user_case(Path(input_path), manifest, cfg.raw)]
-    else:
-        cases = iter_test_cases(cfg.data_dir, list(cfg.cases) if cfg.cases else None)
     rows: dict[str, dict] = {}
     with staged_dir(cfg.out_dir, overwrite=overwrite) as out:
+        tuned: dict = {}
+
+        def get_params() -> dict:  # tuned once, when the first case with HR needs them
+            if not tuned:
+                pairs = tuning_pairs(cfg.data_dir, cfg.tune.max_patches, device)
+                tuned.update(tune_classical(cfg.tune, pairs))
+            return tuned
+
         for i, case in enumerate(cases):
             (out / case.name).mkdir()
-            rows[case.name] = _predict_case(ldm, case, cfg, window, out, gif=cfg.gif and i == 0)
+            rows[case.name] = _predict_case(ldm, case, cfg, window, out,
+                                            gif=cfg.gif and i == 0, params=get_params)  # fmt: skip
+        params = tuned or None  # None: no case had HR
         summary = {"cases": rows, "window": list(window), "sampler": cfg.sampler.__dict__,
                    "num_samples": cfg.num_samples, "vae_step": ldm.vae_step,
-                   "diffusion_step": ldm.unet_step, "device": str(device)}  # fmt: skip
+                   "diffusion_step": ldm.unet_step, "device": str(device),
+                   "tuned": params}  # fmt: skip
+        if ext_info is not None:
+            summary["external"] = ext_info
+        text, key, means = summary_text(rows, cfg, params, ext_info)
+        summary["mean"] = means
         save_json(summary, out / "metrics.json")
         save_config(cfg, out / "config.yaml")
-    text, key, means = summary_text(rows, cfg)
-    summary["mean"] = means
     return PhaseResult(text, key, summary, [cfg.out_dir])

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.baselines import TABLE_NOTE, format_table, mean_scores, tuned_text
 from ldm.data.dataset import TestCase
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.viz import save_comparison_png, save_gif, save_views_png, shared_window, to_uint8, views
@@ -42,9 +43,10 @@ def reverse_process_gif(
     sampler: SamplerConfig, seed: int,
 ) -> Path:  # fmt: skip
     """GIF of one central window: decode(x_t) | decode(predicted x_0) at every sampler step."""
-    start = [max(0, (s - w) // 2) for s, w in zip(case.lr.shape, window)]
+    model_lr = case.to_model(case.lr)  # the grid the LDM runs on (training spacing, --resample)
+    start = [max(0, (s - w) // 2) for s, w in zip(model_lr.shape, window)]
     sl = tuple(slice(a, a + w) for a, w in zip(start, window))
-    lr = torch.from_numpy(np.ascontiguousarray(case.lr[sl], dtype=np.float32))[None, None]
+    lr = torch.from_numpy(np.ascontiguousarray(model_lr[sl], dtype=np.float32))[None, None]
     cond = ldm.encode_cond(lr)
     g = torch.Generator(device=ldm.device).manual_seed(seed)
     noise = torch.randn(cond.shape, generator=g, device=ldm.device)
@@ -68,30 +70,28 @@ def reverse_process_gif(
     return save_gif(path, frames + [frames[-1]] * 5, duration_ms=150)
 
 
-def summary_text(rows: dict[str, dict], cfg: Any) -> tuple[str, str, dict[str, Any]]:
-    """Per-case table: Baseline, VAE result and LDM PSNR / SSIM, plus the mean row."""
+def summary_text(
+    rows: dict[str, dict], cfg: Any, params: dict | None, external: dict | None
+) -> tuple[str, str, dict[str, Any]]:
+    """Header, spacing warnings, the score table of the cases with HR (methods as rows, as in
+    evaluate_psnr), the tuned parameters, seconds and output paths per case."""
     s = cfg.sampler
     lines = [f"predict_ldm -> {cfg.out_dir} ({s.sampler}, {s.steps} steps, eta {s.eta}, "
              f"{cfg.num_samples} sample(s))"]  # fmt: skip
+    if external:
+        lines += external["warnings"]
     scored = {k: r["metrics"] for k, r in rows.items() if "metrics" in r}
     means: dict[str, Any] = {}
     if scored:
-        methods = list(next(iter(scored.values())))
-        head = "".join(f"{m + ' PSNR/SSIM':>24}" for m in methods)
-        lines.append(f"{'case':<16}{head}{'seconds':>9}")
-        for name, m in scored.items():
-            cells = "".join(f"{m[k]['psnr']:>15.2f} / {m[k]['ssim']:.3f}" for k in methods)
-            lines.append(f"{name:<16}{cells}{rows[name]['seconds']:>9.1f}")
-        for k in methods:
-            means[k] = {
-                q: float(np.mean([m[k][q] for m in scored.values()])) for q in ("psnr", "ssim")
-            }
-        cells = "".join(f"{means[k]['psnr']:>15.2f} / {means[k]['ssim']:.3f}" for k in methods)
-        lines.append(f"{'mean':<16}{cells}")
-        key = (f"LDM {means['LDM']['psnr']:.2f} dB | VAE {means['VAE result']['psnr']:.2f} | "
-               f"baseline {means['Baseline']['psnr']:.2f}")  # fmt: skip
+        means = mean_scores(scored)
+        lines.append(format_table(scored, means))
+        lines.append(TABLE_NOTE)
+        if params is not None:
+            lines.append(tuned_text(params))
+        key = (f"LDM {means['ldm']['psnr']:.2f} dB | VAE {means['vae_result']['psnr']:.2f} | "
+               f"baseline {means['baseline']['psnr']:.2f}")  # fmt: skip
     else:
         key = f"{len(rows)} volume(s) written"
     for name, r in rows.items():
-        lines.append(f"{name}: {r['output']}")
+        lines.append(f"{name}: LDM in {r['seconds']:.1f} s -> {r['output']}")
     return "\n".join(lines), key, means
