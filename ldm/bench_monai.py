@@ -9,14 +9,13 @@ concatenated on channels like ours.
 
 Time: one AdamW step (forward, loss, backward, update), the two nets alternating in one process so
 that machine load hits both alike; the ratio is MONAI's time over ours. Memory: each net trains
-in a child process of its own; the figure is peak RSS (``ru_maxrss``) minus the RSS just before
+in a child process of its own; the figure is peak RSS (VmHWM) minus the RSS just before
 the net was built, i.e. weights, optimiser state, activations and allocator slack of that net.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -133,20 +132,28 @@ def compare_time(kind: str, reps: int = 4, warmup: int = 1) -> dict[str, Any]:
             "ours_params": params["ours"], "monai_params": params["monai"]}  # fmt: skip
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def status_mb(key: str) -> float:
+    """A memory figure of /proc/self/status in MB: VmRSS now, VmHWM its peak since exec.
+
+    (``ru_maxrss`` would not do: Linux keeps it across exec, so a child started by a big parent
+    reports the parent's peak.)
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def peak_memory(kind: str, which: str, steps: int = 2) -> dict[str, float]:
     """Run in a child: peak RSS over a few training steps minus the RSS before building."""
     _monai()  # imported by both children alike
-    before = _rss_mb()
+    before = status_mb("VmRSS")
     net, loss, _ = build(kind, which)
     step = _stepper(net, loss)
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     return {"rss_before_mb": before, "peak_rss_mb": peak, "train_mb": peak - before}
 
 

@@ -245,6 +245,17 @@ def particles(device: torch.device, num_particles: int = 50_000) -> dict[str, An
             "ms_per_frame": 1e3 * r["render_s"] / r["frames"]}  # fmt: skip
 
 
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process since exec (VmHWM; ru_maxrss would include the parent's)."""
+    try:
+        from ldm.bench_monai import status_mb
+
+        return status_mb("VmHWM")
+    except (OSError, RuntimeError):  # no /proc: macOS reports bytes, Linux kB
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
 def run_case(name: str, device_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run one case here (in the child process) and add its peak memory."""
     device = pick_device(device_name)
@@ -254,7 +265,7 @@ def run_case(name: str, device_name: str, kwargs: dict[str, Any]) -> dict[str, A
     result["peak_mem_mb"] = (
         torch.cuda.max_memory_allocated() / 2**20
         if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        else _peak_rss_mb()
     )
     return result
 
@@ -288,8 +299,8 @@ def save(report: dict[str, Any], out: Path) -> Path:
 QUICK = [  # every target figure but run_all: a few minutes on 2 idle cores
     ("predict_vs_bm4d", {"size": 128, "bm4d_size": 32}),
     ("particles", {"num_particles": 50_000}),
-    ("vae_vs_monai", {}),
-    ("unet_vs_monai", {}),
+    ("vae_vs_monai", {"reps": 2}),
+    ("unet_vs_monai", {"reps": 2}),
     ("sampler_quality", {}),  # needs the demo checkpoints (python scripts/run_all.py)
 ]
 PLAN = [
