@@ -187,10 +187,13 @@ def benchmark(
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     only: Annotated[str, typer.Option(help="comma-separated case names")] = "",
     out: Annotated[Path, typer.Option()] = Path("results/benchmark/benchmark.json"),
+    quick: Annotated[
+        bool, typer.Option(help="only the target figures, BM4D on 32^3, no run_all")
+    ] = False,
 ) -> None:
     from ldm.benchmark import run_plan
 
-    run_plan(device, threads, only, out.resolve(), echo=typer.echo)
+    run_plan(device, threads, only, out.resolve(), echo=typer.echo, quick=quick)
 
 
 def main() -> None:

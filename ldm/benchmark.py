@@ -144,15 +144,70 @@ def sliding_window(device: torch.device, size: int = 64) -> dict[str, Any]:
             "voxels_per_s": size**3 / sec}  # fmt: skip
 
 
+def default_steps() -> int:
+    """DDIM steps of the default predict_ldm config (configs/predict_ldm.yaml)."""
+    return load_config(PredictConfig, REPO_ROOT / "configs" / "predict_ldm.yaml").sampler.steps
+
+
+@case
+def predict_vs_bm4d(device: torch.device, size: int = 128, bm4d_size: int = 64) -> dict[str, Any]:
+    """predict_ldm on a size^3 volume with the default sampler, then BM4D in the same process on
+    a bm4d_size^3 volume, its time scaled by (size / bm4d_size)^3 (BM4D is about linear in the
+    voxel count; bm4d_size = size measures it directly)."""
+    from ldm.classical import bm4d_denoise
+
+    r = predict_128(device, steps=default_steps(), size=size)
+    vol = torch.from_numpy(np.random.default_rng(1).random((bm4d_size,) * 3, dtype=np.float32))
+    t0 = time.perf_counter()
+    bm4d_denoise(vol, 0.1)
+    measured = time.perf_counter() - t0
+    scaled = measured * (size / bm4d_size) ** 3
+    return {**r, "bm4d_size": bm4d_size, "bm4d_measured_s": measured, "bm4d_s": scaled,
+            "bm4d_ratio": scaled / r["seconds"]}  # fmt: skip
+
+
+@case
+def vae_vs_monai(device: torch.device, reps: int = 4) -> dict[str, Any]:
+    from ldm.bench_monai import compare
+
+    return compare("vae", torch.get_num_threads(), reps)
+
+
+@case
+def unet_vs_monai(device: torch.device, reps: int = 4) -> dict[str, Any]:
+    from ldm.bench_monai import compare
+
+    return compare("unet", torch.get_num_threads(), reps)
+
+
+@case
+def run_all_demo(device: torch.device) -> dict[str, Any]:
+    """Wall time of ``scripts/run_all.py --profile demo`` in an empty temporary folder."""
+    import os
+    import tempfile
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "run_all.py"),
+                               "--profile", "demo"], cwd=tmp, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+        seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"run_all failed: {proc.stderr.strip().splitlines()[-1:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    return {"seconds": seconds, "phases": lines, "load_avg_1min": os.getloadavg()[0]}
+
+
 @case
 def sampler_quality(
     device: torch.device,
     config: str = "configs/demo/predict_ldm.yaml",
-    ddim_steps: tuple[int, ...] = (5, 10, 20, 50),
-    ddpm: bool = True,
+    ddim_steps: tuple[int, ...] = (2, 5, 10, 20, 50),
+    ddpm: bool = False,
 ) -> dict[str, Any]:
-    """PSNR/SSIM and time of DDIM at several step counts and of DDPM (all T steps) on the first
-    test case, with the trained checkpoints named by a predict_ldm config."""
+    """PSNR/SSIM and time of DDIM at several step counts (and DDPM, all T steps, if asked) on
+    the first test case, with the trained checkpoints named by a predict_ldm config."""
     from ldm.data.dataset import iter_test_cases, load_manifest
     from ldm.diffusion.latent_diffusion import load_ldm
     from ldm.metrics import psnr, ssim
@@ -162,7 +217,8 @@ def sampler_quality(
     window = tuple(cfg.window or load_manifest(cfg.data_dir)["patch_size"])
     case = next(iter_test_cases(cfg.data_dir))
     hr = case.to_original(case.hr)
-    runs = [SamplerConfig("ddim", s) for s in ddim_steps]
+    default = default_steps()
+    runs = [SamplerConfig("ddim", s) for s in sorted({*ddim_steps, default, 50})]
     runs += [SamplerConfig("ddpm")] if ddpm else []
     rows = []
     for sampler in runs:
@@ -175,14 +231,29 @@ def sampler_quality(
         rows.append({"sampler": sampler.sampler, "steps": steps, "psnr": psnr(vol, hr),
                      "ssim": ssim(vol, hr), "seconds": seconds})  # fmt: skip
     return {"case": case.name, "shape": list(case.hr.shape), "config": config,
-            "baseline_psnr": psnr(case.to_original(case.lr), hr), "runs": rows}  # fmt: skip
+            "default_steps": default, "baseline_psnr": psnr(case.to_original(case.lr), hr),
+            "runs": rows}  # fmt: skip
 
 
 @case
 def particles(device: torch.device, num_particles: int = 50_000) -> dict[str, Any]:
     from ldm.phases.particles_gif import benchmark
 
-    return {"num_particles": num_particles, **benchmark(num_particles, 1000, 512, 5)}
+    steps = 1000
+    r = benchmark(num_particles, steps, 512, 5)
+    return {"num_particles": num_particles, **r, "ms_per_step": 1e3 * r["simulate_s"] / steps,
+            "ms_per_frame": 1e3 * r["render_s"] / r["frames"]}  # fmt: skip
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process since exec (VmHWM; ru_maxrss would include the parent's)."""
+    try:
+        from ldm.bench_monai import status_mb
+
+        return status_mb("VmHWM")
+    except (OSError, RuntimeError):  # no /proc: macOS reports bytes, Linux kB
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def run_case(name: str, device_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +265,7 @@ def run_case(name: str, device_name: str, kwargs: dict[str, Any]) -> dict[str, A
     result["peak_mem_mb"] = (
         torch.cuda.max_memory_allocated() / 2**20
         if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        else _peak_rss_mb()
     )
     return result
 
@@ -225,16 +296,25 @@ def save(report: dict[str, Any], out: Path) -> Path:
     return save_json(report, out)
 
 
+QUICK = [  # every target figure but run_all: a few minutes on 2 idle cores
+    ("predict_vs_bm4d", {"size": 128, "bm4d_size": 32}),
+    ("particles", {"num_particles": 50_000}),
+    ("vae_vs_monai", {"reps": 2}),
+    ("unet_vs_monai", {"reps": 2}),
+    ("sampler_quality", {}),  # needs the demo checkpoints (python scripts/run_all.py)
+]
 PLAN = [
     ("vae_train", {}),
     ("unet_train", {}),
-    ("predict_128", {"steps": 50, "size": 128}),
+    ("predict_vs_bm4d", {"size": 128, "bm4d_size": 64}),
     ("sliding_window", {"size": 64}),
     ("sliding_window", {"size": 128}),
-    ("sliding_window", {"size": 256}),
     ("particles", {"num_particles": 10_000}),
     ("particles", {"num_particles": 50_000}),
-    ("sampler_quality", {}),  # needs the demo checkpoints (python scripts/run_all.py)
+    ("vae_vs_monai", {}),
+    ("unet_vs_monai", {}),
+    ("sampler_quality", {}),
+    ("run_all_demo", {}),
 ]
 
 
@@ -262,24 +342,57 @@ def _describe(name: str, r: dict) -> str:
         return f"{r['case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
     if name == "particles":
         return (
-            f"{r['num_particles']} particles x 1000 steps 512^2 + GIF: {r['total_s']:.1f} s "
-            f"total ({r['cpu_s']:.1f} s CPU), {r['steps_per_s']:.0f} steps/s"
+            f"{r['num_particles']} particles x 1000 steps, 512x384, {r['frames']:.0f} frames + "
+            f"GIF: {r['total_s']:.2f} s total ({r['cpu_s']:.1f} s CPU), "
+            f"{r['ms_per_step']:.2f} ms/step, {r['ms_per_frame']:.2f} ms/frame, "
+            f"GIF {r['gif_s']:.2f} s"
         )
+    if name == "predict_vs_bm4d":
+        return (
+            f"predict_ldm {r['size']}^3, {r['ddim_steps']} DDIM steps: {r['seconds']:.1f} s; "
+            f"BM4D {r['bm4d_size']}^3 {r['bm4d_measured_s']:.1f} s -> {r['size']}^3 "
+            f"~{r['bm4d_s']:.0f} s: {r['bm4d_ratio']:.1f}x"
+        )
+    if name in ("vae_vs_monai", "unet_vs_monai"):
+        return (
+            f"ours {r['ours_s']:.3f} s/step, MONAI {r['monai_s']:.3f} s/step "
+            f"({r['speedup']:.2f}x); train memory ours {r['ours_train_mb']:.0f} MB, "
+            f"MONAI {r['monai_train_mb']:.0f} MB; params {r['ours_params']:,} / "
+            f"{r['monai_params']:,}"
+        )
+    if name == "run_all_demo":
+        return f"{r['seconds']:.0f} s (1-min load average at the end {r['load_avg_1min']:.1f})"
     return str(r)
 
 
-def run_plan(device: str, threads: int, only: str, out: Path, echo=print) -> list[dict]:
-    """Run the chosen cases (each in a child process), print a line each, save after each."""
+def run_plan(
+    device: str, threads: int, only: str, out: Path, echo=print, quick: bool = False
+) -> list[dict]:
+    """Run the chosen cases (each in a child process), print a line each, save after each;
+    then print every target figure next to its target (ldm/bench_targets.py)."""
+    import os
+
+    from ldm.bench_targets import check_targets, format_targets
+
     env = environment(device, threads)
+    env["load_avg_start"] = list(os.getloadavg())
     echo(f"benchmark on {env['device']} ({env['device_name']}), {threads} threads, "
-         f"torch {env['torch']}")  # fmt: skip
-    chosen = [(n, kw) for n, kw in PLAN if not only or n in only.split(",")]
-    rows = []
+         f"torch {env['torch']}, load average {env['load_avg_start'][0]:.1f}"
+         f"{' (quick)' if quick else ''}")  # fmt: skip
+    plan = QUICK if quick else PLAN
+    chosen = [(n, kw) for n, kw in plan if not only or n in only.split(",")]
+    rows: list[dict] = []
+    report: dict[str, Any] = {"environment": env, "quick": quick, "results": rows}
     for name, kwargs in chosen:
         r = run_in_child(name, device, threads, **kwargs)
         rows.append({"case": name, **kwargs, **r})
-        save({"environment": env, "results": rows}, out)  # after every case: nothing is lost
+        save(report, out)  # after every case: nothing is lost
         mem = f"{r['peak_mem_mb']:8.0f} MB" if "peak_mem_mb" in r else " " * 11
         echo(f"{name:<16}{mem}  {_describe(name, r)}")
+    env["load_avg_end"] = list(os.getloadavg())
+    report["targets"] = check_targets(rows)
+    save(report, out)
+    for line in format_targets(report["targets"]):
+        echo(line)
     echo(f"written {out}")
     return rows

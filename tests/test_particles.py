@@ -259,3 +259,33 @@ def test_default_image_is_fixed_rgb_in_range() -> None:
     assert float(a.min()) >= 0 and float(a.max()) <= 1 and a.std() > 0.1
     with pytest.raises(UserError, match=r"\[16, 4096\]"):
         default_image(8, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimised paths against the plain reference (tests/helpers/particles_reference.py)
+
+
+def test_optimised_engine_and_render_match_the_plain_reference() -> None:
+    from ldm.phases.particles_gif import simulate
+    from tests.helpers.particles_reference import ReferenceEngine, reference_frame
+
+    field = ScoreField.from_image(default_image(48, 64), field_blur=1.5, levels=3)
+    kw = dict(num_particles=3000, steps=60, eta=0.2, sigma0=2.0, seed=5, sort_every=16)
+    code = ParticleCode.from_field(field, 3.0)
+    run = simulate(field, kw, 2.0, 10, code)
+    ref = ReferenceEngine(field, **kw)
+    frames = [reference_frame(ref.positions, ref.colours, field.size, 2.0, code)]
+    for _ in range(60):
+        ref.step()
+        if ref.t % 10 == 0:
+            frames.append(reference_frame(ref.positions, ref.colours, field.size, 2.0, code))
+    engine = ParticleEngine(field, **kw)
+    engine.run()
+    assert torch.allclose(engine.positions, ref.positions, atol=1e-3)
+    assert torch.allclose(engine.colours, ref.colours, atol=1e-4)
+    assert len(run.frames) == len(frames) == 7
+    for got, want in zip(run.frames, frames):
+        diff = (got.int() - want.int()).abs()
+        assert got.shape == want.shape and int(diff.max()) <= 1
+        assert float(diff.float().mean()) < 0.01
+    assert float(frames[-1].float().std()) > 10  # a real picture, not a blank frame

@@ -161,7 +161,7 @@ class ResBlock(nn.Module):
             film = self.emb_proj(F.silu(emb))  # (B, 2 * Cout)
             film = film.reshape(*film.shape, *([1] * (h.ndim - 2)))  # (B, 2 * Cout, 1, 1, 1)
             scale, shift = film.chunk(2, dim=1)
-            h = h * (1 + scale) + shift
+            h = torch.addcmul(shift, h, 1 + scale)  # h (1 + scale) + shift: one fewer tensor
         h = self.conv2(F.silu(h))
         return self.skip(x) + h
 

@@ -78,11 +78,31 @@ class ParticleEngine:
         self._upper = torch.tensor([w - 1, h - 1], dtype=torch.float32, device=device)  # (2,)
         self._zero = torch.zeros_like(self._upper)
         self._to_grid = 2.0 / self._upper.clamp_min(1)  # pixels -> grid_sample coordinates
+        # the step's own copy of the fields, colour channels pre-multiplied by beta, one
+        # (1, 5, H, W) view per level: softmax(beta L_c) needs no multiply per step
+        scaled = self.fields.clone()
+        scaled[:, LOG_COLOUR] *= beta
+        self._step_fields = [scaled[s].unsqueeze(0) for s in range(scaled.shape[0])]
+        # buffers reused by every step (the step allocates only grid_sample's output)
+        n = num_particles
+        self._grid = torch.empty(1, 1, n, 2, device=device)  # grid_sample coordinates
+        self._noise = torch.empty(n, 2, device=device)  # z, and the reflection overshoot
         self._gen = torch.Generator(device=device).manual_seed(seed)
         u = torch.rand(num_particles, 2, generator=self._gen, device=device)
-        self.positions = u * self._upper  # (N, 2): uniform over the image
-        self.colours = torch.rand(num_particles, 3, generator=self._gen, device=device)  # (N, 3)
+        self._pos = u * self._upper  # (N, 2): uniform over the image
+        colours = torch.rand(num_particles, 3, generator=self._gen, device=device)  # (N, 3)
+        self._col = colours.t().contiguous()  # stored (3, N): the colour update is contiguous
         self.t = 0
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(N, 2) particle positions (x, y) in pixels; updated in place by ``step``."""
+        return self._pos
+
+    @property
+    def colours(self) -> torch.Tensor:
+        """(N, 3) particle colours: a view of the (3, N) storage, updated in place by ``step``."""
+        return self._col.t()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -103,9 +123,13 @@ class ParticleEngine:
 
     def _sample(self, positions: torch.Tensor, level: int) -> torch.Tensor:
         """Channel-first ``sample``: (5, N), one grid_sample call for score and colour fields."""
+        return self._lookup(self.fields[level].unsqueeze(0), positions)
+
+    def _lookup(self, fields: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """grid_sample of ``fields`` (1, 5, H, W) at ``positions`` (N, 2) -> (5, N)."""
         n = positions.shape[0]
-        grid = (positions * self._to_grid - 1.0).view(1, 1, n, 2)  # (1, 1, N, 2) in [-1, 1]
-        fields = self.fields[level].unsqueeze(0)  # (1, 5, H, W)
+        grid = self._grid if n == self.num_particles else positions.new_empty(1, 1, n, 2)
+        torch.mul(positions, self._to_grid, out=grid.view(n, 2)).sub_(1.0)  # in [-1, 1]
         out = F.grid_sample(
             fields, grid, mode="bilinear", padding_mode="border", align_corners=True
         )  # (1, 5, 1, N)
@@ -114,7 +138,8 @@ class ParticleEngine:
     def _reflect(self, x: torch.Tensor) -> torch.Tensor:
         """Mirror positions at the image border in place: -a -> a, M + a -> M - a, else as is."""
         x.abs_()
-        x.sub_((x - self._upper).clamp_min_(0), alpha=2.0)  # exact for x in [0, M]
+        over = torch.sub(x, self._upper, out=self._noise).clamp_min_(0)  # z is used up here
+        x.sub_(over, alpha=2.0)  # exact for x in [0, M]
         return x.clamp_(min=self._zero, max=self._upper)  # jumps beyond one width
 
     def _sort(self) -> None:
@@ -122,8 +147,8 @@ class ParticleEngine:
         h, w = self.size
         key = self.positions[:, 1].long() * w + self.positions[:, 0].long()  # (N,)
         order = torch.argsort(key, stable=True)
-        self.positions = self.positions[order]
-        self.colours = self.colours[order]
+        self._pos = self._pos[order]
+        self._col = self._col[:, order]
 
     def step(self) -> None:
         """Advance all particles by one step (steps 1-5 of the module doc)."""
@@ -131,15 +156,16 @@ class ParticleEngine:
             raise RuntimeError(f"the engine has already run its {self.steps} steps")
         level = self.level(self.t)
         k = self.level_scale[level]
-        v = self._sample(self.positions, level)  # (5, N)
-        x = torch.add(self.positions, v[SCORE].t(), alpha=k * self.eta)  # x + k eta score(x)
+        x = self._pos  # (N, 2), updated in place
+        v = self._lookup(self._step_fields[level], x)  # (5, N): score, beta L_c
+        x.add_(v[SCORE].t(), alpha=k * self.eta)  # x + k eta score(x)
         sigma = self.sigma(self.t) * k**0.5
         if sigma > 0:
-            z = torch.randn(x.shape, generator=self._gen, device=x.device, dtype=x.dtype)
+            z = torch.randn(x.shape, generator=self._gen, out=self._noise)
             x.add_(z, alpha=sigma)  # + sqrt(k) sigma(t) z
-        self.positions = self._reflect(x)
-        target = torch.softmax(self.beta * v[LOG_COLOUR], dim=0)  # (3, N); channel-first is fast
-        self.colours.lerp_(target.t(), self.alpha)  # c + alpha * (target - c)
+        self._reflect(x)
+        target = torch.softmax(v[LOG_COLOUR], dim=0)  # (3, N); channel-first is fast
+        self._col.lerp_(target, self.alpha)  # c + alpha * (target - c), all (3, N)
         self.t += 1
         if self.sort_every and self.t % self.sort_every == 0:
             self._sort()

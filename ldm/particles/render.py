@@ -58,20 +58,31 @@ def splat(positions: torch.Tensor, weights: torch.Tensor, size: tuple[int, int])
     """Bilinear splat: add each particle's ``weights`` (N, C) to its 4 nearest pixels -> (C, H, W).
 
     ``positions`` (N, 2) are (x, y) pixel coordinates inside [0, W-1] x [0, H-1]; the total mass
-    of each channel is preserved.
+    of each channel is preserved. ``weights`` may be a (C, N) tensor's transposed view (cheapest).
     """
     h, w = size
     x0 = positions.floor().clamp_(min=0)
-    x0 = torch.minimum(x0, torch.tensor([max(w - 2, 0), max(h - 2, 0)], device=x0.device))
+    x0 = torch.minimum(x0, x0.new_tensor([max(w - 2, 0), max(h - 2, 0)]))
     f = (positions - x0).clamp_(0, 1)  # (N, 2) fractional offsets
     i = (x0[:, 1] * w + x0[:, 0]).long()  # (N,) flat index of the top-left pixel
     dx, dy = (1 if w > 1 else 0), (w if h > 1 else 0)
     fx, fy = f[:, 0], f[:, 1]
+    gx, gy = 1 - fx, 1 - fy
     idx = torch.cat([i, i + dx, i + dy, i + dy + dx])  # (4N,)
-    wts = torch.cat([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])  # (4N,)
+    wts = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy])  # (4, N), corner-major like idx
     # one weighted bincount per channel: several times faster than index_add_ on CPU
-    chans = [torch.bincount(idx, wts * wc.repeat(4), minlength=h * w) for wc in weights.t()]
+    chans = [torch.bincount(idx, (wts * wc).view(-1), minlength=h * w) for wc in weights.t()]
     return torch.stack(chans).reshape(-1, h, w)
+
+
+def _unit_rgb(colours: torch.Tensor, code: ParticleCode | None) -> torch.Tensor:
+    """``particle_rgb`` channel-first: (N, 3) colours -> (3, N), contiguous for (3, N) storage."""
+    q = colours.t().clamp_min(1e-12)  # (3, N)
+    if code is not None:
+        s = torch.exp(code.log_norm - code.log_norm.max()).to(q)  # S_c / max S
+        q.pow_(1.0 / code.beta).mul_(s[:, None])
+    luma = torch.tensor(LUMA, dtype=q.dtype, device=q.device)
+    return q.div_(luma @ q)  # q / (w . q), broadcast over the channels
 
 
 def particle_rgb(colours: torch.Tensor, code: ParticleCode | None) -> torch.Tensor:
@@ -80,12 +91,21 @@ def particle_rgb(colours: torch.Tensor, code: ParticleCode | None) -> torch.Tens
     Decoded: q_c ~ c_c^(1 / beta) S_c inverts c* = softmax(beta (log C_c - log S_c)) up to scale,
     i.e. gives the source chromaticity. Raw (``code`` None): q = c. Then q / (w . q).
     """
-    q = colours.clamp_min(1e-12)  # (N, 3)
-    if code is not None:
-        s = torch.exp(code.log_norm - code.log_norm.max()).to(q)  # S_c / max S
-        q = q.pow(1.0 / code.beta) * s
-    luma = torch.tensor(LUMA, dtype=q.dtype, device=q.device)
-    return q / (q @ luma).unsqueeze(1)
+    return _unit_rgb(colours, code).t()
+
+
+def _blurred(positions: torch.Tensor, colours: torch.Tensor, size: tuple[int, int], blur: float,
+             code: ParticleCode | None) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+    """Blurred splat (3, H, W) and (a, b) such that the frame is clamp(a * acc + b, 0, 1)."""
+    acc = splat(positions, _unit_rgb(colours, code).t(), size)  # (3, H, W)
+    acc = gaussian_blur(acc, (blur, blur))  # each channel on its own
+    if code is not None:  # C + eps = (particles per pixel) * sum(Y + eps) / N, per channel
+        return acc, code.luma_mass() / positions.shape[0], -code.eps
+    luma = torch.tensor(LUMA, dtype=acc.dtype, device=acc.device)
+    lum = torch.einsum("c,chw->hw", luma, acc).reshape(-1)
+    stride = max(1, lum.numel() // _QUANTILE_SAMPLES)
+    white = torch.quantile(lum[::stride], WHITE_QUANTILE).clamp_min(1e-12)
+    return acc, 1.0 / float(white), 0.0
 
 
 def render_frame(
@@ -100,15 +120,27 @@ def render_frame(
     Every particle adds one unit of luminance in its colour (``particle_rgb``); the blurred sum
     is scaled by sum(Y + eps) / N (decoded) or so that its 0.99 luminance quantile is white (raw).
     """
-    acc = splat(positions, particle_rgb(colours, code), size)  # (3, H, W)
-    acc = gaussian_blur(acc, (blur, blur))  # each channel on its own
-    if code is not None:  # C + eps = (particles per pixel) * sum(Y + eps) / N, per channel
-        return acc.mul_(code.luma_mass() / positions.shape[0]).sub_(code.eps).clamp_(0, 1)
-    luma = torch.tensor(LUMA, dtype=acc.dtype, device=acc.device)
-    lum = torch.einsum("c,chw->hw", luma, acc).reshape(-1)
-    stride = max(1, lum.numel() // _QUANTILE_SAMPLES)
-    white = torch.quantile(lum[::stride], WHITE_QUANTILE).clamp_min(1e-12)
-    return acc.div_(white).clamp_(0, 1)
+    acc, a, b = _blurred(positions, colours, size, blur, code)
+    return acc.mul_(a).add_(b).clamp_(0, 1)
+
+
+def render_frame_uint8(
+    positions: torch.Tensor,
+    colours: torch.Tensor,
+    size: tuple[int, int],
+    blur: float,
+    code: ParticleCode | None = None,
+) -> torch.Tensor:
+    """``to_uint8(render_frame(...))`` in fewer passes: (H, W, 3) uint8, contiguous.
+
+    The scale, offset and 255 are folded into one multiply-add before rounding; a value within
+    float rounding of a half level may round the other way (at most 1 level apart).
+    """
+    acc, a, b = _blurred(positions, colours, size, blur, code)
+    acc.mul_(255.0 * a).add_(255.0 * b + 0.5).clamp_(0, 255)  # round half up, as to_uint8
+    out = torch.empty(*size, 3, dtype=torch.uint8, device=acc.device)
+    out.permute(2, 0, 1).copy_(acc)  # the float -> uint8 cast truncates
+    return out.cpu()
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -180,12 +212,11 @@ def write_gif(
     shift, bits = 8 - _LUT_BITS, _LUT_BITS
     images = []
     for f in frames:
-        rgb = f.numpy() >> shift  # (H, W, 3) uint8, top bits of each channel
-        index = lut[
-            (rgb[..., 0].astype(np.int32) << 2 * bits)
-            | (rgb[..., 1].astype(np.int32) << bits)
-            | rgb[..., 2]
-        ]
+        rgb = (f.numpy() >> shift).astype(np.uint16)  # (H, W, 3), top bits of each channel
+        key = rgb[..., 0] << 2 * bits
+        key |= rgb[..., 1] << bits
+        key |= rgb[..., 2]
+        index = np.take(lut, key)  # (H, W) uint8 palette indices
         im = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
         im.putpalette(palette.tobytes())
         images.append(im)

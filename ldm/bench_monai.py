@@ -1,0 +1,180 @@
+"""Training steps of our VAE and UNet against MONAI's AutoencoderKL and DiffusionModelUNet.
+
+Benchmark only (the optional extra ``bench``: ``pip install -e .[bench]``). Both nets get the
+widths, residual blocks per level, latent channels, norm groups and attention of
+``configs/train_vae_pair.yaml`` / ``configs/train_diffusion.yaml`` and the same batch; they are
+not the same network: MONAI's autoencoder also has residual blocks at full resolution (ours has
+only a stem conv there and one block at the end of the decoder), and its UNet gets the condition
+concatenated on channels like ours.
+
+Time: one AdamW step (forward, loss, backward, update), the two nets alternating in one process so
+that machine load hits both alike; the ratio is MONAI's time over ours. Memory: each net trains
+in a child process of its own; the figure is peak RSS (VmHWM) minus the RSS just before
+the net was built, i.e. weights, optimiser state, activations and allocator slack of that net.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ldm.config import REPO_ROOT, load_config
+from ldm.errors import UserError
+
+PATCH = (32, 32, 32)  # image patches of the VAE; latents of the UNet are PATCH / 4
+LATENT = (8, 8, 8)
+
+
+def _monai():
+    try:
+        from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+    except ImportError as e:
+        raise UserError(
+            "the MONAI comparison needs monai: pip install -e .[bench] (or pip install monai)"
+        ) from e
+    return AutoencoderKL, DiffusionModelUNet
+
+
+def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], Any], int]:
+    """(net, loss(net) on a fixed batch, batch size) for kind vae|unet, which ours|monai."""
+    gen = torch.Generator().manual_seed(0)
+    if kind == "vae":
+        from ldm.nets import VAE3d
+        from ldm.phases.train_vae_pair import TrainVAEConfig
+
+        cfg = load_config(TrainVAEConfig, REPO_ROOT / "configs" / "train_vae_pair.yaml")
+        m, b = cfg.model, 2 * cfg.train.batch_size  # LR and HR halves, as in training
+        x = torch.randn(b, 1, *PATCH, generator=gen)
+        if which == "ours":
+            net = VAE3d(m)
+        else:
+            net = _monai()[0](
+                spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=m.num_res_blocks,
+                channels=m.channels, attention_levels=(False,) * len(m.channels),
+                latent_channels=m.latent_channels, norm_num_groups=m.norm_groups,
+                with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+            )  # fmt: skip
+
+        def loss(net: torch.nn.Module) -> torch.Tensor:
+            recon, mu, logvar = net(x)
+            return (recon - x).abs().mean() + 1e-4 * (mu.square() + logvar.exp() - logvar).mean()
+
+        return net, loss, b
+    if kind != "unet":
+        raise UserError(f"kind must be vae or unet, got {kind!r}")
+    from ldm.nets import UNet3d
+    from ldm.phases.train_diffusion import TrainDiffusionConfig
+
+    cfg = load_config(TrainDiffusionConfig, REPO_ROOT / "configs" / "train_diffusion.yaml")
+    m, b = cfg.model, cfg.train.batch_size
+    z = torch.randn(b, m.in_channels, *LATENT, generator=gen)
+    cond = torch.randn(b, m.cond_channels, *LATENT, generator=gen)
+    t = torch.randint(0, 1000, (b,), generator=gen)
+    target = torch.randn(b, m.out_channels, *LATENT, generator=gen)
+    if which == "ours":
+        net = UNet3d(m)
+
+        def loss(net: torch.nn.Module) -> torch.Tensor:
+            return F.mse_loss(net(z, t, cond), target)
+    else:
+        net = _monai()[1](
+            spatial_dims=3, in_channels=m.in_channels + m.cond_channels,
+            out_channels=m.out_channels, num_res_blocks=m.num_res_blocks, channels=m.channels,
+            attention_levels=tuple(m.attention and i == len(m.channels) - 1
+                                   for i in range(len(m.channels))),
+            norm_num_groups=m.norm_groups, num_head_channels=m.channels[-1] // m.num_heads,
+            use_flash_attention=True,
+        )  # fmt: skip
+        zc = torch.cat([z, cond], 1)
+
+        def loss(net: torch.nn.Module) -> torch.Tensor:
+            return F.mse_loss(net(zc, t), target)
+
+    return net, loss, b
+
+
+def _stepper(net: torch.nn.Module, loss: Callable) -> Callable[[], None]:
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    net.train()
+
+    def step() -> None:
+        loss(net).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def compare_time(kind: str, reps: int = 4, warmup: int = 1) -> dict[str, Any]:
+    """Seconds per training step of ours and MONAI's, alternating in this process."""
+    nets = {w: build(kind, w) for w in ("ours", "monai")}
+    steps = {w: _stepper(n, loss) for w, (n, loss, _) in nets.items()}
+    for _ in range(warmup):
+        for s in steps.values():
+            s()
+    total = dict.fromkeys(steps, 0.0)
+    for _ in range(reps):
+        for w, s in steps.items():
+            t0 = time.perf_counter()
+            s()
+            total[w] += time.perf_counter() - t0
+    sec = {w: v / reps for w, v in total.items()}
+    params = {w: sum(p.numel() for p in n.parameters()) for w, (n, _, _) in nets.items()}
+    return {"kind": kind, "batch": nets["ours"][2], "reps": reps, "ours_s": sec["ours"],
+            "monai_s": sec["monai"], "speedup": sec["monai"] / sec["ours"],
+            "ours_params": params["ours"], "monai_params": params["monai"]}  # fmt: skip
+
+
+def status_mb(key: str) -> float:
+    """A memory figure of /proc/self/status in MB: VmRSS now, VmHWM its peak since exec.
+
+    (``ru_maxrss`` would not do: Linux keeps it across exec, so a child started by a big parent
+    reports the parent's peak.)
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_memory(kind: str, which: str, steps: int = 2) -> dict[str, float]:
+    """Run in a child: peak RSS over a few training steps minus the RSS before building."""
+    _monai()  # imported by both children alike
+    before = status_mb("VmRSS")
+    net, loss, _ = build(kind, which)
+    step = _stepper(net, loss)
+    for _ in range(steps):
+        step()
+    peak = status_mb("VmHWM")
+    return {"rss_before_mb": before, "peak_rss_mb": peak, "train_mb": peak - before}
+
+
+def memory_in_child(kind: str, which: str, threads: int) -> dict[str, float]:
+    code = (
+        "import json, torch; from ldm.bench_monai import peak_memory; "
+        f"torch.set_num_threads({threads}); "
+        f"print('RESULT ' + json.dumps(peak_memory({kind!r}, {which!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    err = proc.stderr.strip().splitlines()
+    return {"error": err[-1] if err else "failed"}
+
+
+def compare(kind: str, threads: int, reps: int = 4) -> dict[str, Any]:
+    """Time ratio (one process) and per-net peak training memory (a child each)."""
+    out = compare_time(kind, reps)
+    for which in ("ours", "monai"):
+        mem = memory_in_child(kind, which, threads)
+        out[f"{which}_train_mb"] = mem.get("train_mb", float("nan"))
+    return out

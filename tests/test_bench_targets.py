@@ -1,0 +1,37 @@
+"""The benchmark's target table: figures read from case rows, met / missed / not run."""
+
+from __future__ import annotations
+
+from ldm.bench_targets import check_targets, format_targets
+
+
+def _by_figure(rows: list[dict]) -> dict[str, dict]:
+    return {c["figure"]: c for c in check_targets(rows)}
+
+
+def test_targets_read_their_figures_and_judge_them() -> None:
+    rows = [
+        {"case": "particles", "num_particles": 10_000, "ms_per_step": 0.1, "ms_per_frame": 0.1,
+         "total_s": 0.1},
+        {"case": "particles", "num_particles": 50_000, "ms_per_step": 0.8, "ms_per_frame": 3.0,
+         "total_s": 2.0},
+        {"case": "vae_vs_monai", "speedup": 1.5, "ours_train_mb": 300.0, "monai_train_mb": 200.0},
+        {"case": "sampler_quality", "default_steps": 10,
+         "runs": [{"sampler": "ddim", "steps": 10, "psnr": 24.30},
+                  {"sampler": "ddim", "steps": 50, "psnr": 24.40}]},
+        {"case": "unet_vs_monai", "error": "boom"},
+    ]  # fmt: skip
+    got = _by_figure(rows)
+    assert got["particles 50k: time per step"]["met"] is True  # the 10k row is not read
+    assert got["particles 50k: time per step"]["value"] == 0.8
+    assert got["particles 50k: time per rendered frame"]["met"] is False
+    assert got["particles 50k: 1000 steps + GIF"]["met"] is True  # <= is inclusive
+    assert got["VAE train step: MONAI time / ours"]["met"] is True
+    assert got["VAE train memory: ours / MONAI"]["value"] == 1.5
+    assert got["VAE train memory: ours / MONAI"]["met"] is False
+    gap = got["default DDIM steps: PSNR minus DDIM 50 (demo)"]
+    assert abs(gap["value"] + 0.10) < 1e-9 and gap["met"] is False
+    assert got["UNet train step: MONAI time / ours"]["met"] is None  # failed case: not run
+    assert got["run_all --profile demo"]["value"] is None
+    text = "\n".join(format_targets(check_targets(rows)))
+    assert "MISSED" in text and "not run" in text and " met" in text
