@@ -183,10 +183,10 @@ def _run_methods(
 ) -> dict[str, np.ndarray]:
     """Every method's output on one case, in normalised units, (D, H, W) float32 each."""
 
-    def ae(volume: np.ndarray) -> np.ndarray:
+    def ae(volume: np.ndarray) -> np.ndarray:  # an LR-aware VAE decodes with the LR (ceiling too)
         return autoencode_volume(
             vae, volume, window, overlap=cfg.overlap, batch_size=cfg.batch_size,
-            device=device, progress=False,
+            device=device, progress=False, lr=case.lr,
         )  # fmt: skip
 
     lr = torch.from_numpy(np.ascontiguousarray(case.lr, dtype=np.float32)).to(device)
