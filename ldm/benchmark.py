@@ -185,6 +185,14 @@ def particles(device: torch.device, num_particles: int = 50_000) -> dict[str, An
     return {"num_particles": num_particles, **benchmark(num_particles, 1000, 512, 5)}
 
 
+@case
+def quality(device: torch.device, **kwargs: Any) -> dict[str, Any]:
+    """The quality bench (ldm/quality_bench.py): trains every variant, so only on request."""
+    from ldm.quality_bench import bench_case
+
+    return bench_case(**kwargs)
+
+
 def run_case(name: str, device_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run one case here (in the child process) and add its peak memory."""
     device = pick_device(device_name)
@@ -236,6 +244,7 @@ PLAN = [
     ("particles", {"num_particles": 50_000}),
     ("sampler_quality", {}),  # needs the demo checkpoints (python scripts/run_all.py)
 ]
+OPT_IN = [("quality", {})]  # tens of CPU minutes: run only when named in --only
 
 
 def _describe(name: str, r: dict) -> str:
@@ -260,6 +269,8 @@ def _describe(name: str, r: dict) -> str:
         runs = ", ".join(f"{x['sampler']} {x['steps']}: {x['psnr']:.2f} dB {x['seconds']:.0f} s"
                          for x in r["runs"])  # fmt: skip
         return f"{r['case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
+    if name == "quality":
+        return r["summary"]
     if name == "particles":
         return (
             f"{r['num_particles']} particles x 1000 steps 512^2 + GIF: {r['total_s']:.1f} s "
@@ -273,7 +284,8 @@ def run_plan(device: str, threads: int, only: str, out: Path, echo=print) -> lis
     env = environment(device, threads)
     echo(f"benchmark on {env['device']} ({env['device_name']}), {threads} threads, "
          f"torch {env['torch']}")  # fmt: skip
-    chosen = [(n, kw) for n, kw in PLAN if not only or n in only.split(",")]
+    names = only.split(",") if only else []
+    chosen = [(n, kw) for n, kw in PLAN + OPT_IN if n in names] if names else list(PLAN)
     rows = []
     for name, kwargs in chosen:
         r = run_in_child(name, device, threads, **kwargs)

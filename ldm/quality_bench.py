@@ -311,6 +311,17 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_case(
+    datasets: str = "phantom,mri", variants: str = ",".join(VARIANTS), vae_minutes: float = 3.0,
+    diffusion_minutes: float = 2.0,
+) -> dict[str, Any]:
+    """``ldm3d benchmark --only quality``: the whole bench into results/benchmark/quality.json."""
+    out = Path("results/benchmark/quality.json").resolve()
+    report = run(datasets.split(","), variants.split(","), out.parent / "quality_work",
+                 vae_minutes, diffusion_minutes, out)  # fmt: skip
+    return {"out": str(out), "summary": f"written {out}\n" + format_table(report)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="phantom,mri")
