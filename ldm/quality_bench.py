@@ -29,6 +29,7 @@ from ldm.data.dataset import iter_test_cases, load_manifest
 from ldm.data.degrade import DegradeConfig, degrade
 from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
+from ldm.errors import UserError
 from ldm.inference import autoencode_volume, sliding_window_infer
 from ldm.io import save_json
 from ldm.metrics import psnr, ssim
@@ -55,7 +56,12 @@ def write_mri_blocks(folder: Path, block: int = 48, min_brain: float = 0.3) -> i
     """Non-overlapping ``block``^3 crops of the MNI152 1 mm T1 template as .nii.gz files, skipping
     crops with less than ``min_brain`` voxels above 20 % of the maximum; returns their number."""
     import nibabel as nib
-    from nilearn.datasets import load_mni152_template
+
+    try:
+        from nilearn.datasets import load_mni152_template
+    except ImportError as e:
+        raise UserError(f"the mri dataset of the quality bench needs nilearn ({e}): "
+                        "pip install nilearn, or run --datasets phantom") from None
 
     img = load_mni152_template(resolution=1)
     data = np.asarray(img.get_fdata(), dtype=np.float32)
@@ -231,7 +237,10 @@ def generalisation_cases(
     """(setting, case, LR, HR) in original units: the first ``max_cases`` MRI test blocks at
     0.7 / 1.4 mm voxels (HR resampled, then degraded as in training) and with intensities
     a x + b (LR and HR)."""
-    from scipy.ndimage import zoom
+    try:
+        from scipy.ndimage import zoom  # scipy comes with the dev extra (scikit-image)
+    except ImportError as e:
+        raise UserError(f"the generalisation cases need scipy ({e}): pip install scipy") from None
 
     cases = []
     for i, case in enumerate(iter_test_cases(data)):
@@ -323,6 +332,42 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(report: dict[str, Any]) -> str:
+    """One line per dataset/variant: the test-set PSNR/SSIM of every method side by side, the
+    training CPU minutes and the LDM's predict seconds; then generalisation PSNRs (MRI)."""
+    lines = []
+    for key, r in report["results"].items():
+        test = r["scores"]["test"]
+        lines.append(f"{key}  (train {r['train_cpu_minutes']:.1f} CPU min / "
+                     f"{r['train_minutes']:.1f} wall min, steps {r['steps']}, "
+                     f"{r['num_test']} test volumes)")  # fmt: skip
+        for m, sc in test.items():
+            sec = r["predict_seconds"].get(m)
+            extra = f"  predict {sec:.0f} s wall, every setting" if sec else ""
+            lines.append(f"    {m:<28}{sc['psnr']:7.2f} dB {sc['ssim']:6.3f}  bias "
+                         f"{sc['bias_pct']:+5.2f}%  contrast {sc['contrast_pct']:+6.2f}%"
+                         + extra)  # fmt: skip
+        others = [s for s in r["scores"] if s != "test"]
+        if others:
+            keep = [m for m in test if not m.startswith(("heat", "VAE ceiling", "decode(0"))]
+            lines.append("    generalisation PSNR: " + " | ".join(keep))
+            for st in others:
+                vals = " | ".join(f"{r['scores'][st][m]['psnr']:.2f}" for m in keep)
+                lines.append(f"      {st:<22}{vals}")
+    return "\n".join(lines)
+
+
+def combine(paths: list[Path], out: Path) -> dict[str, Any]:
+    """Merge per-dataset reports (one process per dataset) into ``out``."""
+    report: dict[str, Any] = {"results": {}}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        report.update({k: v for k, v in part.items() if k != "results"})
+        report["results"].update(part["results"])
+    save_json(report, out)
+    return report
+
+
 def bench_case(
     datasets: str = "phantom,mri", variants: str = ",".join(VARIANTS), vae_minutes: float = 3.0,
     diffusion_minutes: float = 2.0,
@@ -343,7 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--diffusion-minutes", type=float, default=2.0, help="CPU minutes, diffusion")
     p.add_argument("--out", type=Path, default=Path("results/benchmark/quality.json"))
     p.add_argument("--bm4d", action="store_true", help="also BM4D on MRI (slow)")
+    p.add_argument("--combine", nargs="+", type=Path, help="only merge these reports into --out")
     a = p.parse_args(argv)
+    if a.combine:
+        print(summary_table(combine(a.combine, a.out)))
+        return
     run(a.datasets.split(","), a.variants.split(","), a.work, a.vae_minutes,
         a.diffusion_minutes, a.out, a.bm4d)  # fmt: skip
 

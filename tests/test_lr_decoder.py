@@ -3,6 +3,7 @@ that feeds it the LR, the start from the noised LR latent, augmentation and the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -181,3 +182,22 @@ def test_quality_case_runs_only_when_asked(monkeypatch, tmp_path):
     monkeypatch.setattr(benchmark, "PLAN", [("vae_train", {})])
     benchmark.run_plan("cpu", 1, "", tmp_path / "b.json", echo=lambda *a: None)
     assert ran == ["vae_train"]
+
+
+def test_bench_report_combines_and_tabulates(tmp_path):
+    from ldm.quality_bench import combine, score, summary_table
+
+    hr = np.linspace(0, 1, 12**3).reshape(12, 12, 12)
+    row = {"Baseline": score(hr + 0.1, hr), "LDM (noise, 20 steps)": score(hr, hr)}
+    assert row["Baseline"]["bias_pct"] == pytest.approx(10.0)
+    base = {"train_minutes": 2.0, "train_cpu_minutes": 1.0, "steps": {"vae": 3}, "num_test": 1,
+            "predict_seconds": {"LDM (noise, 20 steps)": 4.0}}
+    parts = []
+    for name, scores in [("phantom/a", {"test": row}),
+                         ("mri/a", {"test": row, "voxel 0.7 mm": row})]:  # fmt: skip
+        parts.append(tmp_path / f"{name.split('/')[0]}.json")
+        parts[-1].write_text(json.dumps({"results": {name: {**base, "scores": scores}}}))
+    report = combine(parts, tmp_path / "all.json")
+    assert set(report["results"]) == {"phantom/a", "mri/a"}
+    text = summary_table(report)
+    assert "voxel 0.7 mm" in text and "predict 4 s" in text and text.count("Baseline") == 3
