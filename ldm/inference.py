@@ -168,7 +168,13 @@ def autoencode_volume(
         raise UserError(f"lr shape {lr.shape} != volume shape {volume.shape}")
     x = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in vols]))  # (1|2, *sp)
     out = sliding_window_infer(
-        x, fn, window, overlap=overlap, batch_size=batch_size, device=device, progress=progress,
+        x,
+        fn,
+        window,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
         out_channels=1,
     )
     return out[0].numpy()

@@ -40,6 +40,9 @@ VARIANTS: dict[str, list[str]] = {
     "lr_skip+residual+aug": ["model.lr_skip=true", "model.residual=true",
                              "augment.flips=true", "augment.permute=true",
                              "augment.scale=0.3", "augment.shift=0.1", "grad_weight=0.5"],
+    # lever 1: f = 2 and 8 latent channels (as many numbers as voxels): room for the detail
+    "lr_skip+residual+f2": ["model.lr_skip=true", "model.residual=true",
+                            "model.channels=[16, 32]", "model.latent_channels=8"],
 }  # fmt: skip
 SAMPLERS = {
     "LDM (noise, 20 steps)": SamplerConfig(steps=20),
@@ -60,8 +63,10 @@ def write_mri_blocks(folder: Path, block: int = 48, min_brain: float = 0.3) -> i
     try:
         from nilearn.datasets import load_mni152_template
     except ImportError as e:
-        raise UserError(f"the mri dataset of the quality bench needs nilearn ({e}): "
-                        "pip install nilearn, or run --datasets phantom") from None
+        raise UserError(
+            f"the mri dataset of the quality bench needs nilearn ({e}): "
+            "pip install nilearn, or run --datasets phantom"
+        ) from None
 
     img = load_mni152_template(resolution=1)
     data = np.asarray(img.get_fdata(), dtype=np.float32)
@@ -151,13 +156,22 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
     vae_s, vae_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(vae.text)
     lat = run / "latents"
-    prepare_latents(load_config(PrepareLatentsConfig, None, [
-        f"data_dir={data}", f"vae_checkpoint={vae_ck}", f"out_dir={lat}"]), overwrite=True)
+    prepare_latents(
+        load_config(
+            PrepareLatentsConfig,
+            None,
+            [f"data_dir={data}", f"vae_checkpoint={vae_ck}", f"out_dir={lat}"],
+        ),
+        overwrite=True,
+    )
     sets = [f"data_dir={data}", f"latents_dir={lat}", f"vae_checkpoint={vae_ck}",
             f"out_dir={run / 'diffusion'}"]  # fmt: skip
+    vae_model = cfg.model
+    lc, f = vae_model.latent_channels, vae_model.downsample_factor
+    sets += [f"model.{k}={lc}" for k in ("in_channels", "out_channels", "cond_channels")]
     dcfg = load_config(TrainDiffusionConfig, demo / "train_diffusion.yaml", sets)
     c = dcfg.model
-    z = torch.randn(dcfg.train.batch_size, c.in_channels, *(p // 4 for p in patch))
+    z = torch.randn(dcfg.train.batch_size, c.in_channels, *(p // f for p in patch))
     t = torch.zeros(z.shape[0], dtype=torch.long)
     steps = _calibrated_steps(UNet3d(c), lambda m: m(z, t, cond=z).square().mean(), diff_min)
     every = max(10, steps // 3)
@@ -224,8 +238,10 @@ def classical_outputs(lr: np.ndarray, params: dict[str, Any]) -> dict[str, np.nd
     from ldm.classical import bm4d_denoise, gaussian_denoise, heat_diffusion
 
     t = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))
-    out = {"Gaussian (tuned)": gaussian_denoise(t, params["gaussian_sigma"]).numpy(),
-           "heat (tuned)": heat_diffusion(t, params["heat_steps"], params["heat_dt"]).numpy()}
+    out = {
+        "Gaussian (tuned)": gaussian_denoise(t, params["gaussian_sigma"]).numpy(),
+        "heat (tuned)": heat_diffusion(t, params["heat_steps"], params["heat_dt"]).numpy(),
+    }
     if params.get("bm4d_sigma") is not None:
         out["BM4D (tuned)"] = bm4d_denoise(t, params["bm4d_sigma"]).numpy()
     return out  # fmt: skip
@@ -322,9 +338,11 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{'dataset/variant':<34}{'setting':<22}{'method':<28}{'PSNR':>7}{'SSIM':>7}"
              f"{'bias%':>7}{'contr%':>8}"]  # fmt: skip
     for key, r in report["results"].items():
-        lines.append(f"{key}: train {r['train_cpu_minutes']:.1f} CPU min ({r['train_minutes']:.1f} "
-                     f"wall), steps {r['steps']}, predict s "
-                     + ", ".join(f"{k} {v:.0f}" for k, v in r["predict_seconds"].items()))
+        lines.append(
+            f"{key}: train {r['train_cpu_minutes']:.1f} CPU min ({r['train_minutes']:.1f} "
+            f"wall), steps {r['steps']}, predict s "
+            + ", ".join(f"{k} {v:.0f}" for k, v in r["predict_seconds"].items())
+        )
         for setting, methods in r["scores"].items():
             for m, s in methods.items():
                 lines.append(f"{'':<34}{setting:<22}{m:<28}{s['psnr']:>7.2f}{s['ssim']:>7.3f}"
@@ -369,7 +387,9 @@ def combine(paths: list[Path], out: Path) -> dict[str, Any]:
 
 
 def bench_case(
-    datasets: str = "phantom,mri", variants: str = ",".join(VARIANTS), vae_minutes: float = 3.0,
+    datasets: str = "phantom,mri",
+    variants: str = ",".join(VARIANTS),
+    vae_minutes: float = 3.0,
     diffusion_minutes: float = 2.0,
 ) -> dict[str, Any]:
     """``ldm3d benchmark --only quality``: the whole bench into results/benchmark/quality.json."""

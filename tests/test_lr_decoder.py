@@ -75,8 +75,11 @@ def test_residual_adds_the_lr():
 
 
 def test_plain_vae_and_old_checkpoint_configs_are_unchanged():
-    old = {k: v for k, v in asdict(VAEConfig(channels=(4, 4), norm_groups=2)).items()
-           if k not in ("lr_skip", "residual")}  # a model_config written before these keys
+    old = {
+        k: v
+        for k, v in asdict(VAEConfig(channels=(4, 4), norm_groups=2)).items()
+        if k not in ("lr_skip", "residual")
+    }  # a model_config written before these keys
     cfg = config_from_dict(VAEConfig, old, "old checkpoint")
     assert not cfg.lr_skip and not cfg.residual and not cfg.uses_lr
     plain = VAE3d(cfg)
@@ -174,8 +177,11 @@ def test_quality_case_runs_only_when_asked(monkeypatch, tmp_path):
     from ldm import benchmark
 
     ran = []
-    monkeypatch.setattr(benchmark, "run_in_child",
-                        lambda name, dev, threads, **kw: ran.append(name) or {"error": "not run"})
+    monkeypatch.setattr(
+        benchmark,
+        "run_in_child",
+        lambda name, dev, threads, **kw: ran.append(name) or {"error": "not run"},
+    )
     benchmark.run_plan("cpu", 1, "quality", tmp_path / "b.json", echo=lambda *a: None)
     assert ran == ["quality"] and "quality" in benchmark.CASES
     ran.clear()
@@ -190,8 +196,13 @@ def test_bench_report_combines_and_tabulates(tmp_path):
     hr = np.linspace(0, 1, 12**3).reshape(12, 12, 12)
     row = {"Baseline": score(hr + 0.1, hr), "LDM (noise, 20 steps)": score(hr, hr)}
     assert row["Baseline"]["bias_pct"] == pytest.approx(10.0)
-    base = {"train_minutes": 2.0, "train_cpu_minutes": 1.0, "steps": {"vae": 3}, "num_test": 1,
-            "predict_seconds": {"LDM (noise, 20 steps)": 4.0}}
+    base = {
+        "train_minutes": 2.0,
+        "train_cpu_minutes": 1.0,
+        "steps": {"vae": 3},
+        "num_test": 1,
+        "predict_seconds": {"LDM (noise, 20 steps)": 4.0},
+    }
     parts = []
     for name, scores in [("phantom/a", {"test": row}),
                          ("mri/a", {"test": row, "voxel 0.7 mm": row})]:  # fmt: skip

@@ -117,9 +117,7 @@ class _Decoder(nn.Module):
         self.conv_out = conv_nd(sd, ch[0], cfg.out_channels, 1)
         self.fuse: nn.ModuleList | None = None
         if cfg.lr_skip:  # one 1x1 conv per level: h += fuse(cat(h, LR features)), latent first
-            self.fuse = nn.ModuleList(
-                conv_nd(sd, 2 * c, c, 1) for c in reversed(ch)
-            )
+            self.fuse = nn.ModuleList(conv_nd(sd, 2 * c, c, 1) for c in reversed(ch))
 
     def forward(self, z: Tensor, skips: list[Tensor] | None = None) -> Tensor:
         """``skips``: LR features per level, full resolution first (``lr_skip`` only)."""
