@@ -271,7 +271,7 @@ def generalisation_cases(
             cases.append((f"voxel {voxel} mm", case.name, lr_v, hr_v))
         shift = 0.1 * float(hr.max())
         for a in (0.5, 2.0):
-            setting = f"intensity x{a} + {shift:.3g}"
+            setting = f"intensity x{a} + 10% max"
             cases.append((setting, case.name, a * lr + shift, a * hr + shift))
     return cases
 
@@ -371,7 +371,7 @@ def summary_table(report: dict[str, Any]) -> str:
             lines.append("    generalisation PSNR: " + " | ".join(keep))
             for st in others:
                 vals = " | ".join(f"{r['scores'][st][m]['psnr']:.2f}" for m in keep)
-                lines.append(f"      {st:<22}{vals}")
+                lines.append(f"      {st:<26}{vals}")
     return "\n".join(lines)
 
 
