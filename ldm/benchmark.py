@@ -256,6 +256,14 @@ def _peak_rss_mb() -> float:
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+@case
+def quality(device: torch.device, **kwargs: Any) -> dict[str, Any]:
+    """The quality bench (ldm/quality_bench.py): trains every variant, so only on request."""
+    from ldm.quality_bench import bench_case
+
+    return bench_case(**kwargs)
+
+
 def run_case(name: str, device_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run one case here (in the child process) and add its peak memory."""
     device = pick_device(device_name)
@@ -316,6 +324,7 @@ PLAN = [
     ("sampler_quality", {}),
     ("run_all_demo", {}),
 ]
+OPT_IN = [("quality", {})]  # tens of CPU minutes: run only when named in --only
 
 
 def _describe(name: str, r: dict) -> str:
@@ -340,6 +349,8 @@ def _describe(name: str, r: dict) -> str:
         runs = ", ".join(f"{x['sampler']} {x['steps']}: {x['psnr']:.2f} dB {x['seconds']:.0f} s"
                          for x in r["runs"])  # fmt: skip
         return f"{r['case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
+    if name == "quality":
+        return r["summary"]
     if name == "particles":
         return (
             f"{r['num_particles']} particles x 1000 steps, 512x384, {r['frames']:.0f} frames + "
@@ -377,10 +388,11 @@ def run_plan(
     env = environment(device, threads)
     env["load_avg_start"] = list(os.getloadavg())
     echo(f"benchmark on {env['device']} ({env['device_name']}), {threads} threads, "
-         f"torch {env['torch']}, load average {env['load_avg_start'][0]:.1f}"
-         f"{' (quick)' if quick else ''}")  # fmt: skip
+        f"torch {env['torch']}, load average {env['load_avg_start'][0]:.1f}"
+        f"{' (quick)' if quick else ''}")  # fmt: skip
     plan = QUICK if quick else PLAN
-    chosen = [(n, kw) for n, kw in plan if not only or n in only.split(",")]
+    names = only.split(",") if only else []
+    chosen = [(n, kw) for n, kw in plan + OPT_IN if n in names] if names else list(plan)
     rows: list[dict] = []
     report: dict[str, Any] = {"environment": env, "quick": quick, "results": rows}
     for name, kwargs in chosen:

@@ -152,16 +152,29 @@ def autoencode_volume(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    lr: np.ndarray | None = None,
 ) -> np.ndarray:
     """decode(encode(volume)) with the latent mean, window by window: the VAE denoiser on a whole
-    (D, H, W) normalised volume; returns the same shape as float32 numpy."""
+    (D, H, W) normalised volume; returns the same shape as float32 numpy. An LR-aware VAE
+    (``config.uses_lr``) decodes with ``lr`` (same shape; default the volume itself) as the LR
+    image: pass the LR volume when ``volume`` is the HR (the ceiling decode(encode(HR), LR))."""
 
-    def fn(batch: torch.Tensor) -> torch.Tensor:
-        mu, _ = vae.encode(batch)
-        return vae.decode(mu)
+    def fn(batch: torch.Tensor) -> torch.Tensor:  # (B, 1 or 2, *w): volume [, LR]
+        mu, _ = vae.encode(batch[:, :1])
+        return vae.decode(mu, batch[:, -1:])
 
-    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]  # (1, D, H, W)
+    vols = [volume] if lr is None else [volume, lr]
+    if lr is not None and lr.shape != volume.shape:
+        raise UserError(f"lr shape {lr.shape} != volume shape {volume.shape}")
+    x = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in vols]))  # (1|2, *sp)
     out = sliding_window_infer(
-        x, fn, window, overlap=overlap, batch_size=batch_size, device=device, progress=progress
+        x,
+        fn,
+        window,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        out_channels=1,
     )
     return out[0].numpy()

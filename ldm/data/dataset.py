@@ -120,3 +120,61 @@ def iter_test_cases(dataset_dir: Path, names: list[str] | None = None) -> Iterat
             c["norm"]["high"],
             VolumeMeta.from_dict(c["meta"]),
         )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random transforms applied identically to LR and HR of a training batch (all off = none).
+
+    ``flips``: each spatial axis flipped with p = 0.5; ``permute``: a random order of the spatial
+    axes (only among axes of equal size); ``scale``/``shift``: per-sample intensity map
+    ``x -> a x + b`` with ``a = exp(U(-scale, scale))``, ``b ~ U(-shift, shift)``, the same for
+    LR and HR so the pair stays consistent and the network learns to be intensity-equivariant.
+    """
+
+    flips: bool = False
+    permute: bool = False
+    scale: float = 0.0
+    shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.scale <= 2 and 0 <= self.shift <= 1):
+            raise ConfigError("augment.scale must be in [0, 2] and augment.shift in [0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.flips or self.permute or self.scale > 0 or self.shift > 0
+
+
+def augment_pair(
+    lr: torch.Tensor, hr: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, C, *spatial)`` LR/HR batch -> the same batch randomly flipped/permuted/rescaled.
+
+    Draws from ``generator`` (the training loop's), so a resumed run sees the same batches.
+    """
+    if not cfg.enabled:
+        return lr, hr
+    dev = lr.device
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=dev)
+
+    sd = lr.ndim - 2
+    if cfg.permute:
+        order = torch.randperm(sd, generator=generator, device=dev).tolist()
+        sizes = lr.shape[2:]
+        if all(sizes[o] == sizes[i] for i, o in enumerate(order)):
+            perm = [0, 1, *(2 + o for o in order)]
+            lr, hr = lr.permute(perm), hr.permute(perm)
+    if cfg.flips:
+        axes = [2 + i for i, u in enumerate(uniform(sd).tolist()) if u < 0.5]
+        if axes:
+            lr, hr = lr.flip(axes), hr.flip(axes)
+    if cfg.scale > 0 or cfg.shift > 0:
+        b = lr.shape[0]
+        shape = (b,) + (1,) * (lr.ndim - 1)
+        a = torch.exp((2 * uniform(b) - 1) * cfg.scale).view(shape)
+        s = ((2 * uniform(b) - 1) * cfg.shift).view(shape)
+        lr, hr = a * lr + s, a * hr + s
+    return lr.contiguous(), hr.contiguous()

@@ -6,7 +6,8 @@ predict_ldm and the ddim_similar_noise experiment.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,13 @@ import torch
 from ldm.checkpoint import file_digest
 from ldm.config import config_from_dict
 from ldm.diffusion.samplers import SAMPLERS, SPACINGS, sampler_timesteps
-from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, make_schedule
+from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, add_noise, make_schedule
 from ldm.errors import CheckpointError, ConfigError
 from ldm.nets import UNet3d, VAE3d
 from ldm.nets.loading import load_unet, load_vae
 from ldm.validate import check_choice, check_min, check_range
+
+INITS = ("noise", "cond")
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,19 @@ class SamplerConfig:
     steps: int = 50  # DDIM steps (ignored by ddpm)
     eta: float = 0.0  # DDIM eta: 0 = deterministic
     spacing: str = "trailing"  # trailing | leading | linspace
+    # Where the reverse process starts: 'noise' = x_T ~ N(0, I); 'cond' = the LR latent noised
+    # to t_start, x_t = sqrt(abar) z_LR + sqrt(1 - abar) eps (SDEdit-like refinement of z_LR:
+    # the steps only close the gap z_HR - z_LR; docs/design.md "Starting from the LR latent").
+    init: str = "noise"
+    t_start: int | None = None  # init 'cond' only: the timestep the LR latent is noised to
 
     def __post_init__(self) -> None:
         check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("init", self.init, INITS)
+        if (self.init == "cond") != (self.t_start is not None):
+            raise ConfigError("sampler.t_start is set exactly when sampler.init is 'cond'")
+        if self.t_start is not None:
+            check_min("t_start", self.t_start, 1)
         check_choice("spacing", self.spacing, SPACINGS)
         check_min("steps", self.steps, 1)
         check_range("eta", self.eta, 0, 1)
@@ -45,6 +58,8 @@ class LatentDiffusion:
     device: torch.device
     vae_step: int
     unet_step: int
+    # LR image (1, 1, *sp) that decode() uses when called without one (see :meth:`lr_context`)
+    default_lr: torch.Tensor | None = None
 
     @property
     def factor(self) -> int:
@@ -56,9 +71,52 @@ class LatentDiffusion:
         return self.vae.encode(lr.to(self.device))[0] * self.scale
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> image (B, 1, *sp)."""
-        return self.vae.decode(z / self.scale)
+    def decode(self, z: torch.Tensor, lr: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latent -> image (B, 1, *sp); ``lr`` (B, 1, *sp), the LR image window, is
+        required by an LR-aware VAE (``vae.config.uses_lr``) and ignored by a plain one."""
+        lr = self.default_lr if lr is None else lr
+        if lr is not None and self.vae.config.uses_lr:
+            lr = lr.to(self.device)
+            if lr.shape[0] == 1 and z.shape[0] > 1:  # one LR window, many latents
+                lr = lr.expand(z.shape[0], *lr.shape[1:])
+        return self.vae.decode(z / self.scale, lr)
+
+    @contextmanager
+    def lr_context(self, lr: torch.Tensor) -> Iterator[None]:
+        """Within it, decode(z) without an LR image decodes with ``lr`` (1, 1, *sp): for
+        experiments that decode many latents of one window (ddim_similar_noise)."""
+        before, self.default_lr = self.default_lr, lr
+        try:
+            yield
+        finally:
+            self.default_lr = before
+
+    def initial_latent(
+        self, cond: torch.Tensor, sampler: SamplerConfig, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, int | None]:
+        """(x at the first sampler step, its t_start or None for x_T) per ``sampler.init``."""
+        noise = torch.randn(cond.shape, generator=generator, device=cond.device)
+        if sampler.init == "noise":
+            return noise, None
+        t_start = int(sampler.t_start)
+        if t_start >= self.schedule.num_train_timesteps:
+            raise ConfigError(
+                f"sampler.t_start {t_start} must be < {self.schedule.num_train_timesteps}"
+            )
+        t = torch.full((cond.shape[0],), t_start, device=cond.device, dtype=torch.long)
+        return add_noise(self.schedule, cond, noise, t), t_start
+
+    @torch.no_grad()
+    def denoise(
+        self, lr: torch.Tensor, sampler: SamplerConfig, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """LR image batch (B, 1, *sp) -> LDM output (B, 1, *sp): encode the condition, sample
+        the HR latent (from noise or the noised LR latent), decode it with the LR image."""
+        lr = lr.to(self.device)
+        cond = self.encode_cond(lr).float()  # (B, C, *sp/f), scaled
+        x, t_start = self.initial_latent(cond, sampler, generator)
+        z = self.sample(cond, x, sampler, generator=generator, t_start=t_start)
+        return self.decode(z, lr)
 
     @torch.no_grad()
     def sample(

@@ -46,9 +46,20 @@ class VAEConfig:
     channels: tuple[int, ...] = (16, 32, 64)
     num_res_blocks: int = 1
     norm_groups: int = 8
+    # The decoder also sees the LR image (docs/design.md "LR-aware decoder"): ``lr_skip`` adds
+    # features of a small LR encoder at every decoder level (StableSR-like feature wrapping);
+    # ``residual`` adds the decoder output to the LR image. Both off = the plain KL autoencoder
+    # (and the layout of checkpoints written before these keys existed).
+    lr_skip: bool = False
+    residual: bool = False
 
     def __post_init__(self) -> None:
         check_spatial_dims("VAEConfig", self.spatial_dims)
+        for name in ("lr_skip", "residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"VAEConfig.{name}: expected true or false")
+        if self.residual and self.in_channels != self.out_channels:
+            raise UserError("VAEConfig.residual needs in_channels == out_channels")
         for name in ("in_channels", "out_channels", "latent_channels", "norm_groups"):
             check_int("VAEConfig", name, getattr(self, name), 1)
         check_int("VAEConfig", "num_res_blocks", self.num_res_blocks, 0)
@@ -59,6 +70,11 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Spatial downsampling factor ``f`` between image and latent."""
         return 2 ** (len(self.channels) - 1)
+
+    @property
+    def uses_lr(self) -> bool:
+        """True when ``decode`` needs the LR image besides the latent."""
+        return self.lr_skip or self.residual
 
 
 class _Encoder(nn.Module):
@@ -99,10 +115,46 @@ class _Decoder(nn.Module):
         # 1x1 output conv: the block above gives the spatial context, and a 3x3x3 conv to a
         # single channel is as slow on CPU as a full 16 -> 16 one.
         self.conv_out = conv_nd(sd, ch[0], cfg.out_channels, 1)
+        self.fuse: nn.ModuleList | None = None
+        if cfg.lr_skip:  # one 1x1 conv per level: h += fuse(cat(h, LR features)), latent first
+            self.fuse = nn.ModuleList(conv_nd(sd, 2 * c, c, 1) for c in reversed(ch))
 
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.body(z)  # (B, ch[0], D, H, W)
+    def forward(self, z: Tensor, skips: list[Tensor] | None = None) -> Tensor:
+        """``skips``: LR features per level, full resolution first (``lr_skip`` only)."""
+        if self.fuse is None or skips is None:
+            h = self.body(z)  # (B, ch[0], D, H, W)
+        else:
+            level = len(skips) - 1
+            h = z
+            for i, layer in enumerate(self.body):
+                h = layer(h)
+                if i == 0 or isinstance(layer, Upsample):  # entered a new level
+                    h = h + self.fuse[len(skips) - 1 - level](torch.cat([h, skips[level]], 1))
+                    level -= 1
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class _LRFeatures(nn.Module):
+    """LR image -> features at every level, full resolution first: the decoder's LR path.
+
+    A stem and one residual block at full resolution (where the detail the latent cannot hold
+    lives), then one strided conv per level down to the latent resolution.
+    """
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        sd, ch, g = cfg.spatial_dims, cfg.channels, cfg.norm_groups
+        self.stem = conv3x3(sd, cfg.in_channels, ch[0])
+        self.block = ResBlock(sd, ch[0], ch[0], g)
+        self.down = nn.ModuleList(Downsample(sd, ch[i - 1], ch[i]) for i in range(1, len(ch)))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = self.block(self.stem(x))
+        feats = [h]
+        for down in self.down:
+            h = down(F.silu(h))
+            feats.append(h)
+        return feats
 
 
 class VAE3d(nn.Module):
@@ -117,6 +169,7 @@ class VAE3d(nn.Module):
         self.config = config
         self.encoder = _Encoder(config)
         self.decoder = _Decoder(config)
+        self.lr_encoder = _LRFeatures(config) if config.lr_skip else None
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x (B, Cin, D, H, W)`` -> ``(mu, logvar)``, each ``(B, latent, D/f, H/f, W/f)``.
@@ -128,17 +181,38 @@ class VAE3d(nn.Module):
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """``z (B, latent, d, h, w)`` -> ``(B, Cout, f*d, f*h, f*w)``."""
+    def decode(self, z: Tensor, lr: Tensor | None = None) -> Tensor:
+        """``z (B, latent, d, h, w)`` -> ``(B, Cout, f*d, f*h, f*w)``.
+
+        ``lr (B, Cin, f*d, f*h, f*w)``, the LR image, is required when ``config.uses_lr`` (and
+        ignored otherwise): the decoder's full-resolution path and/or the residual's base.
+        """
         cfg = self.config
         check_input("VAE3d.decode", z, cfg.spatial_dims, cfg.latent_channels, 1)
-        return self.decoder(z)
+        if not cfg.uses_lr:
+            return self.decoder(z)
+        if lr is None:
+            raise UserError(
+                "VAE3d.decode: this VAE (lr_skip/residual) decodes with the LR image; pass lr"
+            )
+        want = tuple(s * cfg.downsample_factor for s in z.shape[2:])
+        check_input("VAE3d.decode(lr)", lr, cfg.spatial_dims, cfg.in_channels, 1)
+        if tuple(lr.shape[2:]) != want or lr.shape[0] != z.shape[0]:
+            raise UserError(
+                f"VAE3d.decode: lr shape {tuple(lr.shape)} does not match the latent "
+                f"{tuple(z.shape)} (expected spatial size {want})"
+            )
+        skips = self.lr_encoder(lr) if self.lr_encoder is not None else None
+        out = self.decoder(z, skips)
+        return out + lr if cfg.residual else out
 
     def forward(
-        self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None,
+        lr: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """Encode, draw ``z = mu + exp(logvar / 2) * eps`` (or ``z = mu`` when not ``sample``),
-        decode; returns ``(recon, mu, logvar)``.
+        decode (with ``lr``, default ``x`` itself, when ``config.uses_lr``); returns
+        ``(recon, mu, logvar)``.
 
         Reparameterisation trick of Kingma & Welling 2014, sec. 2.4; ``eps`` from ``generator``.
         """
@@ -147,7 +221,7 @@ class VAE3d(nn.Module):
         if sample:
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + torch.exp(0.5 * logvar) * eps
-        return self.decode(z), mu, logvar
+        return self.decode(z, x if lr is None else lr), mu, logvar
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:

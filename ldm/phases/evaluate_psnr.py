@@ -120,17 +120,17 @@ def _run_methods(
     volume itself) and their outputs come back with ``case.from_model``.
     """
 
-    def ae(volume: np.ndarray) -> np.ndarray:
+    def ae(volume: np.ndarray) -> np.ndarray:  # an LR-aware VAE decodes with the LR (ceiling too)
         out = autoencode_volume(
             vae, case.to_model(volume), window, overlap=cfg.overlap, batch_size=cfg.batch_size,
-            device=device, progress=False,
+            device=device, progress=False, lr=case.to_model(case.lr),
         )  # fmt: skip
         return case.from_model(out)
 
     classical = classical_outputs(case.to_model(case.lr), params, device)
     out = {"baseline": case.lr, **{k: case.from_model(v) for k, v in classical.items()}}
     out["vae_result"] = ae(case.lr)  # decode(encode(LR))
-    out["vae_ceiling"] = ae(case.hr)  # decode(encode(HR))
+    out["vae_ceiling"] = ae(case.hr)  # decode(encode(HR), LR)
     return out
 
 

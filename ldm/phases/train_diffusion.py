@@ -57,12 +57,14 @@ class LatentDiffusionTask:
         self.val_cond = torch.stack([val[i][0] for i in range(n)])  # (N, C, d, h, w) scaled
         self.val_z = torch.stack([val[i][1] for i in range(n)])
         self.val_hr = torch.stack([val_hr[i][1] for i in range(n)])  # (N, 1, D, H, W) images
+        self.val_lr = torch.stack([val_hr[i][0] for i in range(n)])  # an LR-aware VAE needs it
         self.scale = val.scale
         with torch.no_grad():  # what a perfect diffusion model would give: decode(HR latent)
             self.ceiling = psnr(self._decode(self.val_z), self.val_hr)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode((z / self.scale).to(self.device)).float().cpu()
+        lr = self.val_lr.to(self.device)  # ignored by a plain VAE
+        return self.vae.decode((z / self.scale).to(self.device), lr).float().cpu()
 
     def loss(self, model: nn.Module, batch, generator: torch.Generator):
         cond, z = batch  # (B, C, d, h, w) each, scaled

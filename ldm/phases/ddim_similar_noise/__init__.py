@@ -211,6 +211,14 @@ def run_experiment(
 
     Returns the metrics (JSON-ready): sweeps, determinism, forward/backward, reference PSNRs.
     """
+    with model.lr_context(_as_batch(lr)):  # an LR-aware VAE decodes every latent with this LR
+        return _run_experiment(model, lr, hr, cfg, out_dir)
+
+
+def _run_experiment(
+    model: LatentDiffusion, lr: np.ndarray, hr: np.ndarray, cfg: DDIMSimilarNoiseConfig,
+    out_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
     cond = model.encode_cond(_as_batch(lr))  # (1, C, *latent): scaled LR latent, the condition
     z_hr = model.encode_cond(_as_batch(hr))  # scaled HR latent: x_0 of forward/backward
     edges = check_model_ranges(cfg, cond.shape[2:], model.schedule.num_train_timesteps)

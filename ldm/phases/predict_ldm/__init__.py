@@ -76,9 +76,7 @@ def ldm_window_fn(
 
     def fn(lr: torch.Tensor) -> torch.Tensor:
         with torch.autocast(ldm.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            cond = ldm.encode_cond(lr).float()  # (B, C, *w/f), scaled
-            noise = torch.randn(cond.shape, generator=generator, device=ldm.device)  # x_T
-            return ldm.decode(ldm.sample(cond, noise, sampler, generator=generator)).float()
+            return ldm.denoise(lr, sampler, generator).float()  # the decoder sees the LR too
 
     return fn
 

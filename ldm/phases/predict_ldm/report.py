@@ -49,17 +49,17 @@ def reverse_process_gif(
     lr = torch.from_numpy(np.ascontiguousarray(model_lr[sl], dtype=np.float32))[None, None]
     cond = ldm.encode_cond(lr)
     g = torch.Generator(device=ldm.device).manual_seed(seed)
-    noise = torch.randn(cond.shape, generator=g, device=ldm.device)
+    noise, t_start = ldm.initial_latent(cond, sampler, g)
     states: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def keep(d: dict) -> None:
         states.append((d["x"], d["pred_original_sample"]))
 
-    final = ldm.sample(cond, noise, sampler, generator=g, callback=keep)
+    final = ldm.sample(cond, noise, sampler, generator=g, callback=keep, t_start=t_start)
     states.append((final, final))
     every = max(1, len(states) // 60)  # at most ~60 frames
     picks = states[::every] + ([states[-1]] if (len(states) - 1) % every else [])
-    decoded = [(ldm.decode(x)[0, 0].cpu().numpy(), ldm.decode(x0)[0, 0].cpu().numpy())
+    decoded = [(ldm.decode(x, lr)[0, 0].cpu().numpy(), ldm.decode(x0, lr)[0, 0].cpu().numpy())
                for x, x0 in picks]  # fmt: skip
     win = shared_window([lr[0, 0].numpy()])
     frames = []

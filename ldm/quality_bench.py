@@ -1,0 +1,421 @@
+"""Quality bench: the real phases per model variant, on the demo phantom and on MRI crops.
+
+For each dataset (``phantom``: the demo-sized vessel phantom; ``mri``: non-overlapping 48^3
+blocks of nilearn's MNI152 T1 template, blur 1 voxel + Rician noise 4 % of the range, split by
+block) and each variant (a list of train_vae_pair overrides), it runs prepare_data,
+train_vae_pair, prepare_latents and train_diffusion through their functions with the same
+CPU-time budget per network (steps calibrated from the CPU time of a step; wall cap 8x),
+then scores the test volumes: Baseline, tuned Gaussian / heat (and BM4D if installed), VAE
+result, VAE ceiling decode(z_HR, LR), decode(0, LR), and the LDM from noise and from the noised
+LR latent. Generalisation (MRI): the same test blocks resampled to 0.7 / 1.4 mm voxels and with
+intensities x0.5 / x2 + shift. Metrics: PSNR, SSIM (original units), bias and contrast slope
+(least-squares slope of output on HR) in % of the HR range. Writes results/benchmark/quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm.config import REPO_ROOT, load_config
+from ldm.data.dataset import iter_test_cases, load_manifest
+from ldm.data.degrade import DegradeConfig, degrade
+from ldm.data.normalize import NormalizeConfig, normalisation
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
+from ldm.errors import UserError
+from ldm.inference import autoencode_volume, sliding_window_infer
+from ldm.io import save_json
+from ldm.metrics import psnr, ssim
+
+VARIANTS: dict[str, list[str]] = {
+    "plain": [],
+    "lr_skip+residual": ["model.lr_skip=true", "model.residual=true"],
+    "lr_skip+residual+aug": ["model.lr_skip=true", "model.residual=true",
+                             "augment.flips=true", "augment.permute=true",
+                             "augment.scale=0.3", "augment.shift=0.1", "grad_weight=0.5"],
+    # lever 1: f = 2 and 8 latent channels (as many numbers as voxels): room for the detail
+    "lr_skip+residual+f2": ["model.lr_skip=true", "model.residual=true",
+                            "model.channels=[16, 32]", "model.latent_channels=8"],
+}  # fmt: skip
+SAMPLERS = {
+    "LDM (noise, 20 steps)": SamplerConfig(steps=20),
+    "LDM (z_LR t=300, 6 steps)": SamplerConfig(steps=6, init="cond", t_start=300),
+}
+MRI_DEGRADE = DegradeConfig(blur_sigma=(1.0, 1.0, 1.0), downsample=(1, 1, 1),
+                            noise="rician", noise_sigma=0.04)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- data
+
+
+def write_mri_blocks(folder: Path, block: int = 48, min_brain: float = 0.3) -> int:
+    """Non-overlapping ``block``^3 crops of the MNI152 1 mm T1 template as .nii.gz files, skipping
+    crops with less than ``min_brain`` voxels above 20 % of the maximum; returns their number."""
+    import nibabel as nib
+
+    try:
+        from nilearn.datasets import load_mni152_template
+    except ImportError as e:
+        raise UserError(
+            f"the mri dataset of the quality bench needs nilearn ({e}): "
+            "pip install nilearn, or run --datasets phantom"
+        ) from None
+
+    img = load_mni152_template(resolution=1)
+    data = np.asarray(img.get_fdata(), dtype=np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for z in range(0, data.shape[0] - block + 1, block):
+        for y in range(0, data.shape[1] - block + 1, block):
+            for x in range(0, data.shape[2] - block + 1, block):
+                crop = data[z : z + block, y : y + block, x : x + block]
+                if (crop > 0.2 * data.max()).mean() < min_brain:
+                    continue
+                out = nib.Nifti1Image(np.ascontiguousarray(crop), np.eye(4))
+                nib.save(out, str(folder / f"mni_{z:03d}_{y:03d}_{x:03d}.nii.gz"))
+                n += 1
+    return n
+
+
+def prepare(dataset: str, work: Path) -> Path:
+    from ldm.phases.prepare_data import PrepareDataConfig, prepare_data
+
+    out = work / dataset / "data"
+    if (out / "manifest.json").is_file():
+        return out
+    if dataset == "phantom":
+        sets = [f"out_dir={out}"]
+        cfg = load_config(PrepareDataConfig, REPO_ROOT / "configs/demo/prepare_data.yaml", sets)
+    else:
+        n = write_mri_blocks(work / "mri" / "blocks")
+        print(f"mri: {n} MNI152 blocks of 48^3")
+        d = MRI_DEGRADE
+        cfg = load_config(PrepareDataConfig, None, [
+            f"out_dir={out}", "source=hr_only", f"hr_only.folder={work / 'mri' / 'blocks'}",
+            f"degrade.blur_sigma={list(d.blur_sigma)}", f"degrade.downsample={list(d.downsample)}",
+            f"degrade.noise={d.noise}", f"degrade.noise_sigma={d.noise_sigma}",
+            "patches.background_keep=0.3",
+        ])  # fmt: skip
+    print(prepare_data(cfg, overwrite=True).text)
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _seconds_per_step(model: torch.nn.Module, loss_fn, reps: int = 3) -> float:
+    """CPU seconds of this process per training step (median of ``reps`` after a warm-up):
+    on a shared, loaded machine wall-clock budgets would measure the neighbours, not the model."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(reps + 1):
+        t0 = time.process_time()
+        loss_fn(model).backward()
+        opt.step()
+        opt.zero_grad()
+        if i:
+            times.append(time.process_time() - t0)
+    return float(np.median(times))
+
+
+def _calibrated_steps(model, loss_fn, minutes: float) -> int:
+    """Steps that fit ``minutes`` of CPU time at the measured speed (~10 % kept for validation)."""
+    return max(20, int(0.9 * 60 * minutes / _seconds_per_step(model, loss_fn)))
+
+
+WALL_CAP = 8.0  # train.max_minutes = WALL_CAP x the CPU budget: a cap for a very loaded machine
+
+
+def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, diff_min: float):
+    from ldm.nets import UNet3d, VAE3d
+    from ldm.phases.prepare_latents import PrepareLatentsConfig, prepare_latents
+    from ldm.phases.train_diffusion import TrainDiffusionConfig, train_diffusion
+    from ldm.phases.train_vae_pair import TrainVAEConfig, train_vae_pair
+
+    demo = REPO_ROOT / "configs" / "demo"
+    vae_ck = run / "vae" / "best.pt"
+    sets = [f"data_dir={data}", f"out_dir={run / 'vae'}", *overrides]
+    cfg = load_config(TrainVAEConfig, demo / "train_vae_pair.yaml", sets)
+    patch = load_manifest(data)["patch_size"]
+    b = cfg.train.batch_size
+    x = torch.rand(2 * b, 1, *patch)
+    steps = _calibrated_steps(VAE3d(cfg.model),
+                              lambda m: m(x, lr=x)[0].abs().mean(), vae_min)  # fmt: skip
+    every = max(10, steps // 4)
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, max_minutes=WALL_CAP * vae_min,
+                                     val_every=every, save_every=every))  # fmt: skip
+    t0, c0 = time.perf_counter(), time.process_time()
+    vae = train_vae_pair(cfg, overwrite=True)
+    vae_s, vae_cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(vae.text)
+    lat = run / "latents"
+    prepare_latents(
+        load_config(
+            PrepareLatentsConfig,
+            None,
+            [f"data_dir={data}", f"vae_checkpoint={vae_ck}", f"out_dir={lat}"],
+        ),
+        overwrite=True,
+    )
+    sets = [f"data_dir={data}", f"latents_dir={lat}", f"vae_checkpoint={vae_ck}",
+            f"out_dir={run / 'diffusion'}"]  # fmt: skip
+    vae_model = cfg.model
+    lc, f = vae_model.latent_channels, vae_model.downsample_factor
+    sets += [f"model.{k}={lc}" for k in ("in_channels", "out_channels", "cond_channels")]
+    dcfg = load_config(TrainDiffusionConfig, demo / "train_diffusion.yaml", sets)
+    c = dcfg.model
+    z = torch.randn(dcfg.train.batch_size, c.in_channels, *(p // f for p in patch))
+    t = torch.zeros(z.shape[0], dtype=torch.long)
+    steps = _calibrated_steps(UNet3d(c), lambda m: m(z, t, cond=z).square().mean(), diff_min)
+    every = max(10, steps // 3)
+    dcfg = replace(dcfg, train=replace(dcfg.train, steps=steps, max_minutes=WALL_CAP * diff_min,
+                                       val_every=every, save_every=every))  # fmt: skip
+    t0, c0 = time.perf_counter(), time.process_time()
+    diff = train_diffusion(dcfg, overwrite=True)
+    diff_s, diff_cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(diff.text)
+    return vae_ck, run / "diffusion" / "best.pt", {
+        "vae_val": vae.metrics, "diffusion_val": diff.metrics,
+        "train_minutes": (vae_s + diff_s) / 60, "train_cpu_minutes": (vae_cpu + diff_cpu) / 60,
+        "steps": {"vae": vae.metrics["step"], "diffusion": diff.metrics["step"]},
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def bias_slope(out: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
+    """(mean(out - hr), least-squares slope of out on hr - 1), both in % of the HR range."""
+    rng = float(hr.max() - hr.min()) or 1.0
+    h = hr.astype(np.float64).ravel()
+    o = out.astype(np.float64).ravel()
+    hc = h - h.mean()
+    slope = float((hc * (o - o.mean())).sum() / max((hc * hc).sum(), 1e-12))
+    return 100 * float((o - h).mean()) / rng, 100 * (slope - 1.0)
+
+
+def score(out: np.ndarray, hr: np.ndarray) -> dict[str, float]:
+    bias, contrast = bias_slope(out, hr)
+    return {"psnr": psnr(out, hr), "ssim": ssim(out, hr), "bias_pct": bias,
+            "contrast_pct": contrast}  # fmt: skip
+
+
+def ldm_volume(ldm: LatentDiffusion, lr: np.ndarray, sampler: SamplerConfig, window) -> np.ndarray:
+    g = torch.Generator(device=ldm.device).manual_seed(0)
+    x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]
+    out = sliding_window_infer(x, lambda b: ldm.denoise(b, sampler, g), window, overlap=0.25,
+                               batch_size=8, device=ldm.device, progress=False)  # fmt: skip
+    return out[0].numpy()
+
+
+def zero_latent_volume(vae, lr: np.ndarray, window) -> np.ndarray:
+    f = vae.config.downsample_factor
+
+    def fn(b: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(b.shape[0], vae.config.latent_channels, *(s // f for s in b.shape[2:]))
+        return vae.decode(z, b)
+
+    x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]
+    out = sliding_window_infer(x, fn, window, overlap=0.25, batch_size=8, progress=False)
+    return out[0].numpy()
+
+
+def classical_params(data: Path, with_bm4d: bool) -> dict[str, Any]:
+    from ldm.phases.evaluate_psnr import TuneConfig, tune_classical, tuning_pairs
+
+    pairs = tuning_pairs(data, 64, torch.device("cpu"))
+    return tune_classical(TuneConfig(bm4d_max_patches=4), pairs, with_bm4d)
+
+
+def classical_outputs(lr: np.ndarray, params: dict[str, Any]) -> dict[str, np.ndarray]:
+    from ldm.classical import bm4d_denoise, gaussian_denoise, heat_diffusion
+
+    t = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))
+    out = {
+        "Gaussian (tuned)": gaussian_denoise(t, params["gaussian_sigma"]).numpy(),
+        "heat (tuned)": heat_diffusion(t, params["heat_steps"], params["heat_dt"]).numpy(),
+    }
+    if params.get("bm4d_sigma") is not None:
+        out["BM4D (tuned)"] = bm4d_denoise(t, params["bm4d_sigma"]).numpy()
+    return out  # fmt: skip
+
+
+def generalisation_cases(
+    data: Path, max_cases: int = 2
+) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(setting, case, LR, HR) in original units: the first ``max_cases`` MRI test blocks at
+    0.7 / 1.4 mm voxels (HR resampled, then degraded as in training) and with intensities
+    a x + b (LR and HR)."""
+    try:
+        from scipy.ndimage import zoom  # scipy comes with the dev extra (scikit-image)
+    except ImportError as e:
+        raise UserError(f"the generalisation cases need scipy ({e}): pip install scipy") from None
+
+    cases = []
+    for i, case in enumerate(iter_test_cases(data)):
+        if i >= max_cases:
+            break
+        hr = case.to_original(case.hr)
+        lr = case.to_original(case.lr)
+        for voxel in (0.7, 1.4):
+            hr_v = zoom(hr, 1.0 / voxel, order=3).astype(np.float32)
+            hr_v = hr_v[tuple(slice(0, s - s % 8) for s in hr_v.shape)]  # divisible by 8
+            lr_v = degrade(hr_v, MRI_DEGRADE, seed=100 + i)
+            cases.append((f"voxel {voxel} mm", case.name, lr_v, hr_v))
+        shift = 0.1 * float(hr.max())
+        for a in (0.5, 2.0):
+            setting = f"intensity x{a} + 10% max"
+            cases.append((setting, case.name, a * lr + shift, a * hr + shift))
+    return cases
+
+
+def evaluate(data: Path, vae_ck: Path, diff_ck: Path, params: dict, general: bool) -> dict:
+    """Mean scores over the test volumes (and generalisation settings) of every method."""
+    ldm = load_ldm(vae_ck, diff_ck, torch.device("cpu"))
+    window = tuple(load_manifest(data)["patch_size"])
+    norm = NormalizeConfig(**{k: v for k, v in load_manifest(data)["normalization"].items()
+                              if k.endswith("percentile")})  # fmt: skip
+    items = [("test", c.name, c.to_original(c.lr), c.to_original(c.hr))
+             for c in iter_test_cases(data)]  # fmt: skip
+    if general:
+        items += generalisation_cases(data)
+    table: dict[str, dict[str, list[dict]]] = {}
+    seconds: dict[str, float] = {}
+    for setting, name, lr, hr in items:
+        low, high = normalisation(lr, norm, name)
+        x = (lr - low) / (high - low)
+        xh = (hr - low) / (high - low)
+        outs = {"Baseline": x, **classical_outputs(x, params)}
+        outs["VAE result"] = autoencode_volume(ldm.vae, x, window, overlap=0.25, progress=False)
+        outs["VAE ceiling"] = autoencode_volume(ldm.vae, xh, window, overlap=0.25,
+                                                progress=False, lr=x)  # fmt: skip
+        if ldm.vae.config.uses_lr:
+            outs["decode(0, LR)"] = zero_latent_volume(ldm.vae, x, window)
+        for label, sampler in SAMPLERS.items():
+            t0 = time.perf_counter()
+            outs[label] = ldm_volume(ldm, x, sampler, window)
+            seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t0
+        for label, o in outs.items():
+            row = score(o * (high - low) + low, hr)
+            table.setdefault(setting, {}).setdefault(label, []).append(row)
+    means = {s: {m: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+                 for m, rows in methods.items()} for s, methods in table.items()}  # fmt: skip
+    n_test = sum(1 for it in items if it[0] == "test")
+    return {"scores": means, "predict_seconds": seconds, "num_test": n_test}
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def run(datasets: list[str], variants: list[str], work: Path, vae_min: float, diff_min: float,
+        out: Path, with_bm4d: bool = False) -> dict[str, Any]:  # fmt: skip
+    report: dict[str, Any] = {"budget_minutes": {"vae": vae_min, "diffusion": diff_min},
+                              "threads": torch.get_num_threads(), "results": {}}  # fmt: skip
+    if out.is_file():  # several runs (e.g. one per dataset) add to one report
+        report["results"] = json.loads(out.read_text()).get("results", {})
+    for dataset in datasets:
+        data = prepare(dataset, work)
+        params = classical_params(data, with_bm4d and dataset == "mri")
+        for variant in variants:
+            run_dir = work / dataset / variant.replace("+", "_")
+            vae_ck, diff_ck, info = train_variant(data, run_dir, VARIANTS[variant], vae_min,
+                                                  diff_min)  # fmt: skip
+            ev = evaluate(data, vae_ck, diff_ck, params, general=dataset == "mri")
+            report["results"][f"{dataset}/{variant}"] = {**info, **ev, "classical": params}
+            save_json(report, out)
+            print(format_table(report))
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{'dataset/variant':<34}{'setting':<22}{'method':<28}{'PSNR':>7}{'SSIM':>7}"
+             f"{'bias%':>7}{'contr%':>8}"]  # fmt: skip
+    for key, r in report["results"].items():
+        lines.append(
+            f"{key}: train {r['train_cpu_minutes']:.1f} CPU min ({r['train_minutes']:.1f} "
+            f"wall), steps {r['steps']}, predict s "
+            + ", ".join(f"{k} {v:.0f}" for k, v in r["predict_seconds"].items())
+        )
+        for setting, methods in r["scores"].items():
+            for m, s in methods.items():
+                lines.append(f"{'':<34}{setting:<22}{m:<28}{s['psnr']:>7.2f}{s['ssim']:>7.3f}"
+                             f"{s['bias_pct']:>7.2f}{s['contrast_pct']:>8.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """One line per dataset/variant: the test-set PSNR/SSIM of every method side by side, the
+    training CPU minutes and the LDM's predict seconds; then generalisation PSNRs (MRI)."""
+    lines = []
+    for key, r in report["results"].items():
+        test = r["scores"]["test"]
+        lines.append(f"{key}  (train {r['train_cpu_minutes']:.1f} CPU min / "
+                     f"{r['train_minutes']:.1f} wall min, steps {r['steps']}, "
+                     f"{r['num_test']} test volumes)")  # fmt: skip
+        for m, sc in test.items():
+            sec = r["predict_seconds"].get(m)
+            extra = f"  predict {sec:.0f} s wall, every setting" if sec else ""
+            lines.append(f"    {m:<28}{sc['psnr']:7.2f} dB {sc['ssim']:6.3f}  bias "
+                         f"{sc['bias_pct']:+5.2f}%  contrast {sc['contrast_pct']:+6.2f}%"
+                         + extra)  # fmt: skip
+        others = [s for s in r["scores"] if s != "test"]
+        if others:
+            keep = [m for m in test if not m.startswith(("heat", "VAE ceiling", "decode(0"))]
+            lines.append("    generalisation PSNR: " + " | ".join(keep))
+            for st in others:
+                vals = " | ".join(f"{r['scores'][st][m]['psnr']:.2f}" for m in keep)
+                lines.append(f"      {st:<26}{vals}")
+    return "\n".join(lines)
+
+
+def combine(paths: list[Path], out: Path) -> dict[str, Any]:
+    """Merge per-dataset reports (one process per dataset) into ``out``."""
+    report: dict[str, Any] = {"results": {}}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        report.update({k: v for k, v in part.items() if k != "results"})
+        report["results"].update(part["results"])
+    save_json(report, out)
+    return report
+
+
+def bench_case(
+    datasets: str = "phantom,mri",
+    variants: str = ",".join(VARIANTS),
+    vae_minutes: float = 3.0,
+    diffusion_minutes: float = 2.0,
+) -> dict[str, Any]:
+    """``ldm3d benchmark --only quality``: the whole bench into results/benchmark/quality.json."""
+    out = Path("results/benchmark/quality.json").resolve()
+    report = run(datasets.split(","), variants.split(","), out.parent / "quality_work",
+                 vae_minutes, diffusion_minutes, out)  # fmt: skip
+    return {"out": str(out), "summary": f"written {out}\n" + format_table(report)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", default="phantom,mri")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--work", type=Path, default=Path("results/benchmark/quality_work"))
+    p.add_argument("--vae-minutes", type=float, default=3.0, help="CPU minutes of the VAE")
+    p.add_argument("--diffusion-minutes", type=float, default=2.0, help="CPU minutes, diffusion")
+    p.add_argument("--out", type=Path, default=Path("results/benchmark/quality.json"))
+    p.add_argument("--bm4d", action="store_true", help="also BM4D on MRI (slow)")
+    p.add_argument("--combine", nargs="+", type=Path, help="only merge these reports into --out")
+    a = p.parse_args(argv)
+    if a.combine:
+        print(summary_table(combine(a.combine, a.out)))
+        return
+    run(a.datasets.split(","), a.variants.split(","), a.work, a.vae_minutes,
+        a.diffusion_minutes, a.out, a.bm4d)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
