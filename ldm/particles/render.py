@@ -30,6 +30,7 @@ from ldm.particles.field import LUMA, ScoreField
 WHITE_QUANTILE = 0.99  # raw frames: this luminance quantile is shown as white
 _QUANTILE_SAMPLES = 65536  # pixels used to estimate the quantile (every k-th pixel)
 _LUT_BITS = 5  # bits per channel of the palette lookup table
+_PALETTE_SAMPLES = 65536  # about this many pixels go into the median cut
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,9 @@ def side_by_side(images: Sequence[torch.Tensor], gap: int = 4) -> torch.Tensor:
 
 def _palette(frames: Sequence[torch.Tensor], colours: int = 256) -> np.ndarray:
     """Median-cut palette (colours, 3) uint8 of a montage of ``frames`` (H, W, 3) uint8."""
-    montage = torch.cat([f[::2, ::2] for f in frames], dim=0).numpy()
+    pixels = sum(f.shape[0] * f.shape[1] for f in frames)
+    k = max(1, int((pixels / _PALETTE_SAMPLES) ** 0.5))  # every k-th row and column
+    montage = torch.cat([f[::k, ::k] for f in frames], dim=0).numpy()
     pal = Image.fromarray(montage).quantize(colours, method=Image.Quantize.MEDIANCUT)
     return np.asarray(pal.getpalette()[: 3 * colours], dtype=np.uint8).reshape(-1, 3)
 
