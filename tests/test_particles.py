@@ -147,6 +147,25 @@ def test_sorting_particles_only_changes_their_order() -> None:
     assert bool((pix.diff() >= 0).all())  # sorted at t = 40
 
 
+def test_lookup_in_two_batches_gives_the_same_run() -> None:
+    """With 2+ threads the step looks the particles up as two grid_sample batches: no change."""
+    field = ScoreField.from_image(default_image(24, 32), levels=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for blocks in (2, 1):
+            e = ParticleEngine(field, num_particles=400, steps=40, seed=2, sort_every=8)
+            assert e._blocks == 2
+            e._blocks = blocks
+            e.run()
+            runs.append((e.positions, e.colours))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert ParticleEngine(field, num_particles=401, steps=1)._blocks == 1  # odd N: one batch
+
+
 def test_noise_follows_the_sigma_schedule() -> None:
     field = _manual_field(torch.zeros(2, 5, 20, 20))  # no score: moves are pure noise
     e = ParticleEngine(field, num_particles=20_000, steps=10, sigma0=0.4, seed=0)

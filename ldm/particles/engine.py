@@ -107,6 +107,10 @@ class ParticleEngine:
         # elementwise op of a step reads and writes contiguous rows
         n = num_particles
         self._grid = torch.empty(2, n, device=device)  # grid_sample coordinates
+        # grid_sample's CPU kernel runs its batch items in parallel, never the points of one:
+        # with 2+ threads the step looks up two halves of the particles as a batch of two
+        two = device.type == "cpu" and torch.get_num_threads() > 1 and n % 2 == 0
+        self._blocks = 2 if two else 1
         self._scratch = torch.empty(2, n, device=device)  # 2 M - x of the reflection
         self._logits = torch.zeros(3, n, device=device)  # beta (L_c - L_b) at x; row b stays 0
         self._gen = torch.Generator(device=device).manual_seed(seed)
@@ -208,12 +212,19 @@ class ParticleEngine:
         level = self.level(self.t)
         k = self.level_scale[level]
         x = self._pos  # (2, N), updated in place
-        v = self._lookup_t(self._step_fields[level], x)  # (4, N): score, beta (L_rg - L_b)
-        x.add_(v[SCORE], alpha=k * self.eta)  # x + k eta score(x)
+        b = self._blocks  # (., N) = (., b, N / b): the particles as b lookup batches
+        grid = torch.addcmul(self._minus_one, x, self._to_grid, out=self._grid)  # in [-1, 1]
+        fields = self._step_fields[level].expand(b, -1, -1, -1)  # (b, 4, H, W), no copy
+        out = F.grid_sample(
+            fields, grid.view(2, b, -1).permute(1, 2, 0).unsqueeze(1), mode="bilinear",
+            padding_mode="border", align_corners=True,
+        )  # fmt: skip  # (b, 4, 1, N / b)
+        v = out.view(b, 4, -1).transpose(0, 1)  # (4, b, N / b): score, beta (L_rg - L_b)
+        x.view(2, b, -1).add_(v[SCORE], alpha=k * self.eta)  # x + k eta score(x)
         if self.sigma(self.t) > 0:
             x.add_(self._noise_for(self.t))  # + sqrt(k) sigma(t) z
         self._reflect(x)
-        self._logits[:2] = v[2:]
+        self._logits.view(3, b, -1)[:2] = v[2:]
         target = torch.softmax(self._logits, dim=0)  # (3, N); channel-first is fast
         self._col.lerp_(target, self.alpha)  # c + alpha * (target - c), all (3, N)
         self.t += 1
