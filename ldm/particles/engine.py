@@ -61,7 +61,8 @@ def _worker() -> ThreadPoolExecutor:
 class ParticleEngine:
     """Vectorised, seeded particle system driven only by a ``ScoreField`` (see module doc).
 
-    State: ``positions`` (N, 2) and ``colours`` (N, 3), step counter ``t``. Every ``sort_every``
+    State: ``positions`` (N, 2) and ``colours`` (N, 3), views of channel-first (2, N) / (3, N)
+    storage, and the step counter ``t``. Every ``sort_every``
     steps the particles are reordered by pixel, which keeps field lookups cache-friendly; the
     order carries no meaning (0 keeps the order, e.g. to follow single particles).
     """
