@@ -166,6 +166,25 @@ def test_lookup_in_two_batches_gives_the_same_run() -> None:
     assert ParticleEngine(field, num_particles=401, steps=1)._blocks == 1  # odd N: one batch
 
 
+def test_noise_drawn_ahead_on_the_worker_equals_noise_drawn_in_the_step() -> None:
+    field = ScoreField.from_image(default_image(24, 32), levels=2)
+    runs = []
+    for ahead in (True, False):
+        e = ParticleEngine(field, num_particles=300, steps=30, seed=7, sort_every=8)
+        e._prefetch = ahead
+        e.run()
+        assert e._pending is None
+        runs.append(e.positions)
+    assert torch.equal(runs[0], runs[1])
+    # t moved from outside: the draw made ahead for the old t is not used for the new one
+    e = ParticleEngine(field, num_particles=300, steps=30, seed=7)
+    e.step()
+    assert e._pending is not None and e._pending[0] == 1
+    e.t = 20
+    e.step()
+    assert e._pending is not None and e._pending[0] == 21
+
+
 def test_noise_follows_the_sigma_schedule() -> None:
     field = _manual_field(torch.zeros(2, 5, 20, 20))  # no score: moves are pure noise
     e = ParticleEngine(field, num_particles=20_000, steps=10, sigma0=0.4, seed=0)

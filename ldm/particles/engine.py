@@ -123,7 +123,7 @@ class ParticleEngine:
         # to (2, N) on a worker thread (CPU) while the current step runs; two buffers alternate
         self._draw = torch.empty(n, 2, device=device)
         self._noise = [torch.empty(2, n, device=device) for _ in range(2)]
-        self._pending: Future[torch.Tensor] | None = None
+        self._pending: tuple[int, Future[torch.Tensor]] | None = None  # (step, draw)
         self._prefetch = device.type == "cpu"
         self.t = 0
 
@@ -199,11 +199,16 @@ class ParticleEngine:
 
     def _noise_for(self, t: int) -> torch.Tensor:
         """The scaled noise of step t; starts drawing step t + 1's on the worker thread."""
-        buf = self._noise[t % 2]
-        z = self._pending.result() if self._pending is not None else self._draw_noise(t, buf)
-        self._pending = None
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == t:
+            z = pending[1].result()
+        else:  # first step, or t was changed from outside: draw here
+            if pending is not None:
+                pending[1].result()  # let the stale draw finish before the generator is reused
+            z = self._draw_noise(t, self._noise[t % 2])
         if self._prefetch and t + 1 < self.steps and self.sigma(t + 1) > 0:
-            self._pending = _worker().submit(self._draw_noise, t + 1, self._noise[(t + 1) % 2])
+            nxt = _worker().submit(self._draw_noise, t + 1, self._noise[(t + 1) % 2])
+            self._pending = (t + 1, nxt)
         return z
 
     def step(self) -> None:
