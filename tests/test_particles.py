@@ -147,6 +147,44 @@ def test_sorting_particles_only_changes_their_order() -> None:
     assert bool((pix.diff() >= 0).all())  # sorted at t = 40
 
 
+def test_lookup_in_two_batches_gives_the_same_run() -> None:
+    """With 2+ threads the step looks the particles up as two grid_sample batches: no change."""
+    field = ScoreField.from_image(default_image(24, 32), levels=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for blocks in (2, 1):
+            e = ParticleEngine(field, num_particles=400, steps=40, seed=2, sort_every=8)
+            assert e._blocks == 2
+            e._blocks = blocks
+            e.run()
+            runs.append((e.positions, e.colours))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert ParticleEngine(field, num_particles=401, steps=1)._blocks == 1  # odd N: one batch
+
+
+def test_noise_drawn_ahead_on_the_worker_equals_noise_drawn_in_the_step() -> None:
+    field = ScoreField.from_image(default_image(24, 32), levels=2)
+    runs = []
+    for ahead in (True, False):
+        e = ParticleEngine(field, num_particles=300, steps=30, seed=7, sort_every=8)
+        e._prefetch = ahead
+        e.run()
+        assert e._pending is None
+        runs.append(e.positions)
+    assert torch.equal(runs[0], runs[1])
+    # t moved from outside: the draw made ahead for the old t is not used for the new one
+    e = ParticleEngine(field, num_particles=300, steps=30, seed=7)
+    e.step()
+    assert e._pending is not None and e._pending[0] == 1
+    e.t = 20
+    e.step()
+    assert e._pending is not None and e._pending[0] == 21
+
+
 def test_noise_follows_the_sigma_schedule() -> None:
     field = _manual_field(torch.zeros(2, 5, 20, 20))  # no score: moves are pure noise
     e = ParticleEngine(field, num_particles=20_000, steps=10, sigma0=0.4, seed=0)

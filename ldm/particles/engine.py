@@ -30,7 +30,9 @@ so large flat regions also reach their density before the finest level refines t
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +43,26 @@ from ldm.particles.field import LOG_COLOUR, SCORE, ScoreField
 
 log = logging.getLogger(__name__)
 
+_WORKER: ThreadPoolExecutor | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker() -> ThreadPoolExecutor:
+    """One worker thread, shared by all engines, that draws the next step's noise (torch ops
+    release the GIL, so it overlaps with the step). Only it touches an engine's generator while
+    a draw is pending, and draws run in submission order: runs stay reproducible."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="particle-noise")
+        return _WORKER
+
 
 class ParticleEngine:
     """Vectorised, seeded particle system driven only by a ``ScoreField`` (see module doc).
 
-    State: ``positions`` (N, 2) and ``colours`` (N, 3), step counter ``t``. Every ``sort_every``
+    State: ``positions`` (N, 2) and ``colours`` (N, 3), views of channel-first (2, N) / (3, N)
+    storage, and the step counter ``t``. Every ``sort_every``
     steps the particles are reordered by pixel, which keeps field lookups cache-friendly; the
     order carries no meaning (0 keeps the order, e.g. to follow single particles).
     """
@@ -75,29 +92,45 @@ class ParticleEngine:
         self.level_scale = tuple((b / fine) ** 2 if scale_levels else 1.0 for b in field.blurs)
         device = self.fields.device
         h, w = field.size
-        self._upper = torch.tensor([w - 1, h - 1], dtype=torch.float32, device=device)  # (2,)
-        self._zero = torch.zeros_like(self._upper)
+        self._upper = torch.tensor([[w - 1], [h - 1]], dtype=torch.float32, device=device)  # (2, 1)
+        self._twice_upper = 2 * self._upper  # reflection: min(x, 2 M - x)
         self._to_grid = 2.0 / self._upper.clamp_min(1)  # pixels -> grid_sample coordinates
-        # the step's own copy of the fields, colour channels pre-multiplied by beta, one
-        # (1, 5, H, W) view per level: softmax(beta L_c) needs no multiply per step
-        scaled = self.fields.clone()
-        scaled[:, LOG_COLOUR] *= beta
-        self._step_fields = [scaled[s].unsqueeze(0) for s in range(scaled.shape[0])]
-        # buffers reused by every step (the step allocates only grid_sample's output)
+        self._minus_one = torch.full((2, 1), -1.0, device=device)
+        # the step's own fields, one (1, 4, H, W) tensor per level: the score and
+        # beta (L_r - L_b), beta (L_g - L_b). softmax is unchanged by subtracting beta L_b from
+        # all three logits, and bilinear interpolation is linear, so softmax(beta L_c(x)) =
+        # softmax(beta (L_r - L_b)(x), beta (L_g - L_b)(x), 0): one channel fewer to look up
+        colour = self.fields[:, LOG_COLOUR]
+        diff = (colour[:, :2] - colour[:, 2:]) * beta  # (S, 2, H, W)
+        step_fields = torch.cat([self.fields[:, SCORE], diff], dim=1)
+        self._step_fields = [step_fields[s].unsqueeze(0) for s in range(step_fields.shape[0])]
+        # buffers reused by every step, channel-first (2, N) like the positions: every
+        # elementwise op of a step reads and writes contiguous rows
         n = num_particles
-        self._grid = torch.empty(1, 1, n, 2, device=device)  # grid_sample coordinates
-        self._noise = torch.empty(n, 2, device=device)  # z, and the reflection overshoot
+        self._grid = torch.empty(2, n, device=device)  # grid_sample coordinates
+        # grid_sample's CPU kernel runs its batch items in parallel, never the points of one:
+        # with 2+ threads the step looks up two halves of the particles as a batch of two
+        two = device.type == "cpu" and torch.get_num_threads() > 1 and n % 2 == 0
+        self._blocks = 2 if two else 1
+        self._scratch = torch.empty(2, n, device=device)  # 2 M - x of the reflection
+        self._logits = torch.zeros(3, n, device=device)  # beta (L_c - L_b) at x; row b stays 0
         self._gen = torch.Generator(device=device).manual_seed(seed)
         u = torch.rand(num_particles, 2, generator=self._gen, device=device)
-        self._pos = u * self._upper  # (N, 2): uniform over the image
+        self._pos = (u * self._upper.t()).t().contiguous()  # (2, N): uniform over the image
         colours = torch.rand(num_particles, 3, generator=self._gen, device=device)  # (N, 3)
         self._col = colours.t().contiguous()  # stored (3, N): the colour update is contiguous
+        # z for the next step, drawn (N, 2) from the generator as always, scaled and transposed
+        # to (2, N) on a worker thread (CPU) while the current step runs; two buffers alternate
+        self._draw = torch.empty(n, 2, device=device)
+        self._noise = [torch.empty(2, n, device=device) for _ in range(2)]
+        self._pending: tuple[int, Future[torch.Tensor]] | None = None  # (step, draw)
+        self._prefetch = device.type == "cpu"
         self.t = 0
 
     @property
     def positions(self) -> torch.Tensor:
-        """(N, 2) particle positions (x, y) in pixels; updated in place by ``step``."""
-        return self._pos
+        """(N, 2) particle positions (x, y) in pixels: a view of the (2, N) storage."""
+        return self._pos.t()
 
     @property
     def colours(self) -> torch.Tensor:
@@ -126,29 +159,57 @@ class ParticleEngine:
         return self._lookup(self.fields[level].unsqueeze(0), positions)
 
     def _lookup(self, fields: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """grid_sample of ``fields`` (1, 5, H, W) at ``positions`` (N, 2) -> (5, N)."""
-        n = positions.shape[0]
-        grid = self._grid if n == self.num_particles else positions.new_empty(1, 1, n, 2)
-        torch.mul(positions, self._to_grid, out=grid.view(n, 2)).sub_(1.0)  # in [-1, 1]
+        """grid_sample of ``fields`` (1, C, H, W) at ``positions`` (N, 2) -> (C, N)."""
+        return self._lookup_t(fields, positions.t())
+
+    def _lookup_t(self, fields: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``_lookup`` at channel-first positions ``pos`` (2, N); grid_sample reads the (N, 2)
+        grid as a transposed view, so no interleaved copy is made."""
+        n = pos.shape[1]
+        grid = self._grid if n == self.num_particles else pos.new_empty(2, n)
+        torch.addcmul(self._minus_one, pos, self._to_grid, out=grid)  # in [-1, 1]
         out = F.grid_sample(
-            fields, grid, mode="bilinear", padding_mode="border", align_corners=True
-        )  # (1, 5, 1, N)
-        return out.view(5, n)
+            fields, grid.t()[None, None], mode="bilinear", padding_mode="border",
+            align_corners=True,
+        )  # fmt: skip  # (1, C, 1, N)
+        return out.view(-1, n)
 
     def _reflect(self, x: torch.Tensor) -> torch.Tensor:
-        """Mirror positions at the image border in place: -a -> a, M + a -> M - a, else as is."""
+        """Mirror positions (2, N) at the image border in place: -a -> a, M + a -> M - a.
+
+        min(|x|, 2 M - |x|) is |x| itself inside [0, M] and 2 M - |x| (one rounding, as
+        x - 2 (x - M)) beyond; the clamp catches jumps beyond one width.
+        """
         x.abs_()
-        over = torch.sub(x, self._upper, out=self._noise).clamp_min_(0)  # z is used up here
-        x.sub_(over, alpha=2.0)  # exact for x in [0, M]
-        return x.clamp_(min=self._zero, max=self._upper)  # jumps beyond one width
+        torch.sub(self._twice_upper, x, out=self._scratch)
+        return torch.minimum(x, self._scratch, out=x).clamp_min_(0)
 
     def _sort(self) -> None:
         """Reorder particles by pixel (row-major) so field lookups touch memory in order."""
         h, w = self.size
-        key = self.positions[:, 1].long() * w + self.positions[:, 0].long()  # (N,)
+        key = self._pos[1].long() * w + self._pos[0].long()  # (N,)
         order = torch.argsort(key, stable=True)
-        self._pos = self._pos[order]
+        self._pos = self._pos[:, order]
         self._col = self._col[:, order]
+
+    def _draw_noise(self, t: int, buf: torch.Tensor) -> torch.Tensor:
+        """sqrt(k_s) sigma(t) z into ``buf`` (2, N), z ~ N(0, I) drawn as an (N, 2) tensor."""
+        z = torch.randn(self._draw.shape, generator=self._gen, out=self._draw)
+        return torch.mul(z.t(), self.sigma(t) * self.level_scale[self.level(t)] ** 0.5, out=buf)
+
+    def _noise_for(self, t: int) -> torch.Tensor:
+        """The scaled noise of step t; starts drawing step t + 1's on the worker thread."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == t:
+            z = pending[1].result()
+        else:  # first step, or t was changed from outside: draw here
+            if pending is not None:
+                pending[1].result()  # let the stale draw finish before the generator is reused
+            z = self._draw_noise(t, self._noise[t % 2])
+        if self._prefetch and t + 1 < self.steps and self.sigma(t + 1) > 0:
+            nxt = _worker().submit(self._draw_noise, t + 1, self._noise[(t + 1) % 2])
+            self._pending = (t + 1, nxt)
+        return z
 
     def step(self) -> None:
         """Advance all particles by one step (steps 1-5 of the module doc)."""
@@ -156,15 +217,21 @@ class ParticleEngine:
             raise RuntimeError(f"the engine has already run its {self.steps} steps")
         level = self.level(self.t)
         k = self.level_scale[level]
-        x = self._pos  # (N, 2), updated in place
-        v = self._lookup(self._step_fields[level], x)  # (5, N): score, beta L_c
-        x.add_(v[SCORE].t(), alpha=k * self.eta)  # x + k eta score(x)
-        sigma = self.sigma(self.t) * k**0.5
-        if sigma > 0:
-            z = torch.randn(x.shape, generator=self._gen, out=self._noise)
-            x.add_(z, alpha=sigma)  # + sqrt(k) sigma(t) z
+        x = self._pos  # (2, N), updated in place
+        b = self._blocks  # (., N) = (., b, N / b): the particles as b lookup batches
+        grid = torch.addcmul(self._minus_one, x, self._to_grid, out=self._grid)  # in [-1, 1]
+        fields = self._step_fields[level].expand(b, -1, -1, -1)  # (b, 4, H, W), no copy
+        out = F.grid_sample(
+            fields, grid.view(2, b, -1).permute(1, 2, 0).unsqueeze(1), mode="bilinear",
+            padding_mode="border", align_corners=True,
+        )  # fmt: skip  # (b, 4, 1, N / b)
+        v = out.view(b, 4, -1).transpose(0, 1)  # (4, b, N / b): score, beta (L_rg - L_b)
+        x.view(2, b, -1).add_(v[SCORE], alpha=k * self.eta)  # x + k eta score(x)
+        if self.sigma(self.t) > 0:
+            x.add_(self._noise_for(self.t))  # + sqrt(k) sigma(t) z
         self._reflect(x)
-        target = torch.softmax(v[LOG_COLOUR], dim=0)  # (3, N); channel-first is fast
+        self._logits.view(3, b, -1)[:2] = v[2:]
+        target = torch.softmax(self._logits, dim=0)  # (3, N); channel-first is fast
         self._col.lerp_(target, self.alpha)  # c + alpha * (target - c), all (3, N)
         self.t += 1
         if self.sort_every and self.t % self.sort_every == 0:

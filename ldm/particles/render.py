@@ -30,6 +30,7 @@ from ldm.particles.field import LUMA, ScoreField
 WHITE_QUANTILE = 0.99  # raw frames: this luminance quantile is shown as white
 _QUANTILE_SAMPLES = 65536  # pixels used to estimate the quantile (every k-th pixel)
 _LUT_BITS = 5  # bits per channel of the palette lookup table
+_PALETTE_SAMPLES = 65536  # about this many pixels go into the median cut
 
 
 @dataclass(frozen=True)
@@ -58,21 +59,25 @@ def splat(positions: torch.Tensor, weights: torch.Tensor, size: tuple[int, int])
     """Bilinear splat: add each particle's ``weights`` (N, C) to its 4 nearest pixels -> (C, H, W).
 
     ``positions`` (N, 2) are (x, y) pixel coordinates inside [0, W-1] x [0, H-1]; the total mass
-    of each channel is preserved. ``weights`` may be a (C, N) tensor's transposed view (cheapest).
+    of each channel is preserved. Both may be transposed views of channel-first (2, N) / (C, N)
+    storage (the cheapest: every op below then reads contiguous rows).
     """
     h, w = size
-    x0 = positions.floor().clamp_(min=0)
-    x0 = torch.minimum(x0, x0.new_tensor([max(w - 2, 0), max(h - 2, 0)]))
-    f = (positions - x0).clamp_(0, 1)  # (N, 2) fractional offsets
-    i = (x0[:, 1] * w + x0[:, 0]).long()  # (N,) flat index of the top-left pixel
+    p = positions.t()  # (2, N): x, y
+    x0 = p.floor().clamp_(min=0)
+    torch.minimum(x0, x0.new_tensor([[max(w - 2, 0)], [max(h - 2, 0)]]), out=x0)
+    f = (p - x0).clamp_(0, 1)  # (2, N) fractional offsets
+    i = torch.add(x0[0], x0[1], alpha=w).long()  # (N,) flat index of the top-left pixel (exact)
     dx, dy = (1 if w > 1 else 0), (w if h > 1 else 0)
-    fx, fy = f[:, 0], f[:, 1]
-    gx, gy = 1 - fx, 1 - fy
-    idx = torch.cat([i, i + dx, i + dy, i + dy + dx])  # (4N,)
-    wts = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy])  # (4, N), corner-major like idx
-    # one weighted bincount per channel: several times faster than index_add_ on CPU
-    chans = [torch.bincount(idx, (wts * wc).view(-1), minlength=h * w) for wc in weights.t()]
-    return torch.stack(chans).reshape(-1, h, w)
+    gf = torch.stack([1 - f, f], dim=1)  # (2 axes, 2, N): (1 - f, f) per axis
+    wts = (gf[1][:, None] * gf[0][None]).reshape(4, -1)  # (4, N): corners (y, x) 00, 01, 10, 11
+    c = weights.shape[1]
+    offsets = torch.tensor([0, dx, dy, dy + dx], device=i.device)
+    idx = i + (offsets[:, None] + (torch.arange(c, device=i.device) * (h * w))[:, None, None])
+    vals = wts * weights.t()[:, None]  # (C, 4, N) matching idx: one scatter for every channel
+    out = torch.zeros(c * h * w, dtype=vals.dtype, device=vals.device)
+    # scatter_add_ adds in index order like bincount, without bincount's min/max passes
+    return out.scatter_add_(0, idx.reshape(-1), vals.reshape(-1)).view(c, h, w)
 
 
 def _unit_rgb(colours: torch.Tensor, code: ParticleCode | None) -> torch.Tensor:
@@ -94,13 +99,23 @@ def particle_rgb(colours: torch.Tensor, code: ParticleCode | None) -> torch.Tens
     return _unit_rgb(colours, code).t()
 
 
-def _blurred(positions: torch.Tensor, colours: torch.Tensor, size: tuple[int, int], blur: float,
-             code: ParticleCode | None) -> tuple[torch.Tensor, float, float]:  # fmt: skip
-    """Blurred splat (3, H, W) and (a, b) such that the frame is clamp(a * acc + b, 0, 1)."""
-    acc = splat(positions, _unit_rgb(colours, code).t(), size)  # (3, H, W)
+def _blurred(
+    positions: torch.Tensor, colours: torch.Tensor, size: tuple[int, int], blur: float,
+    code: ParticleCode | None, scale: float = 1.0,
+) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+    """Blurred splat (3, H, W) and (a, b) such that the frame is clamp(a * acc + b, 0, 1).
+
+    With ``code``, ``scale`` * a is folded into the particle weights (splat and blur are linear):
+    acc comes back scaled and a = ``scale`` (saves a pass over the frame).
+    """
+    rgb = _unit_rgb(colours, code)  # (3, N)
+    if code is not None:
+        a = code.luma_mass() / positions.shape[0]
+        rgb.mul_(scale * a)
+    acc = splat(positions, rgb.t(), size)  # (3, H, W)
     acc = gaussian_blur(acc, (blur, blur))  # each channel on its own
     if code is not None:  # C + eps = (particles per pixel) * sum(Y + eps) / N, per channel
-        return acc, code.luma_mass() / positions.shape[0], -code.eps
+        return acc, scale, -code.eps
     luma = torch.tensor(LUMA, dtype=acc.dtype, device=acc.device)
     lum = torch.einsum("c,chw->hw", luma, acc).reshape(-1)
     stride = max(1, lum.numel() // _QUANTILE_SAMPLES)
@@ -121,7 +136,9 @@ def render_frame(
     is scaled by sum(Y + eps) / N (decoded) or so that its 0.99 luminance quantile is white (raw).
     """
     acc, a, b = _blurred(positions, colours, size, blur, code)
-    return acc.mul_(a).add_(b).clamp_(0, 1)
+    if a != 1.0:
+        acc.mul_(a)
+    return acc.add_(b).clamp_(0, 1)
 
 
 def render_frame_uint8(
@@ -136,8 +153,10 @@ def render_frame_uint8(
     The scale, offset and 255 are folded into one multiply-add before rounding; a value within
     float rounding of a half level may round the other way (at most 1 level apart).
     """
-    acc, a, b = _blurred(positions, colours, size, blur, code)
-    acc.mul_(255.0 * a).add_(255.0 * b + 0.5).clamp_(0, 255)  # round half up, as to_uint8
+    acc, a, b = _blurred(positions, colours, size, blur, code, scale=255.0)
+    if code is None:  # raw frames: the scale comes from the blurred frame itself
+        acc.mul_(255.0 * a)
+    acc.add_(255.0 * b + 0.5).clamp_(0, 255)  # round half up, as to_uint8
     out = torch.empty(*size, 3, dtype=torch.uint8, device=acc.device)
     out.permute(2, 0, 1).copy_(acc)  # the float -> uint8 cast truncates
     return out.cpu()
@@ -184,7 +203,9 @@ def side_by_side(images: Sequence[torch.Tensor], gap: int = 4) -> torch.Tensor:
 
 def _palette(frames: Sequence[torch.Tensor], colours: int = 256) -> np.ndarray:
     """Median-cut palette (colours, 3) uint8 of a montage of ``frames`` (H, W, 3) uint8."""
-    montage = torch.cat([f[::2, ::2] for f in frames], dim=0).numpy()
+    pixels = sum(f.shape[0] * f.shape[1] for f in frames)
+    k = max(1, int((pixels / _PALETTE_SAMPLES) ** 0.5))  # every k-th row and column
+    montage = torch.cat([f[::k, ::k] for f in frames], dim=0).numpy()
     pal = Image.fromarray(montage).quantize(colours, method=Image.Quantize.MEDIANCUT)
     return np.asarray(pal.getpalette()[: 3 * colours], dtype=np.uint8).reshape(-1, 3)
 
