@@ -110,3 +110,24 @@ def test_bad_input(tiny_pipeline, tmp_path):
     assert "run train_diffusion first" in line
     line = error_line(_predict(tiny_pipeline, tmp_path / "f", "--set", "window=[12, 12, 12]"))
     assert "divisible by 8" in line
+
+
+def test_vae_rows_decode_with_the_lr(tiny_pipeline, tmp_path):
+    """The tiny VAE is LR-aware: its result and ceiling rows are decode(encode(LR | HR), LR)."""
+    from ldm.data.dataset import iter_test_cases, load_manifest
+    from ldm.inference import autoencode_volume
+    from ldm.metrics import psnr
+    from ldm.nets.loading import load_vae
+
+    out = tmp_path / "pred"
+    assert _predict(tiny_pipeline, out, "--set", "tune.bm4d=false").exit_code == 0
+    vae, _ = load_vae(tiny_pipeline.vae, torch.device("cpu"))
+    assert vae.config.uses_lr
+    window = tuple(load_manifest(tiny_pipeline.data_dir)["patch_size"])
+    case = next(iter_test_cases(tiny_pipeline.data_dir))
+    m = json.loads((out / case.name / "metrics.json").read_text())["metrics"]
+    for key, volume in (("vae_result", case.lr), ("vae_ceiling", case.hr)):
+        ours = autoencode_volume(vae, volume, window, overlap=0.25, batch_size=8, lr=case.lr,
+                                progress=False)
+        expected = psnr(case.to_original(ours), case.to_original(case.hr))
+        assert m[key]["psnr"] == pytest.approx(expected, abs=1e-3), key

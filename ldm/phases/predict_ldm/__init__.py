@@ -119,9 +119,10 @@ def _scores(
 ) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
     """The score table of one case with HR, and the VAE result in original units."""
 
-    def ae(volume: np.ndarray) -> np.ndarray:
+    def ae(volume: np.ndarray) -> np.ndarray:  # an LR-aware VAE decodes with the LR (ceiling too)
         out = autoencode_volume(ldm.vae, case.to_model(volume), window, overlap=cfg.overlap,
-                                batch_size=cfg.batch_size, device=ldm.device, progress=False)
+                                batch_size=cfg.batch_size, device=ldm.device, progress=False,
+                                lr=case.to_model(case.lr))
         return case.from_model(out)  # fmt: skip
 
     classical = classical_outputs(case.to_model(case.lr), params, ldm.device)
