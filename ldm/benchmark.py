@@ -230,7 +230,7 @@ def sampler_quality(
         steps = sampler.steps if sampler.sampler == "ddim" else ldm.schedule.num_train_timesteps
         rows.append({"sampler": sampler.sampler, "steps": steps, "psnr": psnr(vol, hr),
                      "ssim": ssim(vol, hr), "seconds": seconds})  # fmt: skip
-    return {"case": case.name, "shape": list(case.hr.shape), "config": config,
+    return {"test_case": case.name, "shape": list(case.hr.shape), "config": config,
             "default_steps": default, "baseline_psnr": psnr(case.to_original(case.lr), hr),
             "runs": rows}  # fmt: skip
 
@@ -348,7 +348,7 @@ def _describe(name: str, r: dict) -> str:
     if name == "sampler_quality":
         runs = ", ".join(f"{x['sampler']} {x['steps']}: {x['psnr']:.2f} dB {x['seconds']:.0f} s"
                          for x in r["runs"])  # fmt: skip
-        return f"{r['case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
+        return f"{r['test_case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
     if name == "quality":
         return r["summary"]
     if name == "particles":
