@@ -110,6 +110,11 @@ def _best(params: Sequence, mean_scores: np.ndarray, what: str) -> tuple:
     best = int(np.argmax(mean_scores))
     curve = {p: round(float(v), 3) for p, v in zip(params, mean_scores)}
     logger.info("%s: mean PSNR %s -> best %s", what, curve, params[best])
+    if len(params) > 1 and best in (0, len(params) - 1) and params[best] != 0:
+        logger.warning(
+            "%s: the best value %s is at the edge of the grid %s: the baseline may be better "
+            "than tuned; extend that tune.* grid in the config", what, params[best], list(params)
+        )
     return params[best], float(mean_scores[best])
 
 

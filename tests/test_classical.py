@@ -181,3 +181,20 @@ def test_tune_tv_and_nlm_pick_a_denoising_value_from_the_grid():
     assert weight == 0.1 and score > np.mean([psnr(lr, hr) for lr, hr in pairs])
     h, _ = tune_nlm(pairs, [0.0, 0.08, 2.0])
     assert h == 0.08  # 0 = no denoising; 2.0 flattens the cube
+
+
+def test_best_value_at_a_grid_edge_is_a_warning(caplog):
+    """A tuned baseline whose best parameter is the grid's last value may be under-tuned: say so."""
+    from ldm.classical import tune_gaussian
+
+    rng = torch.Generator().manual_seed(0)
+    hr = torch.zeros(12, 12, 12)
+    hr[4:8, 4:8, 4:8] = 1.0
+    pairs = [(hr + 0.3 * torch.randn(hr.shape, generator=rng), hr)]
+    with caplog.at_level("WARNING", logger="ldm.classical"):
+        tune_gaussian(pairs, [0.1, 0.2])  # far too little smoothing: the best is the last value
+    assert "at the edge of the grid [0.1, 0.2]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm.classical"):
+        tune_gaussian(pairs, [0.1, 1.0, 8.0])  # an interior optimum: no warning
+    assert "edge of the grid" not in caplog.text
