@@ -32,6 +32,7 @@ from ldm.classical import (
 )
 from ldm.data.dataset import PatchPairs
 from ldm.errors import ConfigError, DataError
+from ldm.inference import autoencode_volume
 from ldm.metrics import intensity_fit, psnr, ssim
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,26 @@ def classical_outputs(
     if params.get("bm4d_sigma") is not None:
         out["bm4d"] = bm4d_denoise(x, params["bm4d_sigma"])
     return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def method_outputs(
+    case: Any, vae: torch.nn.Module, params: dict[str, Any], window: tuple[int, ...], *,
+    overlap: float, batch_size: int, device: torch.device,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Baseline, the tuned filters, the VAE result and the VAE ceiling of one case (a TestCase or
+    an ExternalCase), normalised, on the case's grid. Every method runs on ``case.to_model(lr)``
+    (the training spacing with --resample); an LR-aware VAE decodes both rows with that LR."""
+    lr = case.to_model(case.lr)
+
+    def ae(volume: np.ndarray) -> np.ndarray:
+        out = autoencode_volume(vae, volume, window, overlap=overlap, batch_size=batch_size,
+                                device=device, progress=False, lr=lr)  # fmt: skip
+        return case.from_model(out)
+
+    classical = classical_outputs(lr, params, device)
+    return {"baseline": case.lr, **{k: case.from_model(v) for k, v in classical.items()},
+            "vae_result": ae(lr),  # decode(encode(LR), LR)
+            "vae_ceiling": ae(case.to_model(case.hr))}  # decode(encode(HR), LR)  # fmt: skip
 
 
 def score_volume(x: np.ndarray | torch.Tensor, hr: torch.Tensor, data_range: float) -> dict:

@@ -24,10 +24,10 @@ from ldm.baselines import (
     LABELS,
     TABLE_NOTE,
     TuneConfig,
-    classical_outputs,
     format_table,
     mean_scores,
     method_details,
+    method_outputs,
     score_outputs,
     tune_classical,
     tuned_text,
@@ -38,7 +38,6 @@ from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError, UserError
 from ldm.external import ExternalInputs, load_external_case, load_external_cases
-from ldm.inference import autoencode_volume
 from ldm.io import RawSpec, save_json, staged_dir
 from ldm.nets.loading import load_vae
 from ldm.pipeline import PhaseResult
@@ -120,18 +119,8 @@ def _run_methods(
     volume itself) and their outputs come back with ``case.from_model``.
     """
 
-    def ae(volume: np.ndarray) -> np.ndarray:  # an LR-aware VAE decodes with the LR (ceiling too)
-        out = autoencode_volume(
-            vae, case.to_model(volume), window, overlap=cfg.overlap, batch_size=cfg.batch_size,
-            device=device, progress=False, lr=case.to_model(case.lr),
-        )  # fmt: skip
-        return case.from_model(out)
-
-    classical = classical_outputs(case.to_model(case.lr), params, device)
-    out = {"baseline": case.lr, **{k: case.from_model(v) for k, v in classical.items()}}
-    out["vae_result"] = ae(case.lr)  # decode(encode(LR))
-    out["vae_ceiling"] = ae(case.hr)  # decode(encode(HR), LR)
-    return out
+    return method_outputs(case, vae, params, window, overlap=cfg.overlap,
+                          batch_size=cfg.batch_size, device=device)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from ldm.baselines import (
     LABELS,
     TuneConfig,
-    classical_outputs,
+    method_outputs,
     score_outputs,
     tune_classical,
     tuning_pairs,
@@ -34,7 +34,7 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
 from ldm.external import ExternalInputs, load_external_case, load_external_cases
-from ldm.inference import autoencode_volume, sliding_window_infer
+from ldm.inference import sliding_window_infer
 from ldm.io import RawSpec, save_json, save_volume, staged_dir
 from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
 from ldm.pipeline import PhaseResult
@@ -119,15 +119,9 @@ def _scores(
 ) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
     """The score table of one case with HR, and the VAE result in original units."""
 
-    def ae(volume: np.ndarray) -> np.ndarray:  # an LR-aware VAE decodes with the LR (ceiling too)
-        out = autoencode_volume(ldm.vae, case.to_model(volume), window, overlap=cfg.overlap,
-                                batch_size=cfg.batch_size, device=ldm.device, progress=False,
-                                lr=case.to_model(case.lr))
-        return case.from_model(out)  # fmt: skip
-
-    classical = classical_outputs(case.to_model(case.lr), params, ldm.device)
-    outputs = {"baseline": case.lr, **{k: case.from_model(v) for k, v in classical.items()},
-               "vae_result": ae(case.lr), "ldm": ldm_norm, "vae_ceiling": ae(case.hr)}  # fmt: skip
+    outputs = method_outputs(case, ldm.vae, params, window, overlap=cfg.overlap,
+                             batch_size=cfg.batch_size, device=ldm.device)  # fmt: skip
+    outputs["ldm"] = ldm_norm
     scores, _ = score_outputs(outputs, case.hr, case.to_original)
     return scores, {LABELS["vae_result"]: case.to_original(outputs["vae_result"])}
 
