@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm import baselines
+from ldm.baselines import TuneConfig, tune_classical, tuning_pairs
 from ldm.config import REPO_ROOT, load_config
 from ldm.data.dataset import iter_test_cases, load_manifest
 from ldm.data.degrade import DegradeConfig, degrade
@@ -32,7 +34,7 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_
 from ldm.errors import UserError
 from ldm.inference import autoencode_volume, sliding_window_infer
 from ldm.io import save_json
-from ldm.metrics import psnr, ssim
+from ldm.metrics import intensity_fit, psnr, ssim
 
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -192,13 +194,9 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
 
 
 def bias_slope(out: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
-    """(mean(out - hr), least-squares slope of out on hr - 1), both in % of the HR range."""
-    rng = float(hr.max() - hr.min()) or 1.0
-    h = hr.astype(np.float64).ravel()
-    o = out.astype(np.float64).ravel()
-    hc = h - h.mean()
-    slope = float((hc * (o - o.mean())).sum() / max((hc * hc).sum(), 1e-12))
-    return 100 * float((o - h).mean()) / rng, 100 * (slope - 1.0)
+    """(mean(out - hr), least-squares slope of out on hr - 1), both in % (ldm.metrics)."""
+    fit = intensity_fit(out, hr)
+    return fit["bias_pct"], 100 * (fit["contrast"] - 1.0)
 
 
 def score(out: np.ndarray, hr: np.ndarray) -> dict[str, float]:
@@ -228,23 +226,19 @@ def zero_latent_volume(vae, lr: np.ndarray, window) -> np.ndarray:
 
 
 def classical_params(data: Path, with_bm4d: bool) -> dict[str, Any]:
-    from ldm.phases.evaluate_psnr import TuneConfig, tune_classical, tuning_pairs
-
+    """The tuned baselines of evaluate_psnr/predict_ldm (ldm.baselines), BM4D on 4 patches."""
     pairs = tuning_pairs(data, 64, torch.device("cpu"))
-    return tune_classical(TuneConfig(bm4d_max_patches=4), pairs, with_bm4d)
+    return tune_classical(TuneConfig(bm4d=with_bm4d, bm4d_max_patches=4), pairs)
+
+
+_CLASSICAL = {"gaussian": "Gaussian (tuned)", "heat": "heat (tuned)", "tv": "TV (tuned)",
+              "nlm": "NLM (tuned)", "bm4d": "BM4D (tuned)"}  # fmt: skip
 
 
 def classical_outputs(lr: np.ndarray, params: dict[str, Any]) -> dict[str, np.ndarray]:
-    from ldm.classical import bm4d_denoise, gaussian_denoise, heat_diffusion
-
-    t = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))
-    out = {
-        "Gaussian (tuned)": gaussian_denoise(t, params["gaussian_sigma"]).numpy(),
-        "heat (tuned)": heat_diffusion(t, params["heat_steps"], params["heat_dt"]).numpy(),
-    }
-    if params.get("bm4d_sigma") is not None:
-        out["BM4D (tuned)"] = bm4d_denoise(t, params["bm4d_sigma"]).numpy()
-    return out  # fmt: skip
+    """The tuned baselines on a normalised volume, keyed by the bench's row labels."""
+    out = baselines.classical_outputs(lr, params, torch.device("cpu"))
+    return {_CLASSICAL[k]: v for k, v in out.items()}
 
 
 def generalisation_cases(

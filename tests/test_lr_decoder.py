@@ -212,3 +212,16 @@ def test_bench_report_combines_and_tabulates(tmp_path):
     assert set(report["results"]) == {"phantom/a", "mri/a"}
     text = summary_table(report)
     assert "voxel 0.7 mm" in text and "predict 4 s" in text and text.count("Baseline") == 3
+
+
+def test_quality_bench_baselines_are_the_phases_tuned_filters(tiny_pipeline):
+    """The bench tunes and runs the same baselines as evaluate_psnr/predict_ldm (ldm.baselines)."""
+    from ldm.data.dataset import iter_test_cases
+    from ldm.quality_bench import classical_outputs, classical_params
+
+    params = classical_params(tiny_pipeline.data_dir, with_bm4d=False)
+    assert params["bm4d_sigma"] is None and params["gaussian_sigma"] >= 0
+    lr = next(iter_test_cases(tiny_pipeline.data_dir)).lr
+    out = classical_outputs(lr, params)
+    assert list(out) == ["Gaussian (tuned)", "heat (tuned)", "TV (tuned)", "NLM (tuned)"]
+    assert all(v.shape == lr.shape and np.isfinite(v).all() for v in out.values())
