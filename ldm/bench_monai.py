@@ -157,18 +157,23 @@ def peak_memory(kind: str, which: str, steps: int = 2) -> dict[str, float]:
     return {"rss_before_mb": before, "peak_rss_mb": peak, "train_mb": peak - before}
 
 
-def memory_in_child(kind: str, which: str, threads: int) -> dict[str, float]:
-    code = (
-        "import json, torch; from ldm.bench_monai import peak_memory; "
-        f"torch.set_num_threads({threads}); "
-        f"print('RESULT ' + json.dumps(peak_memory({kind!r}, {which!r})))"
-    )
+def child_result(code: str) -> dict[str, Any]:
+    """Run ``python -c code`` in a fresh process and return the JSON dict it prints on a line
+    ``RESULT {...}``, or ``{"error": last stderr line}`` (fresh process: own threads, own peak)."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     err = proc.stderr.strip().splitlines()
     return {"error": err[-1] if err else "failed"}
+
+
+def memory_in_child(kind: str, which: str, threads: int) -> dict[str, float]:
+    return child_result(
+        "import json, torch; from ldm.bench_monai import peak_memory; "
+        f"torch.set_num_threads({threads}); "
+        f"print('RESULT ' + json.dumps(peak_memory({kind!r}, {which!r})))"
+    )
 
 
 def compare(kind: str, threads: int, reps: int = 4) -> dict[str, Any]:

@@ -8,7 +8,6 @@ weights. The DDIM/DDPM quality sweep needs trained checkpoints and uses them whe
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import resource
 import subprocess
@@ -279,16 +278,13 @@ def run_case(name: str, device_name: str, kwargs: dict[str, Any]) -> dict[str, A
 
 
 def run_in_child(name: str, device_name: str, threads: int, **kwargs: Any) -> dict[str, Any]:
-    code = (
+    from ldm.bench_monai import child_result
+
+    return child_result(
         "import json, sys, torch; from ldm.benchmark import run_case; "
         f"torch.set_num_threads({threads}); "
         f"print('RESULT ' + json.dumps(run_case({name!r}, {device_name!r}, {kwargs!r})))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
 
 
 def environment(device_name: str, threads: int) -> dict[str, Any]:
