@@ -106,34 +106,24 @@ def _external(
     return ExternalInputs(input_path, target, folder, input_glob, target_glob, resample)
 
 
-def predict_ldm(
-    config: ConfigOption = None,
-    set_: SetOption = None,
-    overwrite: OverwriteOption = False,
-    input_path: InputOption = None,
-    target: TargetOption = None,
-    folder: FolderOption = None,
-    input_glob: InputGlobOption = None,
-    target_glob: TargetGlobOption = None,
-    resample: ResampleOption = False,
-) -> None:
-    external = _external(input_path, target, folder, input_glob, target_glob, resample)
-    _run("predict_ldm", config, set_, overwrite=overwrite, external=external)
+def _with_external(name: str) -> Callable[..., None]:
+    """The command of a phase that also scores external volumes (predict_ldm, evaluate_psnr)."""
 
+    def main(
+        config: ConfigOption = None,
+        set_: SetOption = None,
+        overwrite: OverwriteOption = False,
+        input_path: InputOption = None,
+        target: TargetOption = None,
+        folder: FolderOption = None,
+        input_glob: InputGlobOption = None,
+        target_glob: TargetGlobOption = None,
+        resample: ResampleOption = False,
+    ) -> None:
+        external = _external(input_path, target, folder, input_glob, target_glob, resample)
+        _run(name, config, set_, overwrite=overwrite, external=external)
 
-def evaluate_psnr(
-    config: ConfigOption = None,
-    set_: SetOption = None,
-    overwrite: OverwriteOption = False,
-    input_path: InputOption = None,
-    target: TargetOption = None,
-    folder: FolderOption = None,
-    input_glob: InputGlobOption = None,
-    target_glob: TargetGlobOption = None,
-    resample: ResampleOption = False,
-) -> None:
-    external = _external(input_path, target, folder, input_glob, target_glob, resample)
-    _run("evaluate_psnr", config, set_, overwrite=overwrite, external=external)
+    return main
 
 
 def particles_gif(
@@ -146,7 +136,9 @@ def particles_gif(
 
 
 _SPECIAL = {
-    "predict_ldm": predict_ldm, "evaluate_psnr": evaluate_psnr, "particles_gif": particles_gif
+    "predict_ldm": _with_external("predict_ldm"),
+    "evaluate_psnr": _with_external("evaluate_psnr"),
+    "particles_gif": particles_gif,
 }
 for _phase in PHASES:
     command(_phase.name, _phase.summary)(_SPECIAL.get(_phase.name) or _plain(_phase.name))
