@@ -3,7 +3,7 @@
 Baselines (ldm/classical.py) get their one parameter tuned for PSNR on train patches (never on
 test data), then run on a normalised volume. Every output is scored in original units against
 HR: PSNR and SSIM with data range = HR max - min, the mean intensity bias (also as % of that
-range) and the contrast scale (least-squares slope of output on HR); docs/design.md, "Metrics".
+range) and the contrast scale (1 / least-squares slope of HR on the output); docs/design.md, "Metrics".
 """
 
 from __future__ import annotations
@@ -277,6 +277,6 @@ def method_details(params: dict[str, Any]) -> dict[str, str]:
 
 
 TABLE_NOTE = (
-    "bias = mean(output - HR) in original units (and in % of the HR range); contrast = slope of "
-    "a least-squares fit of output to HR (1 = HR contrast)"
+    "bias = mean(output - HR) in original units (and in % of the HR range); contrast = 1 / slope "
+    "of a least-squares fit of HR to the output (1 = HR contrast, < 1 flattened)"
 )

@@ -151,25 +151,28 @@ def intensity_fit(
     """Global intensity agreement of ``pred`` with ``target`` (docs/design.md, "Metrics").
 
     ``bias`` = mean(pred - target) in the volumes' units, ``bias_pct`` = 100 bias / R with
-    R = ``data_range`` (default target max - min), and ``contrast`` = the slope a of the least
-    squares fit pred ~ a target + b, i.e. cov(pred, target) / var(target): 1 keeps the target's
-    contrast, < 1 flattens it, > 1 exaggerates it. A learned model can shift or scale intensities
-    on data unlike its training set while PSNR alone only says that something is off.
+    R = ``data_range`` (default target max - min), and ``contrast`` = 1 / s where s is the slope
+    of the least-squares fit target ~ s pred + b, i.e. var(pred) / cov(pred, target): 1 keeps the
+    target's contrast, < 1 flattens it, > 1 exaggerates it. HR is regressed on the output, not
+    the other way round: the output of an ideal denoiser (the conditional mean E[HR | LR]) has
+    s = 1 exactly, whereas the slope of output on HR is below 1 for every denoiser that removes
+    noise and would call its shrinkage lost contrast. A learned model can shift or scale
+    intensities on data unlike its training set while PSNR alone only says that something is off.
     """
     p, t = _as_pair(pred, target, "intensity_fit")
     if p.numel() < 2:
         raise UserError("intensity_fit: need at least 2 voxels")
     r = _data_range(t, data_range, "intensity_fit")
     p, t = p.reshape(-1), t.reshape(-1)
-    sums = torch.zeros(5, dtype=torch.float64, device=t.device)  # p, t, p t, t t, count
+    sums = torch.zeros(5, dtype=torch.float64, device=t.device)  # p, t, p t, p p, count
     for c in _chunks(p.numel(), _SLAB_VOXELS):
         pc, tc = p[c].double(), t[c].double()
-        sums += torch.stack([pc.sum(), tc.sum(), (pc * tc).sum(), (tc * tc).sum(),
+        sums += torch.stack([pc.sum(), tc.sum(), (pc * tc).sum(), (pc * pc).sum(),
                              torch.tensor(float(pc.numel()), dtype=torch.float64)])  # fmt: skip
-    sp, st, spt, stt, n = (float(v) for v in sums)
+    sp, st, spt, spp, n = (float(v) for v in sums)
     mp, mt = sp / n, st / n
-    var_t = stt / n - mt * mt
+    var_p = spp / n - mp * mp
     cov = spt / n - mp * mt
     bias = mp - mt
-    contrast = cov / var_t if var_t > 0 else math.nan
+    contrast = var_p / cov if cov > 0 else math.nan
     return {"bias": bias, "bias_pct": 100.0 * bias / r, "contrast": contrast}

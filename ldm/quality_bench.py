@@ -194,7 +194,7 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
 
 
 def bias_slope(out: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
-    """(mean(out - hr), least-squares slope of out on hr - 1), both in % (ldm.metrics)."""
+    """(mean(out - hr), contrast - 1), both in % of the HR range (ldm.metrics.intensity_fit)."""
     fit = intensity_fit(out, hr)
     return fit["bias_pct"], 100 * (fit["contrast"] - 1.0)
 

@@ -104,7 +104,8 @@ def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypa
         # bias and contrast of the LR against numpy's mean and least-squares slope
         assert got["bias"] == pytest.approx(float(np.mean(lr - hr)), abs=1e-6 * r)
         assert got["bias_pct"] == pytest.approx(100 * got["bias"] / r)
-        assert got["contrast"] == pytest.approx(np.polyfit(hr.ravel(), lr.ravel(), 1)[0], rel=1e-6)
+        slope = np.polyfit(lr.ravel(), hr.ravel(), 1)[0]  # HR regressed on the output
+        assert got["contrast"] == pytest.approx(1 / slope, rel=1e-6)
     assert Image.open(out / "comparison.png").size[1] > 800  # 8 rows of views
     assert "tune:" in (out / "config.yaml").read_text()
 

@@ -139,8 +139,16 @@ def test_intensity_fit_bias_and_contrast():
     r = hr.max() - hr.min()
     assert got["bias"] == pytest.approx(float(np.mean(pred - hr)))
     assert got["bias_pct"] == pytest.approx(100 * got["bias"] / r)
-    assert got["contrast"] == pytest.approx(np.polyfit(hr.ravel(), pred.ravel(), 1)[0])
+    # 1 / the slope of HR regressed on the output (noise in pred does not bias it)
+    assert got["contrast"] == pytest.approx(1 / np.polyfit(pred.ravel(), hr.ravel(), 1)[0])
     assert got["contrast"] == pytest.approx(0.8, abs=0.02)
+    # the conditional mean of HR given a noisy LR keeps contrast 1: pred = E[hr | lr] for
+    # Gaussian hr and noise is a shrunk lr, whose slope on hr is well below 1
+    x = rng.normal(0, 1, 200_000)
+    lr = x + rng.normal(0, 1, x.shape)
+    mmse = metrics.intensity_fit(0.5 * lr, x, data_range=1.0)["contrast"]
+    assert mmse == pytest.approx(1.0, abs=0.02)
+    assert np.polyfit(x, 0.5 * lr, 1)[0] == pytest.approx(0.5, abs=0.02)
     same = metrics.intensity_fit(torch.from_numpy(hr), torch.from_numpy(hr), data_range=10.0)
     assert same == pytest.approx({"bias": 0.0, "bias_pct": 0.0, "contrast": 1.0})
     with pytest.raises(UserError, match="same shape"):
