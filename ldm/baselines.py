@@ -3,7 +3,8 @@
 Baselines (ldm/classical.py) get their one parameter tuned for PSNR on train patches (never on
 test data), then run on a normalised volume. Every output is scored in original units against
 HR: PSNR and SSIM with data range = HR max - min, the mean intensity bias (also as % of that
-range) and the contrast scale (1 / least-squares slope of HR on the output); docs/design.md, "Metrics".
+range) and the contrast scale (1 / least-squares slope of HR on the output); docs/design.md,
+"Metrics".
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class TuneConfig:
     gaussian_sigmas: tuple[float, ...] = (0.0, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)  # 0 = identity
     heat_steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24)  # 0 = identity
     heat_dt: float = 0.1  # explicit Euler time step; stable for dt <= 1 / (2 ndim)
-    tv_weights: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)  # normalised units
-    nlm_hs: tuple[float, ...] = (0.03, 0.06, 0.1, 0.15, 0.25)  # normalised units
+    tv_weights: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # normalised units
+    nlm_hs: tuple[float, ...] = (0.01, 0.02, 0.03, 0.06, 0.1, 0.15)  # normalised units
     nlm_patch_size: int = 3
     nlm_patch_distance: int = 3  # search window (2 d + 1)^3
     filter_max_patches: int = 6  # TV and NLM are slower: tune them on the first few patches

@@ -235,6 +235,43 @@ def sampler_quality(
 
 
 @case
+def window_quality(
+    device: torch.device,
+    config: str = "configs/demo/predict_ldm.yaml",
+    layouts: tuple[tuple[int | None, float], ...] = ((None, 0.5), (None, 0.25), (None, 0.0),
+                                                     (64, 0.25), (64, 0.0)),
+    max_cases: int = 4,
+) -> dict[str, Any]:  # fmt: skip
+    """PSNR/SSIM and time of predict_volume per sliding-window layout (window, overlap; None =
+    the patch size) with the default sampler, on the first ``max_cases`` test cases of the
+    checkpoints named by a predict_ldm config: the knee of quality against windows run."""
+    from ldm.data.dataset import iter_test_cases, load_manifest
+    from ldm.diffusion.latent_diffusion import load_ldm
+    from ldm.metrics import psnr, ssim
+
+    cfg = load_config(PredictConfig, REPO_ROOT / config)
+    ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
+    patch = tuple(load_manifest(cfg.data_dir)["patch_size"])
+    cases = [c for _, c in zip(range(max_cases), iter_test_cases(cfg.data_dir))]
+    rows = []
+    for size, overlap in layouts:
+        window = patch if size is None else (size,) * len(patch)
+        c = dataclasses.replace(cfg, overlap=overlap, num_samples=1)
+        scores, seconds = [], 0.0
+        for case in cases:
+            t0 = time.perf_counter()
+            out, _ = predict_volume(ldm, case.lr, c, window)
+            seconds += time.perf_counter() - t0
+            hr, vol = case.to_original(case.hr), case.to_original(out)
+            scores.append((psnr(vol, hr), ssim(vol, hr)))
+        rows.append({"window": list(window), "overlap": overlap, "seconds": seconds,
+                     "psnr": float(np.mean([p for p, _ in scores])),
+                     "ssim": float(np.mean([q for _, q in scores]))})  # fmt: skip
+    return {"config": config, "cases": [c.name for c in cases], "steps": cfg.sampler.steps,
+            "runs": rows}  # fmt: skip
+
+
+@case
 def particles(device: torch.device, num_particles: int = 50_000) -> dict[str, Any]:
     from ldm.phases.particles_gif import benchmark
 
@@ -318,6 +355,7 @@ PLAN = [
     ("vae_vs_monai", {}),
     ("unet_vs_monai", {}),
     ("sampler_quality", {}),
+    ("window_quality", {}),
     ("run_all_demo", {}),
 ]
 OPT_IN = [("quality", {})]  # tens of CPU minutes: run only when named in --only
@@ -345,6 +383,10 @@ def _describe(name: str, r: dict) -> str:
         runs = ", ".join(f"{x['sampler']} {x['steps']}: {x['psnr']:.2f} dB {x['seconds']:.0f} s"
                          for x in r["runs"])  # fmt: skip
         return f"{r['test_case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
+    if name == "window_quality":
+        runs = ", ".join(f"{x['window'][0]}^3 overlap {x['overlap']}: {x['psnr']:.2f} dB "
+                         f"{x['seconds']:.1f} s" for x in r["runs"])  # fmt: skip
+        return f"{len(r['cases'])} test cases, DDIM {r['steps']}: {runs}"
     if name == "quality":
         return r["summary"]
     if name == "particles":

@@ -32,6 +32,7 @@ from ldm.data.degrade import DegradeConfig, degrade
 from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.errors import UserError
+from ldm.external import resize
 from ldm.inference import autoencode_volume, sliding_window_infer
 from ldm.io import save_json
 from ldm.metrics import intensity_fit, psnr, ssim
@@ -47,7 +48,7 @@ VARIANTS: dict[str, list[str]] = {
                             "model.channels=[16, 32]", "model.latent_channels=8"],
 }  # fmt: skip
 SAMPLERS = {
-    "LDM (noise, 20 steps)": SamplerConfig(steps=20),
+    "LDM (noise, 10 steps)": SamplerConfig(steps=10),  # predict_ldm's default
     "LDM (z_LR t=300, 6 steps)": SamplerConfig(steps=6, init="cond", t_start=300),
 }
 MRI_DEGRADE = DegradeConfig(blur_sigma=(1.0, 1.0, 1.0), downsample=(1, 1, 1),
@@ -243,10 +244,11 @@ def classical_outputs(lr: np.ndarray, params: dict[str, Any]) -> dict[str, np.nd
 
 def generalisation_cases(
     data: Path, max_cases: int = 2
-) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
-    """(setting, case, LR, HR) in original units: the first ``max_cases`` MRI test blocks at
-    0.7 / 1.4 mm voxels (HR resampled, then degraded as in training) and with intensities
-    a x + b (LR and HR)."""
+) -> list[tuple[str, str, np.ndarray, np.ndarray, tuple[int, ...] | None]]:
+    """(setting, case, LR, HR, model grid) in original units: the first ``max_cases`` MRI test
+    blocks at 0.7 / 1.4 mm voxels (HR resampled, then degraded as in training), run as given and
+    as with ``--resample`` (model grid = the 1 mm training spacing, outputs resampled back), and
+    with intensities a x + b (LR and HR)."""
     try:
         from scipy.ndimage import zoom  # scipy comes with the dev extra (scikit-image)
     except ImportError as e:
@@ -262,11 +264,13 @@ def generalisation_cases(
             hr_v = zoom(hr, 1.0 / voxel, order=3).astype(np.float32)
             hr_v = hr_v[tuple(slice(0, s - s % 8) for s in hr_v.shape)]  # divisible by 8
             lr_v = degrade(hr_v, MRI_DEGRADE, seed=100 + i)
-            cases.append((f"voxel {voxel} mm", case.name, lr_v, hr_v))
+            cases.append((f"voxel {voxel} mm", case.name, lr_v, hr_v, None))
+            grid = tuple(int(round(s * voxel)) for s in hr_v.shape)
+            cases.append((f"voxel {voxel} mm --resample", case.name, lr_v, hr_v, grid))
         shift = 0.1 * float(hr.max())
         for a in (0.5, 2.0):
             setting = f"intensity x{a} + 10% max"
-            cases.append((setting, case.name, a * lr + shift, a * hr + shift))
+            cases.append((setting, case.name, a * lr + shift, a * hr + shift, None))
     return cases
 
 
@@ -276,17 +280,19 @@ def evaluate(data: Path, vae_ck: Path, diff_ck: Path, params: dict, general: boo
     window = tuple(load_manifest(data)["patch_size"])
     norm = NormalizeConfig(**{k: v for k, v in load_manifest(data)["normalization"].items()
                               if k.endswith("percentile")})  # fmt: skip
-    items = [("test", c.name, c.to_original(c.lr), c.to_original(c.hr))
+    items = [("test", c.name, c.to_original(c.lr), c.to_original(c.hr), None)
              for c in iter_test_cases(data)]  # fmt: skip
     if general:
         items += generalisation_cases(data)
     table: dict[str, dict[str, list[dict]]] = {}
     seconds: dict[str, float] = {}
-    for setting, name, lr, hr in items:
+    for setting, name, lr, hr, grid in items:
         low, high = normalisation(lr, norm, name)
-        x = (lr - low) / (high - low)
-        xh = (hr - low) / (high - low)
-        outs = {"Baseline": x, **classical_outputs(x, params)}
+        x_in = (lr - low) / (high - low)
+        # --resample: every method runs on the training grid, outputs are resampled back
+        x = x_in if grid is None else resize(x_in, grid)
+        xh = (hr - low) / (high - low) if grid is None else resize((hr - low) / (high - low), grid)
+        outs = {**classical_outputs(x, params)}
         outs["VAE result"] = autoencode_volume(ldm.vae, x, window, overlap=0.25, progress=False)
         outs["VAE ceiling"] = autoencode_volume(ldm.vae, xh, window, overlap=0.25,
                                                 progress=False, lr=x)  # fmt: skip
@@ -296,6 +302,8 @@ def evaluate(data: Path, vae_ck: Path, diff_ck: Path, params: dict, general: boo
             t0 = time.perf_counter()
             outs[label] = ldm_volume(ldm, x, sampler, window)
             seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t0
+        outs = {"Baseline": x_in, **{k: v if grid is None else resize(v, x_in.shape)
+                                     for k, v in outs.items()}}  # fmt: skip
         for label, o in outs.items():
             row = score(o * (high - low) + low, hr)
             table.setdefault(setting, {}).setdefault(label, []).append(row)
