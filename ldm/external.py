@@ -167,8 +167,8 @@ def spacing_check(
     what = (
         "resampled to the training spacing for the models, outputs resampled back (--resample)"
         if resample
-        else "pass --resample to resample it to the training spacing, predict, and resample "
-        "back to the input grid"
+        else "--resample runs the models at the training spacing and resamples the outputs "
+        "back (which is better depends on the scan: compare both on a pair with HR)"
     )
     return (
         f"warning: {path}: voxel spacing {_spacing_text(spacing)} differs from the training "
