@@ -49,6 +49,15 @@ def window_positions(
     return list(itertools.product(*starts_per_axis))
 
 
+def fit_window(window: Sequence[int], shape: Sequence[int], multiple: int) -> tuple[int, ...]:
+    """``window`` shrunk, per axis, to the volume's size rounded up to ``multiple``: a volume
+    smaller than the window runs as one window of (about) its own size, not padded to the window.
+    """
+    if multiple < 1:
+        raise UserError(f"multiple must be >= 1, got {multiple}")
+    return tuple(min(int(w), -(-int(s) // multiple) * multiple) for w, s in zip(window, shape))
+
+
 def gaussian_importance_map(window: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
     """Blending weights of one window: separable Gaussian centred in the window, max 1.
 
@@ -155,7 +164,8 @@ def autoencode_volume(
     lr: np.ndarray | None = None,
 ) -> np.ndarray:
     """decode(encode(volume)) with the latent mean, window by window: the VAE denoiser on a whole
-    (D, H, W) normalised volume; returns the same shape as float32 numpy. An LR-aware VAE
+    (D, H, W) normalised volume; returns the same shape as float32 numpy. ``window`` shrinks to a
+    smaller volume (:func:`fit_window`, multiples of the VAE factor). An LR-aware VAE
     (``config.uses_lr``) decodes with ``lr`` (same shape; default the volume itself) as the LR
     image: pass the LR volume when ``volume`` is the HR (the ceiling decode(encode(HR), LR))."""
 
@@ -170,7 +180,7 @@ def autoencode_volume(
     out = sliding_window_infer(
         x,
         fn,
-        window,
+        fit_window(window, volume.shape, vae.config.downsample_factor),
         overlap=overlap,
         batch_size=batch_size,
         device=device,

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
 from ldm.errors import UserError
-from ldm.inference import gaussian_importance_map, sliding_window_infer, window_positions
+from ldm.inference import (
+    autoencode_volume,
+    fit_window,
+    gaussian_importance_map,
+    sliding_window_infer,
+    window_positions,
+)
 
 
 def _volume(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -122,3 +131,29 @@ def test_bad_arguments_raise() -> None:
         sliding_window_infer(vol, lambda x: x[..., :2], (4, 4), progress=False)
     with pytest.raises(UserError, match="fn must return"):
         sliding_window_infer(vol, ident, (4, 4), out_channels=2, progress=False)
+
+
+def test_fit_window_shrinks_to_the_volume_rounded_up() -> None:
+    assert fit_window((64, 64, 64), (40, 36, 128), 8) == (40, 40, 64)
+    assert fit_window((64, 64), (5, 70), 4) == (8, 64)
+    with pytest.raises(UserError, match="multiple"):
+        fit_window((8,), (8,), 0)
+
+
+def test_autoencode_volume_runs_a_small_volume_as_one_window_of_its_size() -> None:
+    seen = []
+
+    class FakeVAE:
+        config = SimpleNamespace(downsample_factor=4)
+
+        def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            seen.append(tuple(x.shape[2:]))
+            return x[:, :, ::4, ::4, ::4], x
+
+        def decode(self, z: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+            return lr + 1
+
+    vol = np.random.default_rng(0).random((20, 18, 24), dtype=np.float32)
+    out = autoencode_volume(FakeVAE(), vol, (64, 64, 64), progress=False)
+    assert seen == [(20, 20, 24)]  # one window, the volume rounded up to the VAE factor
+    np.testing.assert_allclose(out, vol + 1, atol=1e-6)

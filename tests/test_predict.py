@@ -114,7 +114,7 @@ def test_bad_input(tiny_pipeline, tmp_path):
 
 def test_vae_rows_decode_with_the_lr(tiny_pipeline, tmp_path):
     """The tiny VAE is LR-aware: its result and ceiling rows are decode(encode(LR | HR), LR)."""
-    from ldm.data.dataset import iter_test_cases, load_manifest
+    from ldm.data.dataset import iter_test_cases
     from ldm.inference import autoencode_volume
     from ldm.metrics import psnr
     from ldm.nets.loading import load_vae
@@ -123,11 +123,13 @@ def test_vae_rows_decode_with_the_lr(tiny_pipeline, tmp_path):
     assert _predict(tiny_pipeline, out, "--set", "tune.bm4d=false").exit_code == 0
     vae, _ = load_vae(tiny_pipeline.vae, torch.device("cpu"))
     assert vae.config.uses_lr
-    window = tuple(load_manifest(tiny_pipeline.data_dir)["patch_size"])
+    run = json.loads((out / "metrics.json").read_text())  # the layout the run used
+    window, overlap = tuple(run["window"]), PredictConfig().overlap
+    assert window == PredictConfig().window
     case = next(iter_test_cases(tiny_pipeline.data_dir))
     m = json.loads((out / case.name / "metrics.json").read_text())["metrics"]
     for key, volume in (("vae_result", case.lr), ("vae_ceiling", case.hr)):
-        ours = autoencode_volume(vae, volume, window, overlap=0.25, batch_size=8, lr=case.lr,
-                                progress=False)
+        ours = autoencode_volume(vae, volume, window, overlap=overlap, batch_size=8,
+                                lr=case.lr, progress=False)
         expected = psnr(case.to_original(ours), case.to_original(case.hr))
         assert m[key]["psnr"] == pytest.approx(expected, abs=1e-3), key

@@ -54,8 +54,10 @@ class EvaluateConfig:
     vae_checkpoint: Path = Path("checkpoint/vae_denoise/best.pt")
     out_dir: Path = Path("results/evaluate_psnr")
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
-    window: tuple[int, ...] | None = None  # sliding window; null = the dataset's patch size
-    overlap: float = 0.5
+    # sliding window (shrunk to smaller volumes); null = the dataset's patch size. As predict_ldm:
+    # 64^3 without overlap beat patch-size windows with overlap (README, Benchmark)
+    window: tuple[int, ...] | None = (64, 64, 64)
+    overlap: float = 0.0
     batch_size: int = 4  # windows per VAE forward pass
     cases: list[str] | None = None  # test cases to evaluate; null = all
     image_case: str | None = None  # case drawn in comparison.png; null = the first one

@@ -34,7 +34,7 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
 from ldm.external import ExternalInputs, load_external_case, load_external_cases
-from ldm.inference import sliding_window_infer
+from ldm.inference import fit_window, sliding_window_infer
 from ldm.io import RawSpec, save_json, save_volume, staged_dir
 from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
 from ldm.pipeline import PhaseResult
@@ -50,8 +50,10 @@ class PredictConfig:
     diffusion_checkpoint: Path = Path("checkpoint/diffusion/best.pt")
     out_dir: Path = Path("results/ldm_prediction")
     device: str = "auto"
-    window: tuple[int, int, int] | None = None  # image-space window; null = the patch size
-    overlap: float = 0.5
+    # image-space window, shrunk to smaller volumes; null = the patch size. 64^3 without overlap
+    # beat 32^3 windows with 0.25 overlap in quality and time (README, Benchmark)
+    window: tuple[int, int, int] | None = (64, 64, 64)
+    overlap: float = 0.0
     batch_size: int = 8  # windows per batch: bounds the memory, not the volume size
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
@@ -86,6 +88,7 @@ def predict_volume(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(mean over num_samples, per-voxel std or None) of the LDM output on a normalised volume."""
     x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]  # (1, D, H, W)
+    window = fit_window(window, lr.shape, window_multiple(ldm))
     samples = []
     for k in range(cfg.num_samples):
         g = torch.Generator(device=ldm.device).manual_seed(cfg.seed + k)
@@ -98,8 +101,13 @@ def predict_volume(
     return stack.mean(0), (stack.std(0) if cfg.num_samples > 1 else None)
 
 
+def window_multiple(ldm: LatentDiffusion) -> int:
+    """What every window side must be a multiple of: VAE factor x UNet downsampling."""
+    return ldm.factor * 2 ** (len(ldm.unet.config.channels) - 1)
+
+
 def check_window(window: tuple[int, ...], ldm: LatentDiffusion) -> None:
-    need = ldm.factor * 2 ** (len(ldm.unet.config.channels) - 1)
+    need = window_multiple(ldm)
     if len(window) != 3 or any(w % need for w in window):
         raise ConfigError(
             f"window {tuple(window)} must be 3 sizes divisible by {need} (VAE factor "
@@ -151,8 +159,11 @@ def _predict_case(
         std_vol = None
     case_pictures(folder, case, outputs, std_vol)
     if gif:
+        m = window_multiple(ldm)  # the central window, cropped to fit inside the volume
+        grid = case.to_model(case.lr).shape
+        gif_window = tuple(max(m, min(w, s // m * m)) for w, s in zip(window, grid))
         reverse_process_gif(
-            folder / "reverse_process.gif", ldm, case, window, cfg.sampler, cfg.seed
+            folder / "reverse_process.gif", ldm, case, gif_window, cfg.sampler, cfg.seed
         )
     save_json(row, folder / "metrics.json")
     return row
