@@ -223,3 +223,30 @@ def test_existing_results_need_overwrite(trained, tmp_path):
     (out / "metrics.json").write_text("{}")
     assert "already exists; pass --overwrite" in error_line(evaluate_cli(trained, out))
     assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_tuned_baselines_are_cached_per_dataset_and_settings(trained, tmp_path, monkeypatch):
+    """evaluate_psnr and predict_ldm share one tuning per dataset and grid (minutes with BM4D)."""
+    import dataclasses
+    import shutil
+
+    data = shutil.copytree(trained[0], tmp_path / "data",
+                           ignore=shutil.ignore_patterns(baselines.CACHE_DIR))  # fmt: skip
+    calls = []
+    real = baselines.tune_classical
+    monkeypatch.setattr(baselines, "tune_classical", lambda t, p: calls.append(1) or real(t, p))
+    tune = baselines.TuneConfig(max_patches=4, gaussian_sigmas=(0.0, 0.5), heat_steps=(0, 1),
+                                tv_weights=(0.05,), nlm_hs=(0.05,), filter_max_patches=1,
+                                bm4d=False)  # fmt: skip
+    cpu = torch.device("cpu")
+    first = baselines.tuned_baselines(data, tune, cpu)
+    assert baselines.tuned_baselines(data, tune, cpu) == first and len(calls) == 1
+    wider = dataclasses.replace(tune, gaussian_sigmas=(0.0, 0.5, 1.0))
+    baselines.tuned_baselines(data, wider, cpu)  # other grids: tuned again, cached apart
+    assert len(calls) == 2 and len(list((data / baselines.CACHE_DIR).glob("*.json"))) == 2
+    for f in (data / baselines.CACHE_DIR).glob("*.json"):
+        f.write_text("{")  # a corrupt cache file is tuned over, not an error
+    assert baselines.tuned_baselines(data, tune, cpu) == first and len(calls) == 3
+    (data / "manifest.json").write_text((data / "manifest.json").read_text() + "\n")
+    baselines.tuned_baselines(data, tune, cpu)  # another dataset (manifest): tuned again
+    assert len(calls) == 4

@@ -29,9 +29,8 @@ from ldm.baselines import (
     method_details,
     method_outputs,
     score_outputs,
-    tune_classical,
+    tuned_baselines,
     tuned_text,
-    tuning_pairs,
 )
 from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
@@ -234,8 +233,7 @@ def evaluate_psnr(
         )
     window = _window(cfg, manifest, vae.config.downsample_factor, dims)
     with staged_dir(cfg.out_dir, overwrite) as tmp:
-        pairs = tuning_pairs(cfg.data_dir, cfg.tune.max_patches, device)
-        params = tune_classical(cfg.tune, pairs)
+        params = tuned_baselines(cfg.data_dir, cfg.tune, device)
         per_case = _evaluate_cases(
             cfg, cases, len(names), image_case, vae, params, window, device,
             tmp / "comparison.png",

@@ -25,8 +25,7 @@ from ldm.baselines import (
     TuneConfig,
     method_outputs,
     score_outputs,
-    tune_classical,
-    tuning_pairs,
+    tuned_baselines,
 )
 from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
@@ -209,8 +208,7 @@ def predict_ldm(
 
         def get_params() -> dict:  # tuned once, when the first case with HR needs them
             if not tuned:
-                pairs = tuning_pairs(cfg.data_dir, cfg.tune.max_patches, device)
-                tuned.update(tune_classical(cfg.tune, pairs))
+                tuned.update(tuned_baselines(cfg.data_dir, cfg.tune, device))
             return tuned
 
         for i, case in enumerate(cases):
