@@ -172,7 +172,7 @@ class VAE3d(nn.Module):
         self.lr_encoder = _LRFeatures(config) if config.lr_skip else None
         if config.spatial_dims == 3:
             # channels-last 3D weights (the activations follow): a VAE training step on 2 CPU
-            # cores takes 0.62 s instead of 0.77 s (README, Benchmark); not faster for the UNet
+            # cores takes 0.66 s instead of 0.78 s (README, Benchmark); not faster for the UNet
             self.to(memory_format=torch.channels_last_3d)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
