@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,26 @@ def load_external_cases(
             log.warning(warning)
             warnings.append(warning)
     return pairs, warnings
+
+
+def external_cases(
+    spec: ExternalInputs, manifest: dict[str, Any], raw: RawSpec, need_target: bool, command: str
+) -> tuple[Iterator[ExternalCase], list[str], dict[str, Any]]:
+    """The cases a command's --input/--target/--folder name: (cases, loaded one at a time on
+    iteration; their names; the external info for metrics.json, warnings included)."""
+    pairs, warnings = load_external_cases(spec, manifest, raw, need_target, command)
+    names = [name for name, _, _ in pairs]
+    if len(set(names)) != len(names):
+        what = "external pairs" if need_target else "external inputs"
+        raise DataError(f"{what}: case names are not unique: {names}")
+    cases = (
+        load_external_case(name, lr, hr, manifest, raw, spec.resample)[0]
+        for name, lr, hr in pairs
+    )
+    info = {
+        "pairs": {n: {"input": str(lr), "target": hr and str(hr)} for n, lr, hr in pairs},
+        "resample": spec.resample,
+        "training_spacing": manifest.get("spacing"),
+        "warnings": warnings,
+    }
+    return cases, names, info

@@ -36,7 +36,7 @@ from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError, UserError
-from ldm.external import ExternalInputs, load_external_case, load_external_cases
+from ldm.external import ExternalInputs, external_cases
 from ldm.io import RawSpec, save_json, staged_dir
 from ldm.nets.loading import load_vae
 from ldm.pipeline import PhaseResult
@@ -200,20 +200,7 @@ def _cases(
     if external is None or not external.given:
         names = _case_names(cfg, manifest)
         return iter_test_cases(cfg.data_dir, names), names, cfg.image_case or names[0], None
-    pairs, warnings = load_external_cases(external, manifest, cfg.raw, True, "evaluate_psnr")
-    names = [name for name, _, _ in pairs]
-    if len(set(names)) != len(names):
-        raise DataError(f"external pairs: case names are not unique: {names}")
-    cases = (
-        load_external_case(name, lr, hr, manifest, cfg.raw, external.resample)[0]
-        for name, lr, hr in pairs
-    )
-    info = {
-        "pairs": {name: {"input": str(lr), "target": str(hr)} for name, lr, hr in pairs},
-        "resample": external.resample,
-        "training_spacing": manifest.get("spacing"),
-        "warnings": warnings,
-    }
+    cases, names, info = external_cases(external, manifest, cfg.raw, True, "evaluate_psnr")
     return cases, names, names[0], info
 
 

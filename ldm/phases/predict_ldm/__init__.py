@@ -31,8 +31,8 @@ from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.distributed import pick_device
-from ldm.errors import ConfigError, DataError
-from ldm.external import ExternalInputs, load_external_case, load_external_cases
+from ldm.errors import ConfigError
+from ldm.external import ExternalInputs, external_cases
 from ldm.inference import fit_window, sliding_window_infer
 from ldm.io import RawSpec, save_json, save_volume, staged_dir
 from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
@@ -174,19 +174,7 @@ def _cases(
     """(cases, external info for metrics.json or None)."""
     if external is None or not external.given:
         return iter_test_cases(cfg.data_dir, list(cfg.cases) if cfg.cases else None), None
-    pairs, warnings = load_external_cases(external, manifest, cfg.raw, False, "predict_ldm")
-    if len({name for name, _, _ in pairs}) != len(pairs):
-        raise DataError(f"external inputs: case names are not unique: {[p[0] for p in pairs]}")
-    cases = (
-        load_external_case(name, lr, hr, manifest, cfg.raw, external.resample)[0]
-        for name, lr, hr in pairs
-    )
-    info = {
-        "pairs": {n: {"input": str(lr), "target": hr and str(hr)} for n, lr, hr in pairs},
-        "resample": external.resample,
-        "training_spacing": manifest.get("spacing"),
-        "warnings": warnings,
-    }
+    cases, _, info = external_cases(external, manifest, cfg.raw, False, "predict_ldm")
     return cases, info
 
 
