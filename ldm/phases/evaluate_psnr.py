@@ -103,28 +103,6 @@ def _window(cfg: EvaluateConfig, manifest: dict[str, Any], f: int, dims: int) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# one case
-
-
-def _run_methods(
-    case: TestCase,
-    vae: torch.nn.Module,
-    params: dict[str, Any],
-    cfg: EvaluateConfig,
-    window: tuple[int, ...],
-    device: torch.device,
-) -> dict[str, np.ndarray]:
-    """Every method's output on one case, normalised, on the case's grid, (D, H, W) each.
-
-    The methods run on ``case.to_model(...)`` (the training spacing with --resample, else the
-    volume itself) and their outputs come back with ``case.from_model``.
-    """
-
-    return method_outputs(case, vae, params, window, overlap=cfg.overlap,
-                          batch_size=cfg.batch_size, device=device)  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
 # report
 
 
@@ -181,7 +159,8 @@ def _evaluate_cases(
     """Scores per case and method; draws ``png`` for the image case on the way."""
     per_case = {}
     for case in tqdm(cases, total=n, desc="evaluate_psnr", unit="case"):
-        outputs = _run_methods(case, vae, params, cfg, window, device)
+        outputs = method_outputs(case, vae, params, window, overlap=cfg.overlap,
+                                 batch_size=cfg.batch_size, device=device)  # fmt: skip
         keep = case.name == image_case
         per_case[case.name], originals = score_outputs(outputs, case.hr, case.to_original, keep)
         log.info(
