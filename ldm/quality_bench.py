@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ldm import baselines
-from ldm.baselines import TuneConfig, tune_classical, tuning_pairs
+from ldm.baselines import TuneConfig, tuned_baselines
 from ldm.config import REPO_ROOT, load_config
 from ldm.data.dataset import iter_test_cases, load_manifest
 from ldm.data.degrade import DegradeConfig, degrade
@@ -228,8 +228,8 @@ def zero_latent_volume(vae, lr: np.ndarray, window) -> np.ndarray:
 
 def classical_params(data: Path, with_bm4d: bool) -> dict[str, Any]:
     """The tuned baselines of evaluate_psnr/predict_ldm (ldm.baselines), BM4D on 4 patches."""
-    pairs = tuning_pairs(data, 64, torch.device("cpu"))
-    return tune_classical(TuneConfig(bm4d=with_bm4d, bm4d_max_patches=4), pairs)
+    tune = TuneConfig(bm4d=with_bm4d, bm4d_max_patches=4)  # 64 tuning patches, as the phases
+    return tuned_baselines(data, tune, torch.device("cpu"))
 
 
 _CLASSICAL = {"gaussian": "Gaussian (tuned)", "heat": "heat (tuned)", "tv": "TV (tuned)",
