@@ -9,6 +9,9 @@ range) and the contrast scale (1 / least-squares slope of HR on the output); doc
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from ldm.classical import (
 from ldm.data.dataset import PatchPairs
 from ldm.errors import ConfigError, DataError
 from ldm.inference import autoencode_volume
+from ldm.io import save_json
 from ldm.metrics import intensity_fit, psnr, ssim
 
 log = logging.getLogger(__name__)
@@ -148,12 +152,6 @@ def tuned_baselines(data_dir: Path, tune: TuneConfig, device: torch.device) -> d
     BM4D/NLM tuning. The key hashes manifest.json, the tune settings, the device type and
     whether BM4D is installed; an unwritable dataset folder only means no cache.
     """
-    import dataclasses
-    import hashlib
-    import json
-
-    from ldm.io import save_json
-
     manifest = (Path(data_dir) / "manifest.json").read_bytes()
     key_src = json.dumps([dataclasses.asdict(tune), device.type, bm4d_available()], default=str)
     key = hashlib.sha256(manifest + key_src.encode()).hexdigest()[:16]
