@@ -198,6 +198,27 @@ def run_all_demo(device: torch.device) -> dict[str, Any]:
     return {"seconds": seconds, "phases": lines, "load_avg_1min": os.getloadavg()[0]}
 
 
+def _trained_ldm(config: str, device: torch.device) -> tuple[PredictConfig, LatentDiffusion]:
+    """A predict_ldm config and the trained LDM its checkpoints name."""
+    from ldm.diffusion.latent_diffusion import load_ldm
+
+    cfg = load_config(PredictConfig, REPO_ROOT / config)
+    return cfg, load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
+
+
+def _scored_prediction(
+    ldm: LatentDiffusion, case: Any, cfg: PredictConfig, window: tuple[int, ...]
+) -> tuple[float, float, float]:
+    """(PSNR, SSIM, seconds) of predict_volume on one test case, scored in original units."""
+    from ldm.metrics import psnr, ssim
+
+    t0 = time.perf_counter()
+    out, _ = predict_volume(ldm, case.lr, cfg, window)
+    seconds = time.perf_counter() - t0
+    hr, vol = case.to_original(case.hr), case.to_original(out)
+    return psnr(vol, hr), ssim(vol, hr), seconds
+
+
 @case
 def sampler_quality(
     device: torch.device,
@@ -208,11 +229,9 @@ def sampler_quality(
     """PSNR/SSIM and time of DDIM at several step counts (and DDPM, all T steps, if asked) on
     the first test case, with the trained checkpoints named by a predict_ldm config."""
     from ldm.data.dataset import iter_test_cases, load_manifest
-    from ldm.diffusion.latent_diffusion import load_ldm
-    from ldm.metrics import psnr, ssim
+    from ldm.metrics import psnr
 
-    cfg = load_config(PredictConfig, REPO_ROOT / config)
-    ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
+    cfg, ldm = _trained_ldm(config, device)
     window = tuple(cfg.window or load_manifest(cfg.data_dir)["patch_size"])
     case = next(iter_test_cases(cfg.data_dir))
     hr = case.to_original(case.hr)
@@ -222,13 +241,10 @@ def sampler_quality(
     rows = []
     for sampler in runs:
         c = dataclasses.replace(cfg, sampler=sampler, num_samples=1)
-        t0 = time.perf_counter()
-        out, _ = predict_volume(ldm, case.lr, c, window)
-        seconds = time.perf_counter() - t0
-        vol = case.to_original(out)
+        p, q, seconds = _scored_prediction(ldm, case, c, window)
         steps = sampler.steps if sampler.sampler == "ddim" else ldm.schedule.num_train_timesteps
-        rows.append({"sampler": sampler.sampler, "steps": steps, "psnr": psnr(vol, hr),
-                     "ssim": ssim(vol, hr), "seconds": seconds})  # fmt: skip
+        rows.append({"sampler": sampler.sampler, "steps": steps, "psnr": p, "ssim": q,
+                     "seconds": seconds})  # fmt: skip
     return {"test_case": case.name, "shape": list(case.hr.shape), "config": config,
             "default_steps": default, "baseline_psnr": psnr(case.to_original(case.lr), hr),
             "runs": rows}  # fmt: skip
@@ -246,27 +262,19 @@ def window_quality(
     the patch size) with the default sampler, on the first ``max_cases`` test cases of the
     checkpoints named by a predict_ldm config: the knee of quality against windows run."""
     from ldm.data.dataset import iter_test_cases, load_manifest
-    from ldm.diffusion.latent_diffusion import load_ldm
-    from ldm.metrics import psnr, ssim
 
-    cfg = load_config(PredictConfig, REPO_ROOT / config)
-    ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
+    cfg, ldm = _trained_ldm(config, device)
     patch = tuple(load_manifest(cfg.data_dir)["patch_size"])
     cases = [c for _, c in zip(range(max_cases), iter_test_cases(cfg.data_dir))]
     rows = []
     for size, overlap in layouts:
         window = patch if size is None else (size,) * len(patch)
         c = dataclasses.replace(cfg, overlap=overlap, num_samples=1)
-        scores, seconds = [], 0.0
-        for case in cases:
-            t0 = time.perf_counter()
-            out, _ = predict_volume(ldm, case.lr, c, window)
-            seconds += time.perf_counter() - t0
-            hr, vol = case.to_original(case.hr), case.to_original(out)
-            scores.append((psnr(vol, hr), ssim(vol, hr)))
-        rows.append({"window": list(window), "overlap": overlap, "seconds": seconds,
-                     "psnr": float(np.mean([p for p, _ in scores])),
-                     "ssim": float(np.mean([q for _, q in scores]))})  # fmt: skip
+        scores = [_scored_prediction(ldm, case, c, window) for case in cases]
+        rows.append({"window": list(window), "overlap": overlap,
+                     "seconds": sum(t for _, _, t in scores),
+                     "psnr": float(np.mean([p for p, _, _ in scores])),
+                     "ssim": float(np.mean([q for _, q, _ in scores]))})  # fmt: skip
     return {"config": config, "cases": [c.name for c in cases], "steps": cfg.sampler.steps,
             "runs": rows}  # fmt: skip
 
