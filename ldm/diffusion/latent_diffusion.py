@@ -65,6 +65,12 @@ class LatentDiffusion:
     def factor(self) -> int:
         return self.vae.config.downsample_factor
 
+    @property
+    def window_multiple(self) -> int:
+        """What every image-space window side must be a multiple of: VAE factor x UNet
+        downsampling."""
+        return self.factor * 2 ** (len(self.unet.config.channels) - 1)
+
     @torch.no_grad()
     def encode_cond(self, lr: torch.Tensor) -> torch.Tensor:
         """LR image batch (B, 1, *sp) -> scaled LR mean latent (B, C, *sp/f): the condition."""

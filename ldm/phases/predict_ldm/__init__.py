@@ -87,7 +87,7 @@ def predict_volume(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(mean over num_samples, per-voxel std or None) of the LDM output on a normalised volume."""
     x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]  # (1, D, H, W)
-    window = fit_window(window, lr.shape, window_multiple(ldm))
+    window = fit_window(window, lr.shape, ldm.window_multiple)
     samples = []
     for k in range(cfg.num_samples):
         g = torch.Generator(device=ldm.device).manual_seed(cfg.seed + k)
@@ -100,13 +100,8 @@ def predict_volume(
     return stack.mean(0), (stack.std(0) if cfg.num_samples > 1 else None)
 
 
-def window_multiple(ldm: LatentDiffusion) -> int:
-    """What every window side must be a multiple of: VAE factor x UNet downsampling."""
-    return ldm.factor * 2 ** (len(ldm.unet.config.channels) - 1)
-
-
 def check_window(window: tuple[int, ...], ldm: LatentDiffusion) -> None:
-    need = window_multiple(ldm)
+    need = ldm.window_multiple
     if len(window) != 3 or any(w % need for w in window):
         raise ConfigError(
             f"window {tuple(window)} must be 3 sizes divisible by {need} (VAE factor "
@@ -158,11 +153,8 @@ def _predict_case(
         std_vol = None
     case_pictures(folder, case, outputs, std_vol)
     if gif:
-        m = window_multiple(ldm)  # the central window, cropped to fit inside the volume
-        grid = case.to_model(case.lr).shape
-        gif_window = tuple(max(m, min(w, s // m * m)) for w, s in zip(window, grid))
         reverse_process_gif(
-            folder / "reverse_process.gif", ldm, case, gif_window, cfg.sampler, cfg.seed
+            folder / "reverse_process.gif", ldm, case, window, cfg.sampler, cfg.seed
         )
     save_json(row, folder / "metrics.json")
     return row
