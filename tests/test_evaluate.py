@@ -209,7 +209,7 @@ def test_corrupt_checkpoint(trained, tmp_path):
     ],
 )
 def test_checkpoint_of_an_incompatible_model(trained, tmp_path, change, message):
-    state = torch.load(trained[1], weights_only=False)
+    state = torch.load(trained[1], weights_only=True)
     state["model_config"] = {**state["model_config"], **change}
     path = tmp_path / "other.pt"
     torch.save(state, path)

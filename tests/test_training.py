@@ -89,7 +89,7 @@ def test_train_config_validation():
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29517", str(ROOT / "tests" / "helpers" / "tiny_train.py"),
+           "--standalone", str(ROOT / "tests" / "helpers" / "tiny_train.py"),
            str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
