@@ -67,3 +67,65 @@ def test_ldm_refuses_a_vae_it_was_not_trained_on(tiny_pipeline, tmp_path):
     torch.save(state, other)
     with pytest.raises(CheckpointError, match="trained on latents of another VAE checkpoint"):
         load_ldm(other, tiny_pipeline.diffusion, "cpu")
+
+
+def _residual_diffusion(tiny_pipeline, tmp_path):
+    out = tmp_path / "diffusion_residual"
+    result = run_script(
+        "train_diffusion", "--set", f"data_dir={tiny_pipeline.data_dir}",
+        "--set", f"vae_checkpoint={tiny_pipeline.vae}", "--set", f"out_dir={out}",
+        "--set", "model.channels=[8, 16]", "--set", "model.norm_groups=4",
+        "--set", "model.num_res_blocks=1", "--set", "val_samples=2", "--set", "val_steps=2",
+        "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.device=cpu",
+        "--set", "diffusion.target=residual",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out / "best.pt"
+
+
+def test_residual_target_chain_ends_at_the_lr_latent_when_no_residual_is_predicted(
+    tiny_pipeline, tmp_path
+):
+    """diffusion.target residual: x_0 is (z_HR - z_LR) / rms, so a network that predicts no
+    residual samples exactly the LR latent, i.e. the LDM gives the VAE result."""
+    import torch
+
+    from ldm.diffusion.latent_diffusion import SamplerConfig
+
+    ckpt = _residual_diffusion(tiny_pipeline, tmp_path)
+    lat = tiny_pipeline.data_dir / "latents"
+    meta = json.loads((lat / "meta.json").read_text())
+    lr, hr = np.load(lat / "train" / "lr.npy"), np.load(lat / "train" / "hr.npy")
+    rms = float(np.sqrt(((hr.astype(np.float64) - lr) ** 2).mean())) * meta["scale_factor"]
+    extra = load_checkpoint(ckpt, "diffusion")["extra"]
+    assert extra["residual_scale"] == pytest.approx(1 / rms, rel=1e-5)
+    ldm = load_ldm(tiny_pipeline.vae, ckpt, "cpu")
+    assert ldm.space.target == "residual"
+    abar = ldm.schedule.alphas_cumprod.float()
+
+    def no_residual(x, t, cond):  # v of x_0 = 0: x_t = sqrt(1 - abar) eps, v = sqrt(abar) eps
+        a = abar[t].reshape(-1, 1, 1, 1, 1)
+        return a.sqrt() * x / (1 - a).sqrt()
+
+    ldm.unet = no_residual
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(2, 4, 4, 4, 4, generator=g)
+    noise = torch.randn(cond.shape, generator=g)
+    for sampler in (SamplerConfig(steps=5), SamplerConfig(steps=3, init="cond", t_start=300)):
+        x, t_start = ldm.initial_latent(cond, sampler, g)
+        z = ldm.sample(cond, x if t_start else noise, sampler, t_start=t_start)
+        torch.testing.assert_close(z, cond, atol=1e-4, rtol=1e-4)
+    seen = []
+    ldm.sample(cond, noise, SamplerConfig(steps=2), callback=lambda d: seen.append(d))
+    torch.testing.assert_close(seen[-1]["pred_original_sample"], cond, atol=1e-4, rtol=1e-4)
+
+
+def test_residual_checkpoint_without_its_scale_is_refused(tiny_pipeline, tmp_path):
+    import torch
+
+    ckpt = _residual_diffusion(tiny_pipeline, tmp_path)
+    state = load_checkpoint(ckpt, "diffusion")
+    del state["extra"]["residual_scale"]
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match="residual target without its scale"):
+        load_ldm(tiny_pipeline.vae, ckpt, "cpu")

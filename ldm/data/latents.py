@@ -43,7 +43,7 @@ class LatentPairs(Dataset):
     """(scaled LR latent, scaled HR latent) of one split, as (C, d, h, w) tensors."""
 
     def __init__(self, latents: Path, split: str, scale: float) -> None:
-        folder = Path(latents) / split
+        self.folder = folder = Path(latents) / split
         try:
             self.lr = np.load(folder / "lr.npy", mmap_mode="r")
             self.hr = np.load(folder / "hr.npy", mmap_mode="r")

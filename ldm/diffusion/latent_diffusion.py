@@ -49,6 +49,22 @@ class SamplerConfig:
         check_range("eta", self.eta, 0, 1)
 
 
+@dataclass(frozen=True)
+class ChainSpace:
+    """What x_0 of the diffusion chain is, in terms of the scaled HR latent z and the scaled LR
+    latent ``cond`` (DiffusionConfig.target): z itself, or the residual (z - cond) times
+    ``residual_scale`` (1 / rms of that residual on the train latents)."""
+
+    target: str = "latent"
+    residual_scale: float = 1.0
+
+    def to_x(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return z if self.target == "latent" else (z - cond) * self.residual_scale
+
+    def from_x(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return x if self.target == "latent" else cond + x / self.residual_scale
+
+
 @dataclass
 class LatentDiffusion:
     vae: VAE3d
@@ -60,6 +76,7 @@ class LatentDiffusion:
     unet_step: int
     # LR image (1, 1, *sp) that decode() uses when called without one (see :meth:`lr_context`)
     default_lr: torch.Tensor | None = None
+    space: ChainSpace = ChainSpace()  # x_0 of the chain: the HR latent or the HR - LR residual
 
     @property
     def factor(self) -> int:
@@ -100,7 +117,8 @@ class LatentDiffusion:
     def initial_latent(
         self, cond: torch.Tensor, sampler: SamplerConfig, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, int | None]:
-        """(x at the first sampler step, its t_start or None for x_T) per ``sampler.init``."""
+        """(x at the first sampler step, in chain space, and its t_start or None for x_T) per
+        ``sampler.init``: x_T ~ N(0, I), or the LR latent's chain value noised to t_start."""
         noise = torch.randn(cond.shape, generator=generator, device=cond.device)
         if sampler.init == "noise":
             return noise, None
@@ -110,7 +128,7 @@ class LatentDiffusion:
                 f"sampler.t_start {t_start} must be < {self.schedule.num_train_timesteps}"
             )
         t = torch.full((cond.shape[0],), t_start, device=cond.device, dtype=torch.long)
-        return add_noise(self.schedule, cond, noise, t), t_start
+        return add_noise(self.schedule, self.space.to_x(cond, cond), noise, t), t_start
 
     @torch.no_grad()
     def denoise(
@@ -134,7 +152,8 @@ class LatentDiffusion:
         callback: Callable | None = None,
         t_start: int | None = None,
     ) -> torch.Tensor:
-        """Scaled HR latent from ``noise`` (x_T, or x_{t_start}) conditioned on ``cond``."""
+        """Scaled HR latent from ``noise`` (x_T, or x_{t_start}, in chain space: ``space.to_x``)
+        conditioned on ``cond``; ``callback`` sees x_t and the predicted x_0 as latents."""
         if sampler.steps > self.schedule.num_train_timesteps:
             raise ConfigError(
                 f"steps {sampler.steps} > the model's {self.schedule.num_train_timesteps} "
@@ -142,10 +161,18 @@ class LatentDiffusion:
             )
         timesteps = sampler_timesteps(sampler.sampler, self.schedule.num_train_timesteps,
                                       sampler.steps, sampler.spacing, t_start)  # fmt: skip
-        return SAMPLERS[sampler.sampler](
+        from_x = self.space.from_x
+
+        def as_latents(d: dict) -> None:
+            callback({**d, "x": from_x(d["x"], cond),
+                      "pred_original_sample": from_x(d["pred_original_sample"], cond)})  # fmt: skip
+
+        x = SAMPLERS[sampler.sampler](
             self.unet, noise, self.schedule, timesteps, eta=sampler.eta,
-            extra_args={"cond": cond}, generator=generator, callback=callback, disable=True,
+            extra_args={"cond": cond}, generator=generator,
+            callback=None if callback is None else as_latents, disable=True,
         )  # fmt: skip
+        return from_x(x, cond)
 
 
 def load_ldm(
@@ -165,5 +192,8 @@ def load_ldm(
             "point vae_checkpoint at that file or rerun prepare_latents and train_diffusion"
         )
     cfg = config_from_dict(DiffusionConfig, extra["diffusion"], f"{diffusion_checkpoint}")
+    if cfg.target == "residual" and "residual_scale" not in extra:
+        raise CheckpointError(f"{diffusion_checkpoint}: residual target without its scale; retrain")
+    space = ChainSpace(cfg.target, float(extra.get("residual_scale", 1.0)))
     return LatentDiffusion(vae, unet, make_schedule(cfg), float(extra["scale_factor"]), device,
-                           int(vae_state["step"]), int(state["step"]))  # fmt: skip
+                           int(vae_state["step"]), int(state["step"]), space=space)  # fmt: skip

@@ -28,6 +28,7 @@ from ldm.errors import UserError
 
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v")
+TARGETS = ("latent", "residual")
 COSINE_S = 0.008  # Nichol & Dhariwal 2021, sec. 3.2: small offset so beta_1 is not too small
 COSINE_MAX_BETA = 0.999  # same paper: clip beta_t to avoid a singularity at t = T
 
@@ -49,6 +50,10 @@ class DiffusionConfig:
     beta_end: float = 0.02  # linear schedule only
     prediction_type: str = "epsilon"  # "epsilon" | "v"
     min_snr_gamma: float = 0.0  # 0 = plain MSE; > 0 = min-SNR-gamma weighting (Hang et al. 2023)
+    # What x_0 of the chain is: "latent" = the scaled HR latent z_HR; "residual" = the scaled
+    # residual (z_HR - z_LR) / rms(z_HR - z_LR) (docs/design.md "Residual diffusion"): x_0 = 0 is
+    # the VAE result, so the chain only has to add what the LR latent lacks.
+    target: str = "latent"
 
     def __post_init__(self) -> None:
         t = self.num_train_timesteps
@@ -56,6 +61,7 @@ class DiffusionConfig:
             raise UserError(f"num_train_timesteps must be an integer >= 1, got {t!r}")
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check_choice("target", self.target, TARGETS)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise UserError(
                 "expected 0 < beta_start <= beta_end < 1, "

@@ -229,10 +229,12 @@ def forward_backward(
     noised, denoised, steps = [], [], []
     for t in ts:
         # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (DDPM eq. 4), x_0 = z_hr
-        x_t = add_noise(model.schedule, z_hr, eps.to(z_hr.device), torch.tensor([t]))
+        # (in chain space: x_0 is z_hr, or its residual from cond with a residual target)
+        x0 = model.space.to_x(z_hr, cond)
+        x_t = add_noise(model.schedule, x0, eps.to(z_hr.device), torch.tensor([t]))
         n = forward_steps(sampler.steps, t, T)
         denoised.append(model.sample(cond, x_t, replace(sampler, steps=n), t_start=t).cpu())
-        noised.append(x_t.cpu())
+        noised.append(model.space.from_x(x_t, cond).cpu())
         steps.append(n)
     noised_img = decode_batched(model, torch.cat(noised), batch_size)  # (N, *spatial)
     denoised_img = decode_batched(model, torch.cat(denoised), batch_size)
