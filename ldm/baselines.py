@@ -196,7 +196,7 @@ def method_outputs(
     """Baseline, the tuned filters, the VAE result and the VAE ceiling of one case (a TestCase or
     an ExternalCase), normalised, on the case's grid. Every method runs on ``case.to_model(lr)``
     (the training spacing with --resample); an LR-aware VAE decodes both rows with that LR."""
-    lr = case.to_model(case.lr)
+    lr = case.model_lr
 
     def ae(volume: np.ndarray) -> np.ndarray:
         out = autoencode_volume(vae, volume, window, overlap=overlap, batch_size=batch_size,

@@ -162,10 +162,23 @@ def test_spacing_warning_and_resample_back_to_the_input_grid(
         return real(ldm, vol, cfg, window)
 
     monkeypatch.setattr(predict, "predict_volume", spy)
+    import ldm.external as external
+
+    to_model = []
+    real_resize = external.resize
+
+    def resize_spy(x, shape):
+        to_model.append(tuple(shape) == (12, 12, 12))
+        return real_resize(x, shape)
+
+    monkeypatch.setattr(external, "resize", resize_spy)
     out = tmp_path / "b"
-    result = _predict(tiny_pipeline, out, "--input", fine, "--resample")
+    fine_hr = _nifti(tmp_path / "fine_hr.nii.gz", load_volume(hr)[0], spacing=0.5)
+    result = _predict(tiny_pipeline, out, "--input", fine, "--target", fine_hr, "--resample")
     assert result.exit_code == 0, result.output
     assert shapes == [(12, 12, 12)]  # 24 voxels of 0.5 mm at the training 1 mm
+    # LR and HR each resampled to the model grid once (the LR serves LDM, filters and GIF)
+    assert sum(to_model) == 2
     vol, meta = load_volume(out / "fine" / "fine_ldm.nii.gz")
     assert vol.shape == (24, 24, 24) and np.allclose(meta.affine, np.diag([0.5] * 3 + [1.0]))
     assert json.loads((out / "metrics.json").read_text())["external"]["resample"] is True

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ldm.errors import ConfigError, DataError
@@ -96,6 +98,11 @@ class TestCase:
     def to_model(self, x: np.ndarray) -> np.ndarray:
         """A volume on this case's grid -> the grid the models run on (here the same)."""
         return x
+
+    @cached_property
+    def model_lr(self) -> np.ndarray:
+        """``to_model(lr)``, resampled once per case (the LDM, the baselines and the GIF)."""
+        return self.to_model(self.lr)
 
     def from_model(self, x: np.ndarray) -> np.ndarray:
         """A model output -> this case's grid (inverse of ``to_model``; here the identity)."""

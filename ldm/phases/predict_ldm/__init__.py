@@ -135,7 +135,7 @@ def _predict_case(
     """Predict one case into ``out/<case>/``; returns its metrics.json row."""
     folder, final = out / case.name, cfg.out_dir / case.name  # staged and final locations
     t0 = time.perf_counter()
-    mean, std = predict_volume(ldm, case.to_model(case.lr), cfg, window)
+    mean, std = predict_volume(ldm, case.model_lr, cfg, window)
     mean = case.from_model(mean)
     seconds = time.perf_counter() - t0
     log.info("%s: LDM in %.1f s", case.name, seconds)

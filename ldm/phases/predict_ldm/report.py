@@ -44,7 +44,7 @@ def reverse_process_gif(
 ) -> Path:  # fmt: skip
     """GIF of one central window: decode(x_t) | decode(predicted x_0) at every sampler step.
     The window is cropped to multiples of ``ldm.window_multiple`` that fit inside the volume."""
-    model_lr = case.to_model(case.lr)  # the grid the LDM runs on (training spacing, --resample)
+    model_lr = case.model_lr  # the grid the LDM runs on (training spacing, --resample)
     m = ldm.window_multiple
     window = tuple(max(m, min(w, s // m * m)) for w, s in zip(window, model_lr.shape))
     start = [max(0, (s - w) // 2) for s, w in zip(model_lr.shape, window)]
