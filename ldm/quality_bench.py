@@ -2,14 +2,15 @@
 
 For each dataset (``phantom``: the demo-sized vessel phantom; ``mri``: non-overlapping 48^3
 blocks of nilearn's MNI152 T1 template, blur 1 voxel + Rician noise 4 % of the range, split by
-block) and each variant (a list of train_vae_pair overrides), it runs prepare_data,
-train_vae_pair, prepare_latents and train_diffusion through their functions with the same
-CPU-time budget per network (steps calibrated from the CPU time of a step; wall cap 8x),
-then scores the test volumes: Baseline, tuned Gaussian / heat (and BM4D if installed), VAE
-result, VAE ceiling decode(z_HR, LR), decode(0, LR), and the LDM from noise and from the noised
-LR latent. Generalisation (MRI): the same test blocks resampled to 0.7 / 1.4 mm voxels and with
-intensities x0.5 / x2 + shift. Metrics: PSNR, SSIM (original units), bias and contrast slope
-(least-squares slope of output on HR) in % of the HR range. Writes results/benchmark/quality.json.
+block) and each variant (train_vae_pair overrides; ``diffusion.*`` ones go to train_diffusion),
+it runs prepare_data, train_vae_pair, prepare_latents and train_diffusion through their
+functions with the same CPU-time budget per network (steps calibrated from the CPU time of a
+step; wall cap 8x), then scores the test volumes with predict_ldm's windows: Baseline, tuned
+Gaussian / heat (and BM4D if installed), VAE result, VAE ceiling decode(z_HR, LR),
+decode(0, LR), and the LDM from noise and from the noised LR latent. Generalisation (MRI): the
+same test blocks resampled to 0.7 / 1.4 mm voxels (as given and with --resample) and with
+intensities x0.5 / x2 + shift. Metrics: PSNR, SSIM (original units), bias and contrast
+(ldm.metrics.intensity_fit) in % of the HR range. Writes results/benchmark/quality.json.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.errors import UserError
 from ldm.external import resize
-from ldm.inference import autoencode_volume, sliding_window_infer
+from ldm.inference import autoencode_volume, fit_window, sliding_window_infer
 from ldm.io import save_json
 from ldm.metrics import intensity_fit, psnr, ssim
+from ldm.phases.predict_ldm import PredictConfig
 
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -46,11 +48,17 @@ VARIANTS: dict[str, list[str]] = {
     # lever 1: f = 2 and 8 latent channels (as many numbers as voxels): room for the detail
     "lr_skip+residual+f2": ["model.lr_skip=true", "model.residual=true",
                             "model.channels=[16, 32]", "model.latent_channels=8"],
+    # lever 4: magnified samples, as coarser scans look after --resample
+    "lr_skip+residual+zoom": ["model.lr_skip=true", "model.residual=true", "augment.zoom=0.5"],
+    # lever 3: the diffusion learns the residual z_HR - z_LR (diffusion.* keys: train_diffusion)
+    "lr_skip+residual+res_diffusion": ["model.lr_skip=true", "model.residual=true",
+                                       "diffusion.target=residual"],
 }  # fmt: skip
 SAMPLERS = {
     "LDM (noise, 10 steps)": SamplerConfig(steps=10),  # predict_ldm's default
     "LDM (z_LR t=300, 6 steps)": SamplerConfig(steps=6, init="cond", t_start=300),
 }
+OVERLAP = PredictConfig.overlap  # windows as predict_ldm: its default window, fitted to the volume
 MRI_DEGRADE = DegradeConfig(blur_sigma=(1.0, 1.0, 1.0), downsample=(1, 1, 1),
                             noise="rician", noise_sigma=0.04)  # fmt: skip
 
@@ -144,6 +152,8 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
 
     demo = REPO_ROOT / "configs" / "demo"
     vae_ck = run / "vae" / "best.pt"
+    diffusion_sets = [o for o in overrides if o.startswith("diffusion.")]
+    overrides = [o for o in overrides if o not in diffusion_sets]
     sets = [f"data_dir={data}", f"out_dir={run / 'vae'}", *overrides]
     cfg = load_config(TrainVAEConfig, demo / "train_vae_pair.yaml", sets)
     patch = load_manifest(data)["patch_size"]
@@ -172,6 +182,7 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
     vae_model = cfg.model
     lc, f = vae_model.latent_channels, vae_model.downsample_factor
     sets += [f"model.{k}={lc}" for k in ("in_channels", "out_channels", "cond_channels")]
+    sets += diffusion_sets
     dcfg = load_config(TrainDiffusionConfig, demo / "train_diffusion.yaml", sets)
     c = dcfg.model
     z = torch.randn(dcfg.train.batch_size, c.in_channels, *(p // f for p in patch))
@@ -209,7 +220,7 @@ def score(out: np.ndarray, hr: np.ndarray) -> dict[str, float]:
 def ldm_volume(ldm: LatentDiffusion, lr: np.ndarray, sampler: SamplerConfig, window) -> np.ndarray:
     g = torch.Generator(device=ldm.device).manual_seed(0)
     x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]
-    out = sliding_window_infer(x, lambda b: ldm.denoise(b, sampler, g), window, overlap=0.25,
+    out = sliding_window_infer(x, lambda b: ldm.denoise(b, sampler, g), window, overlap=OVERLAP,
                                batch_size=8, device=ldm.device, progress=False)  # fmt: skip
     return out[0].numpy()
 
@@ -222,7 +233,7 @@ def zero_latent_volume(vae, lr: np.ndarray, window) -> np.ndarray:
         return vae.decode(z, b)
 
     x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]
-    out = sliding_window_infer(x, fn, window, overlap=0.25, batch_size=8, progress=False)
+    out = sliding_window_infer(x, fn, window, overlap=OVERLAP, batch_size=8, progress=False)
     return out[0].numpy()
 
 
@@ -277,7 +288,6 @@ def generalisation_cases(
 def evaluate(data: Path, vae_ck: Path, diff_ck: Path, params: dict, general: bool) -> dict:
     """Mean scores over the test volumes (and generalisation settings) of every method."""
     ldm = load_ldm(vae_ck, diff_ck, torch.device("cpu"))
-    window = tuple(load_manifest(data)["patch_size"])
     norm = NormalizeConfig(**{k: v for k, v in load_manifest(data)["normalization"].items()
                               if k.endswith("percentile")})  # fmt: skip
     items = [("test", c.name, c.to_original(c.lr), c.to_original(c.hr), None)
@@ -293,8 +303,9 @@ def evaluate(data: Path, vae_ck: Path, diff_ck: Path, params: dict, general: boo
         x = x_in if grid is None else resize(x_in, grid)
         xh = (hr - low) / (high - low) if grid is None else resize((hr - low) / (high - low), grid)
         outs = {**classical_outputs(x, params)}
-        outs["VAE result"] = autoencode_volume(ldm.vae, x, window, overlap=0.25, progress=False)
-        outs["VAE ceiling"] = autoencode_volume(ldm.vae, xh, window, overlap=0.25,
+        window = fit_window(PredictConfig.window, x.shape, ldm.window_multiple)
+        outs["VAE result"] = autoencode_volume(ldm.vae, x, window, overlap=OVERLAP, progress=False)
+        outs["VAE ceiling"] = autoencode_volume(ldm.vae, xh, window, overlap=OVERLAP,
                                                 progress=False, lr=x)  # fmt: skip
         if ldm.vae.config.uses_lr:
             outs["decode(0, LR)"] = zero_latent_volume(ldm.vae, x, window)
