@@ -137,26 +137,20 @@ class AugmentConfig:
     axes (only among axes of equal size); ``scale``/``shift``: per-sample intensity map
     ``x -> a x + b`` with ``a = exp(U(-scale, scale))``, ``b ~ U(-shift, shift)``, the same for
     LR and HR so the pair stays consistent and the network learns to be intensity-equivariant.
-    ``zoom``: half of the samples are magnified by ``s ~ U(1, 1 + zoom)`` (a random crop of
-    1/s of the patch, trilinearly resized back to the patch), as a scan with voxels s times
-    coarser looks after ``--resample`` to the training spacing: blurrier, with correlated noise.
     """
 
     flips: bool = False
     permute: bool = False
     scale: float = 0.0
     shift: float = 0.0
-    zoom: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0 <= self.scale <= 2 and 0 <= self.shift <= 1):
             raise ConfigError("augment.scale must be in [0, 2] and augment.shift in [0, 1]")
-        if not 0 <= self.zoom <= 1:
-            raise ConfigError("augment.zoom must be in [0, 1] (0 = off)")
 
     @property
     def enabled(self) -> bool:
-        return self.flips or self.permute or self.scale > 0 or self.shift > 0 or self.zoom > 0
+        return self.flips or self.permute or self.scale > 0 or self.shift > 0
 
 
 def augment_pair(
@@ -190,24 +184,4 @@ def augment_pair(
         a = torch.exp((2 * uniform(b) - 1) * cfg.scale).view(shape)
         s = ((2 * uniform(b) - 1) * cfg.shift).view(shape)
         lr, hr = a * lr + s, a * hr + s
-    if cfg.zoom > 0:
-        lr, hr = _zoom_half(lr, hr, cfg.zoom, uniform)
     return lr.contiguous(), hr.contiguous()
-
-
-def _zoom_half(lr: torch.Tensor, hr: torch.Tensor, zoom: float, uniform):
-    """Each sample with p = 0.5: the same random crop of 1/s of the patch (s ~ U(1, 1 + zoom))
-    from LR and HR, trilinearly resized back to the patch size."""
-    size = lr.shape[2:]
-    mode = "trilinear" if len(size) == 3 else "bilinear"
-    lr, hr = lr.clone(), hr.clone()
-    for i, (u, v) in enumerate(uniform(lr.shape[0], 2).tolist()):
-        if u >= 0.5:
-            continue
-        s = 1 + zoom * v
-        crop = [max(2, round(n / s)) for n in size]
-        start = [int(w * (n - c + 1)) for w, n, c in zip(uniform(len(size)).tolist(), size, crop)]
-        sl = (slice(i, i + 1), slice(None), *(slice(a, a + c) for a, c in zip(start, crop)))
-        for x in (lr, hr):
-            x[i : i + 1] = F.interpolate(x[sl], size=size, mode=mode, align_corners=False)
-    return lr, hr
