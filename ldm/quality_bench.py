@@ -48,8 +48,6 @@ VARIANTS: dict[str, list[str]] = {
     # lever 1: f = 2 and 8 latent channels (as many numbers as voxels): room for the detail
     "lr_skip+residual+f2": ["model.lr_skip=true", "model.residual=true",
                             "model.channels=[16, 32]", "model.latent_channels=8"],
-    # lever 4: magnified samples, as coarser scans look after --resample
-    "lr_skip+residual+zoom": ["model.lr_skip=true", "model.residual=true", "augment.zoom=0.5"],
     # lever 3: the diffusion learns the residual z_HR - z_LR (diffusion.* keys: train_diffusion)
     "lr_skip+residual+res_diffusion": ["model.lr_skip=true", "model.residual=true",
                                        "diffusion.target=residual"],
