@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ldm.data.dataset import TestCase
-from ldm.data.degrade import resample_to
 from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.data.sources import case_name
 from ldm.errors import DataError, UserError
-from ldm.filters import gaussian_blur
 from ldm.io import RawSpec, VolumeMeta, load_volume
 
 log = logging.getLogger(__name__)
@@ -67,13 +64,17 @@ class ExternalCase(TestCase):
 
 
 def resize(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Trilinear resampling onto ``shape`` (same extent); shrinking axes are Gaussian
-    pre-filtered with sigma = (factor - 1) / 2 voxels against aliasing (as skimage's resize)."""
-    factors = [n_in / n_out for n_in, n_out in zip(x.shape, shape)]
-    sigmas = [max(0.0, (f - 1) / 2) for f in factors]
-    if any(s > 0 for s in sigmas):
-        x = gaussian_blur(torch.from_numpy(np.ascontiguousarray(x, np.float32)), sigmas).numpy()
-    return resample_to(x, tuple(int(n) for n in shape), "trilinear")
+    """Cubic B-spline resampling onto ``shape`` (same extent; skimage.transform.resize, order
+    3); shrinking axes are Gaussian pre-filtered with sigma = (factor - 1) / 2 voxels against
+    aliasing. Trilinear lost 1.5-4.3 % contrast on a round trip of an HR block between 1.4 mm and
+    the 1 mm grid, cubic 0.1-0.25 % (docs/design.md "External volumes")."""
+    from skimage.transform import resize as sk_resize
+
+    shape = tuple(int(n) for n in shape)
+    shrink = any(n_out < n_in for n_in, n_out in zip(x.shape, shape))
+    out = sk_resize(np.asarray(x, dtype=np.float32), shape, order=3, mode="edge",
+                    anti_aliasing=shrink, preserve_range=True)  # fmt: skip
+    return out.astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
