@@ -51,7 +51,7 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"  # "epsilon" | "v"
     min_snr_gamma: float = 0.0  # 0 = plain MSE; > 0 = min-SNR-gamma weighting (Hang et al. 2023)
     # What x_0 of the chain is: "latent" = the scaled HR latent z_HR; "residual" = the scaled
-    # residual (z_HR - z_LR) / rms(z_HR - z_LR) (docs/design.md "Residual diffusion"): x_0 = 0 is
+    # residual (z_HR - z_LR) / rms(z_HR - z_LR) (docs/design.md "Residual target"): x_0 = 0 is
     # the VAE result, so the chain only has to add what the LR latent lacks.
     target: str = "latent"
 
