@@ -48,9 +48,10 @@ VARIANTS: dict[str, list[str]] = {
     # lever 1: f = 2 and 8 latent channels (as many numbers as voxels): room for the detail
     "lr_skip+residual+f2": ["model.lr_skip=true", "model.residual=true",
                             "model.channels=[16, 32]", "model.latent_channels=8"],
-    # lever 3: the diffusion learns the residual z_HR - z_LR (diffusion.* keys: train_diffusion)
-    "lr_skip+residual+res_diffusion": ["model.lr_skip=true", "model.residual=true",
-                                       "diffusion.target=residual"],
+    # lever 3 (default: the diffusion learns the residual z_HR - z_LR); its loser, x_0 = z_HR
+    # (diffusion.* keys go to train_diffusion)
+    "lr_skip+residual+latent_diffusion": ["model.lr_skip=true", "model.residual=true",
+                                          "diffusion.target=latent"],
 }  # fmt: skip
 SAMPLERS = {
     "LDM (noise, 10 steps)": SamplerConfig(steps=10),  # predict_ldm's default
