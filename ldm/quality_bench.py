@@ -253,8 +253,9 @@ def classical_outputs(lr: np.ndarray, params: dict[str, Any]) -> dict[str, np.nd
 
 
 def generalisation_cases(
-    data: Path, max_cases: int = 2
-) -> list[tuple[str, str, np.ndarray, np.ndarray, tuple[int, ...] | None]]:
+    data: Path, max_cases: int = 2, deg: DegradeConfig = MRI_DEGRADE,
+    data_range: float | None = None,
+) -> list[tuple[str, str, np.ndarray, np.ndarray, tuple[int, ...] | None]]:  # fmt: skip
     """(setting, case, LR, HR, model grid) in original units: the first ``max_cases`` MRI test
     blocks at 0.7 / 1.4 mm voxels (HR resampled, then degraded as in training), run as given and
     as with ``--resample`` (model grid = the 1 mm training spacing, outputs resampled back), and
@@ -273,7 +274,7 @@ def generalisation_cases(
         for voxel in (0.7, 1.4):
             hr_v = zoom(hr, 1.0 / voxel, order=3).astype(np.float32)
             hr_v = hr_v[tuple(slice(0, s - s % 8) for s in hr_v.shape)]  # divisible by 8
-            lr_v = degrade(hr_v, MRI_DEGRADE, seed=100 + i)
+            lr_v = degrade(hr_v, deg, seed=100 + i, data_range=data_range)
             cases.append((f"voxel {voxel} mm", case.name, lr_v, hr_v, None))
             grid = tuple(int(round(s * voxel)) for s in hr_v.shape)
             cases.append((f"voxel {voxel} mm --resample", case.name, lr_v, hr_v, grid))
@@ -284,15 +285,16 @@ def generalisation_cases(
     return cases
 
 
-def evaluate(data: Path, vae_ck: Path, diff_ck: Path, params: dict, general: bool) -> dict:
-    """Mean scores over the test volumes (and generalisation settings) of every method."""
+def evaluate(data: Path, vae_ck: Path, diff_ck: Path, params: dict, general: bool | list) -> dict:
+    """Mean scores over the test volumes and the generalisation settings (True: those of
+    :func:`generalisation_cases`, or a list of such cases) of every method."""
     ldm = load_ldm(vae_ck, diff_ck, torch.device("cpu"))
     norm = NormalizeConfig(**{k: v for k, v in load_manifest(data)["normalization"].items()
                               if k.endswith("percentile")})  # fmt: skip
     items = [("test", c.name, c.to_original(c.lr), c.to_original(c.hr), None)
              for c in iter_test_cases(data)]  # fmt: skip
     if general:
-        items += generalisation_cases(data)
+        items += generalisation_cases(data) if general is True else general
     table: dict[str, dict[str, list[dict]]] = {}
     seconds: dict[str, float] = {}
     for setting, name, lr, hr, grid in items:
@@ -346,6 +348,34 @@ def run(datasets: list[str], variants: list[str], work: Path, vae_min: float, di
     return report
 
 
+def profile_generalisation(profile: str = "mri", out: Path | None = None) -> dict[str, Any]:
+    """The generalisation settings for the model a profile trained (``run_all --profile``):
+    its test cases degraded with its own prepare_data preset (noise relative to the source's
+    range, as prepare_data did), scored like the bench's models; written to ``out``."""
+    from ldm.data.mni152 import load_template
+    from ldm.phases.predict_ldm import PredictConfig
+    from ldm.phases.prepare_data import PrepareDataConfig
+
+    folder = REPO_ROOT / "configs" / profile
+    prep = load_config(PrepareDataConfig, folder / "prepare_data.yaml")
+    pred = load_config(PredictConfig, folder / "predict_ldm.yaml")
+    data = prep.out_dir
+    if not (Path(data) / "manifest.json").is_file():
+        raise UserError(f"{data}: no dataset; run scripts/run_all.py --profile {profile} first")
+    data_range = None
+    if prep.source == "mni152":
+        template = load_template(prep.mni152.resolution)[0]
+        data_range = float(template.max()) - float(template.min())
+    n = sum(1 for _ in iter_test_cases(data))
+    cases = generalisation_cases(data, n, prep.degrade, data_range)
+    params = classical_params(data, with_bm4d=False)
+    ev = evaluate(data, pred.vae_checkpoint, pred.diffusion_checkpoint, params, cases)
+    report = {"results": {f"{profile} profile model": {**ev, "classical": params}}}
+    if out is not None:
+        save_json(report, out)
+    return report
+
+
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{'dataset/variant':<34}{'setting':<22}{'method':<28}{'PSNR':>7}{'SSIM':>7}"
              f"{'bias%':>7}{'contr%':>8}"]  # fmt: skip
@@ -368,9 +398,9 @@ def summary_table(report: dict[str, Any]) -> str:
     lines = []
     for key, r in report["results"].items():
         test = r["scores"]["test"]
-        lines.append(f"{key}  (train {r['train_cpu_minutes']:.1f} CPU min / "
-                     f"{r['train_minutes']:.1f} wall min, steps {r['steps']}, "
-                     f"{r['num_test']} test volumes)")  # fmt: skip
+        trained = (f"train {r['train_cpu_minutes']:.1f} CPU min / {r['train_minutes']:.1f} "
+                   f"wall min, steps {r['steps']}, ") if r.get("steps") else ""
+        lines.append(f"{key}  ({trained}{r['num_test']} test volumes)")
         for m, sc in test.items():
             sec = r["predict_seconds"].get(m)
             extra = f"  predict {sec:.0f} s wall, every setting" if sec else ""
@@ -421,7 +451,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/benchmark/quality.json"))
     p.add_argument("--bm4d", action="store_true", help="also BM4D on MRI (slow)")
     p.add_argument("--combine", nargs="+", type=Path, help="only merge these reports into --out")
+    p.add_argument("--profile-model", metavar="PROFILE", help="no training: score the model "
+                   "run_all trained for PROFILE (e.g. mri) on the generalisation settings")
     a = p.parse_args(argv)
+    if a.profile_model:
+        print(summary_table(profile_generalisation(a.profile_model, a.out)))
+        return
     if a.combine:
         print(summary_table(combine(a.combine, a.out)))
         return

@@ -225,3 +225,27 @@ def test_quality_bench_baselines_are_the_phases_tuned_filters(tiny_pipeline):
     out = classical_outputs(lr, params)
     assert list(out) == ["Gaussian (tuned)", "heat (tuned)", "TV (tuned)", "NLM (tuned)"]
     assert all(v.shape == lr.shape and np.isfinite(v).all() for v in out.values())
+
+
+def test_profile_generalisation_needs_the_profile_run(tmp_path, monkeypatch):
+    from ldm.quality_bench import profile_generalisation
+
+    monkeypatch.chdir(tmp_path)  # configs/mri's dataset/mri does not exist here
+    with pytest.raises(UserError, match="run scripts/run_all.py --profile mri first"):
+        profile_generalisation("mri")
+
+
+def test_generalisation_cases_use_the_given_degradation(tiny_pipeline):
+    """Each test case gives 6 settings; the noise follows the given preset and data range."""
+    from ldm.data.degrade import DegradeConfig
+    from ldm.quality_bench import generalisation_cases
+
+    deg = DegradeConfig(blur_sigma=(0, 0, 0), downsample=(1, 1, 1), noise="gaussian",
+                        noise_sigma=0.1)  # fmt: skip
+    small = generalisation_cases(tiny_pipeline.data_dir, 1, deg, data_range=1.0)
+    large = generalisation_cases(tiny_pipeline.data_dir, 1, deg, data_range=3.0)
+    assert [c[0] for c in small] == [
+        "voxel 0.7 mm", "voxel 0.7 mm --resample", "voxel 1.4 mm", "voxel 1.4 mm --resample",
+        "intensity x0.5 + 10% max", "intensity x2.0 + 10% max"]  # fmt: skip
+    noise = [float(np.std(c[2] - c[3])) for c in (small[0], large[0])]
+    assert noise[0] == pytest.approx(0.1, rel=0.1) and noise[1] == pytest.approx(0.3, rel=0.1)
