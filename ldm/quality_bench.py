@@ -448,15 +448,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("results/benchmark/quality_work"))
     p.add_argument("--vae-minutes", type=float, default=3.0, help="CPU minutes of the VAE")
     p.add_argument("--diffusion-minutes", type=float, default=2.0, help="CPU minutes, diffusion")
-    p.add_argument("--out", type=Path, default=Path("results/benchmark/quality.json"))
+    p.add_argument("--out", type=Path, help="default results/benchmark/quality.json "
+                   "(--profile-model: quality_<PROFILE>_profile.json)")
     p.add_argument("--bm4d", action="store_true", help="also BM4D on MRI (slow)")
     p.add_argument("--combine", nargs="+", type=Path, help="only merge these reports into --out")
     p.add_argument("--profile-model", metavar="PROFILE", help="no training: score the model "
                    "run_all trained for PROFILE (e.g. mri) on the generalisation settings")
     a = p.parse_args(argv)
+    bench = Path("results/benchmark")
     if a.profile_model:
-        print(summary_table(profile_generalisation(a.profile_model, a.out)))
+        out = a.out or bench / f"quality_{a.profile_model}_profile.json"
+        print(summary_table(profile_generalisation(a.profile_model, out)))
         return
+    a.out = a.out or bench / "quality.json"
     if a.combine:
         print(summary_table(combine(a.combine, a.out)))
         return
