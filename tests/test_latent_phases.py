@@ -129,3 +129,22 @@ def test_residual_checkpoint_without_its_scale_is_refused(tiny_pipeline, tmp_pat
     torch.save(state, ckpt)
     with pytest.raises(CheckpointError, match="residual target without its scale"):
         load_ldm(tiny_pipeline.vae, ckpt, "cpu")
+
+
+def test_best_diffusion_checkpoint_has_the_closest_samples(tiny_pipeline, tmp_path):
+    """best.pt of train_diffusion is the validation with the lowest latent MSE (not the decoded
+    PSNR, which is flat when the decoder ignores its latent)."""
+    out = tmp_path / "d"
+    result = run_script(
+        "train_diffusion", "--set", f"data_dir={tiny_pipeline.data_dir}",
+        "--set", f"vae_checkpoint={tiny_pipeline.vae}", "--set", f"out_dir={out}",
+        "--set", "model.channels=[8, 16]", "--set", "model.norm_groups=4",
+        "--set", "model.num_res_blocks=1", "--set", "val_samples=2", "--set", "val_steps=2",
+        "--set", "train.steps=5", "--set", "train.batch_size=2", "--set", "train.device=cpu",
+        "--set", "train.val_every=1", "--set", "train.lr=0.01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val"]["latent_mse"] for r in rows if "val" in r}
+    assert len(vals) == 5
+    assert load_checkpoint(out / "best.pt", "diffusion")["step"] == min(vals, key=vals.get)
