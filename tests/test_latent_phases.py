@@ -69,18 +69,20 @@ def test_ldm_refuses_a_vae_it_was_not_trained_on(tiny_pipeline, tmp_path):
         load_ldm(other, tiny_pipeline.diffusion, "cpu")
 
 
-def _residual_diffusion(tiny_pipeline, tmp_path):
-    out = tmp_path / "diffusion_residual"
-    result = run_script(
-        "train_diffusion", "--set", f"data_dir={tiny_pipeline.data_dir}",
-        "--set", f"vae_checkpoint={tiny_pipeline.vae}", "--set", f"out_dir={out}",
-        "--set", "model.channels=[8, 16]", "--set", "model.norm_groups=4",
-        "--set", "model.num_res_blocks=1", "--set", "val_samples=2", "--set", "val_steps=2",
-        "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.device=cpu",
-        "--set", "diffusion.target=residual",
-    )  # fmt: skip
+def _tiny_diffusion(tiny_pipeline, out, *overrides: str):
+    """A tiny train_diffusion run on the session's latents into ``out``; its best.pt."""
+    sets = [f"data_dir={tiny_pipeline.data_dir}", f"vae_checkpoint={tiny_pipeline.vae}",
+            f"out_dir={out}", "model.channels=[8, 16]", "model.norm_groups=4",
+            "model.num_res_blocks=1", "val_samples=2", "val_steps=2", "train.steps=2",
+            "train.batch_size=2", "train.device=cpu", *overrides]  # fmt: skip
+    result = run_script("train_diffusion", *(a for s in sets for a in ("--set", s)))
     assert result.exit_code == 0, result.output
     return out / "best.pt"
+
+
+def _residual_diffusion(tiny_pipeline, tmp_path):
+    out = tmp_path / "diffusion_residual"
+    return _tiny_diffusion(tiny_pipeline, out, "diffusion.target=residual")
 
 
 def test_residual_target_chain_ends_at_the_lr_latent_when_no_residual_is_predicted(
@@ -135,15 +137,7 @@ def test_best_diffusion_checkpoint_has_the_closest_samples(tiny_pipeline, tmp_pa
     """best.pt of train_diffusion is the validation with the lowest latent MSE (not the decoded
     PSNR, which is flat when the decoder ignores its latent)."""
     out = tmp_path / "d"
-    result = run_script(
-        "train_diffusion", "--set", f"data_dir={tiny_pipeline.data_dir}",
-        "--set", f"vae_checkpoint={tiny_pipeline.vae}", "--set", f"out_dir={out}",
-        "--set", "model.channels=[8, 16]", "--set", "model.norm_groups=4",
-        "--set", "model.num_res_blocks=1", "--set", "val_samples=2", "--set", "val_steps=2",
-        "--set", "train.steps=5", "--set", "train.batch_size=2", "--set", "train.device=cpu",
-        "--set", "train.val_every=1", "--set", "train.lr=0.01",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    _tiny_diffusion(tiny_pipeline, out, "train.steps=5", "train.val_every=1", "train.lr=0.01")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     vals = {r["step"]: r["val"]["latent_mse"] for r in rows if "val" in r}
     assert len(vals) == 5
