@@ -37,7 +37,7 @@ from ldm.external import resize
 from ldm.inference import autoencode_volume, fit_window, sliding_window_infer
 from ldm.io import save_json
 from ldm.metrics import intensity_fit, psnr, ssim
-from ldm.phases.predict_ldm import PredictConfig
+from ldm.phases.predict_ldm import PredictConfig, predict_volume
 
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -217,11 +217,8 @@ def score(out: np.ndarray, hr: np.ndarray) -> dict[str, float]:
 
 
 def ldm_volume(ldm: LatentDiffusion, lr: np.ndarray, sampler: SamplerConfig, window) -> np.ndarray:
-    g = torch.Generator(device=ldm.device).manual_seed(0)
-    x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]
-    out = sliding_window_infer(x, lambda b: ldm.denoise(b, sampler, g), window, overlap=OVERLAP,
-                               batch_size=8, device=ldm.device, progress=False)  # fmt: skip
-    return out[0].numpy()
+    """predict_ldm's own predict_volume (seed 0, one sample) with ``sampler``."""
+    return predict_volume(ldm, lr, replace(PredictConfig(), sampler=sampler), window)[0]
 
 
 def zero_latent_volume(vae, lr: np.ndarray, window) -> np.ndarray:
@@ -353,7 +350,6 @@ def profile_generalisation(profile: str = "mri", out: Path | None = None) -> dic
     its test cases degraded with its own prepare_data preset (noise relative to the source's
     range, as prepare_data did), scored like the bench's models; written to ``out``."""
     from ldm.data.mni152 import load_template
-    from ldm.phases.predict_ldm import PredictConfig
     from ldm.phases.prepare_data import PrepareDataConfig
 
     folder = REPO_ROOT / "configs" / profile
