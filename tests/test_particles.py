@@ -310,7 +310,9 @@ def test_optimised_engine_and_render_match_the_plain_reference() -> None:
     field = ScoreField.from_image(default_image(48, 64), field_blur=1.5, levels=3)
     kw = dict(num_particles=3000, steps=60, eta=0.2, sigma0=2.0, seed=5, sort_every=16)
     code = ParticleCode.from_field(field, 3.0)
-    run = simulate(field, kw, 2.0, 10, code)
+    threads = torch.get_num_threads()
+    run = simulate(field, kw, 2.0, 10, code)  # frames on a worker thread, one thread per op
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
     ref = ReferenceEngine(field, **kw)
     frames = [reference_frame(ref.positions, ref.colours, field.size, 2.0, code)]
     for _ in range(60):

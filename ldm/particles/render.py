@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ldm.errors import DataError, UserError
-from ldm.filters import gaussian_blur
+from ldm.filters import gaussian_blur, gaussian_kernel1d
 from ldm.particles.field import LUMA, ScoreField
 
 WHITE_QUANTILE = 0.99  # raw frames: this luminance quantile is shown as white
@@ -71,13 +72,16 @@ def splat(positions: torch.Tensor, weights: torch.Tensor, size: tuple[int, int])
     dx, dy = (1 if w > 1 else 0), (w if h > 1 else 0)
     gf = torch.stack([1 - f, f], dim=1)  # (2 axes, 2, N): (1 - f, f) per axis
     wts = (gf[1][:, None] * gf[0][None]).reshape(4, -1)  # (4, N): corners (y, x) 00, 01, 10, 11
+    offsets = torch.tensor([[0], [dx], [dy], [dy + dx]], device=i.device)
+    idx = (i + offsets).view(-1)  # (4 N) pixel of each corner weight
     c = weights.shape[1]
-    offsets = torch.tensor([0, dx, dy, dy + dx], device=i.device)
-    idx = i + (offsets[:, None] + (torch.arange(c, device=i.device) * (h * w))[:, None, None])
-    vals = wts * weights.t()[:, None]  # (C, 4, N) matching idx: one scatter for every channel
-    out = torch.zeros(c * h * w, dtype=vals.dtype, device=vals.device)
-    # scatter_add_ adds in index order like bincount, without bincount's min/max passes
-    return out.scatter_add_(0, idx.reshape(-1), vals.reshape(-1)).view(c, h, w)
+    out = torch.zeros(c, h * w, dtype=weights.dtype, device=weights.device)
+    # one scatter per channel with one shared index: faster than a single scatter over a
+    # (C, 4, N) index (1.1 vs 1.4 ms at 50k particles); scatter_add_ adds in index order like
+    # bincount, without bincount's min/max passes
+    for ch, wc in zip(out, weights.t()):
+        ch.scatter_add_(0, idx, (wts * wc).view(-1))
+    return out.view(c, h, w)
 
 
 def _unit_rgb(colours: torch.Tensor, code: ParticleCode | None) -> torch.Tensor:
@@ -99,6 +103,30 @@ def particle_rgb(colours: torch.Tensor, code: ParticleCode | None) -> torch.Tens
     return _unit_rgb(colours, code).t()
 
 
+def _blur_frame(acc: torch.Tensor, blur: float) -> torch.Tensor:
+    """``gaussian_blur(acc, (blur, blur))`` of a (C, H, W) frame, reflect borders, via one padded
+    copy: 2 (2 r + 1) shifted adds over whole rows instead of ``gaussian_blur``'s 4 r + 2 (its
+    border taps are separate ops). Frames are small, so the padded copy is cheap; at 512 x 384
+    this takes 2.3 ms instead of 2.7-3.3 ms on one core (each op also holds the GIL briefly,
+    which the render worker shares with the stepping thread).
+    """
+    c, h, w = acc.shape
+    k = gaussian_kernel1d(blur, dtype=torch.float64).tolist()
+    r = (len(k) - 1) // 2
+    if r == 0 or r >= min(h, w):  # nothing to do, or too small for one mirror: the general path
+        return gaussian_blur(acc, (blur, blur))
+    y = F.pad(acc[None], (r, r, r, r), mode="reflect")[0]  # (C, H + 2r, W + 2r)
+    rows = y[:, :, r : r + w] * k[r]  # along W: (C, H + 2r, W)
+    for d in range(1, r + 1):
+        rows.add_(y[:, :, r - d : r - d + w], alpha=k[r - d])
+        rows.add_(y[:, :, r + d : r + d + w], alpha=k[r + d])
+    out = rows[:, r : r + h] * k[r]  # along H: (C, H, W)
+    for d in range(1, r + 1):
+        out.add_(rows[:, r - d : r - d + h], alpha=k[r - d])
+        out.add_(rows[:, r + d : r + d + h], alpha=k[r + d])
+    return out
+
+
 def _blurred(
     positions: torch.Tensor, colours: torch.Tensor, size: tuple[int, int], blur: float,
     code: ParticleCode | None, scale: float = 1.0,
@@ -113,7 +141,7 @@ def _blurred(
         a = code.luma_mass() / positions.shape[0]
         rgb.mul_(scale * a)
     acc = splat(positions, rgb.t(), size)  # (3, H, W)
-    acc = gaussian_blur(acc, (blur, blur))  # each channel on its own
+    acc = _blur_frame(acc, blur)  # each channel on its own
     if code is not None:  # C + eps = (particles per pixel) * sum(Y + eps) / N, per channel
         return acc, scale, -code.eps
     luma = torch.tensor(LUMA, dtype=acc.dtype, device=acc.device)
@@ -148,7 +176,8 @@ def render_frame_uint8(
     blur: float,
     code: ParticleCode | None = None,
 ) -> torch.Tensor:
-    """``to_uint8(render_frame(...))`` in fewer passes: (H, W, 3) uint8, contiguous.
+    """``to_uint8(render_frame(...))`` in fewer passes: (H, W, 3) uint8, a view of planar
+    (3, H, W) storage (interleaving the channels would cost a third of a frame's render).
 
     The scale, offset and 255 are folded into one multiply-add before rounding; a value within
     float rounding of a half level may round the other way (at most 1 level apart).
@@ -157,9 +186,7 @@ def render_frame_uint8(
     if code is None:  # raw frames: the scale comes from the blurred frame itself
         acc.mul_(255.0 * a)
     acc.add_(255.0 * b + 0.5).clamp_(0, 255)  # round half up, as to_uint8
-    out = torch.empty(*size, 3, dtype=torch.uint8, device=acc.device)
-    out.permute(2, 0, 1).copy_(acc)  # the float -> uint8 cast truncates
-    return out.cpu()
+    return acc.to(torch.uint8).cpu().permute(1, 2, 0)  # the float -> uint8 cast truncates
 
 
 def load_image(path: Path) -> torch.Tensor:
