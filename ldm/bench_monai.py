@@ -157,6 +157,23 @@ def peak_memory(kind: str, which: str, steps: int = 2) -> dict[str, float]:
     return {"rss_before_mb": before, "peak_rss_mb": peak, "train_mb": peak - before}
 
 
+def saved_for_backward_mb(kind: str, which: str) -> float:
+    """MB of activations one forward keeps for backward (each storage once): the part of
+    training memory the network's design decides, free of the allocator slack in peak RSS."""
+    net, loss, _ = build(kind, which)
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        sizes[storage.data_ptr()] = max(sizes.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss(net)
+    return sum(n for ptr, n in sizes.items() if ptr not in params) / 2**20
+
+
 def child_result(code: str) -> dict[str, Any]:
     """Run ``python -c code`` in a fresh process and return the JSON dict it prints on a line
     ``RESULT {...}``, or ``{"error": last stderr line}`` (fresh process: own threads, own peak)."""
@@ -182,4 +199,5 @@ def compare(kind: str, threads: int, reps: int = 4) -> dict[str, Any]:
     for which in ("ours", "monai"):
         mem = memory_in_child(kind, which, threads)
         out[f"{which}_train_mb"] = mem.get("train_mb", float("nan"))
+        out[f"{which}_saved_mb"] = saved_for_backward_mb(kind, which)
     return out

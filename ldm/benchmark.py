@@ -414,7 +414,8 @@ def _describe(name: str, r: dict) -> str:
         return (
             f"ours {r['ours_s']:.3f} s/step, MONAI {r['monai_s']:.3f} s/step "
             f"({r['speedup']:.2f}x); train memory ours {r['ours_train_mb']:.0f} MB, "
-            f"MONAI {r['monai_train_mb']:.0f} MB; params {r['ours_params']:,} / "
+            f"MONAI {r['monai_train_mb']:.0f} MB (kept for backward {r['ours_saved_mb']:.0f} / "
+            f"{r['monai_saved_mb']:.0f} MB); params {r['ours_params']:,} / "
             f"{r['monai_params']:,}"
         )
     if name == "run_all_demo":
