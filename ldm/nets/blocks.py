@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ldm.errors import UserError
 
@@ -156,27 +155,16 @@ class ResBlock(nn.Module):
         """``x (B, Cin, D, H, W)``, ``emb (B, E)`` or None -> ``(B, Cout, D, H, W)``."""
         # in-place SiLU on tensors nothing else reads: one activation less kept for backward
         h = self.conv1(F.silu(self.norm1(x), inplace=True))  # (B, Cout, D, H, W)
+        h = self.norm2(h)
         if self.emb_proj is not None:
             if emb is None:
                 raise ValueError("ResBlock built with emb_dim > 0 needs an embedding")
             film = self.emb_proj(F.silu(emb))  # (B, 2 * Cout)
             film = film.reshape(*film.shape, *([1] * (h.ndim - 2)))  # (B, 2 * Cout, 1, 1, 1)
             scale, shift = film.chunk(2, dim=1)
-            if torch.is_grad_enabled():
-                # training: keep only h for backward and recompute GN(h) there (about 1 % of a
-                # step); otherwise the scale's gradient keeps GN(h), one activation more
-                h = checkpoint(_norm_film, self.norm2, h, scale, shift, use_reentrant=False)
-            else:
-                h = _norm_film(self.norm2, h, scale, shift)
-        else:
-            h = self.norm2(h)
+            h = torch.addcmul(shift, h, 1 + scale)  # h (1 + scale) + shift: one fewer tensor
         h = self.conv2(F.silu(h, inplace=True))
         return self.skip(x) + h
-
-
-def _norm_film(norm: nn.Module, h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``norm(h) (1 + scale) + shift`` in one addcmul."""
-    return torch.addcmul(shift, norm(h), 1 + scale)
 
 
 class SelfAttention(nn.Module):
