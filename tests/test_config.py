@@ -120,3 +120,16 @@ def test_relative_paths_resolve_against_the_current_folder(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = load_config(Cfg, write(tmp_path, "out_dir: runs/a\n"))
     assert cfg.out_dir == tmp_path / "runs/a"
+
+
+def test_a_bad_choice_in_a_real_config_names_the_full_key() -> None:
+    from ldm.phases.train_diffusion import TrainDiffusionConfig
+
+    path = REPO_ROOT / "configs" / "demo" / "train_diffusion.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainDiffusionConfig, path, ["diffusion.target=residul"])
+    msg = str(e.value)
+    assert "train_diffusion.yaml: diffusion.target must be one of: latent, residual" in msg
+    assert "'residul'" in msg
+    with pytest.raises(ConfigError, match=r"diffusion\.beta_start and beta_end must satisfy"):
+        load_config(TrainDiffusionConfig, path, ["diffusion.beta_start=0.5"])

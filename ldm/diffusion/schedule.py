@@ -37,7 +37,7 @@ Model = Callable[..., Tensor]
 
 def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise UserError(f"unknown {name} {value!r}; expected one of: {', '.join(valid)}")
+        raise UserError(f"{name} must be one of: {', '.join(valid)}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class DiffusionConfig:
         _check_choice("target", self.target, TARGETS)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise UserError(
-                "expected 0 < beta_start <= beta_end < 1, "
+                "beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, "
                 f"got beta_start={self.beta_start}, beta_end={self.beta_end}"
             )
         if not self.min_snr_gamma >= 0.0:
