@@ -107,8 +107,7 @@ def _blur_frame(acc: torch.Tensor, blur: float) -> torch.Tensor:
     """``gaussian_blur(acc, (blur, blur))`` of a (C, H, W) frame, reflect borders, via one padded
     copy: 2 (2 r + 1) shifted adds over whole rows instead of ``gaussian_blur``'s 4 r + 2 (its
     border taps are separate ops). Frames are small, so the padded copy is cheap; at 512 x 384
-    this takes 2.3 ms instead of 2.7-3.3 ms on one core (each op also holds the GIL briefly,
-    which the render worker shares with the stepping thread).
+    this takes 2.3-2.6 ms instead of 2.7-3.3 ms on one core.
     """
     c, h, w = acc.shape
     k = gaussian_kernel1d(blur, dtype=torch.float64).tolist()
