@@ -329,3 +329,25 @@ def test_optimised_engine_and_render_match_the_plain_reference() -> None:
         assert got.shape == want.shape and int(diff.max()) <= 1
         assert float(diff.float().mean()) < 0.01
     assert float(frames[-1].float().std()) > 10  # a real picture, not a blank frame
+
+
+def test_a_failing_frame_stops_the_run_with_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames render on a worker thread: its error reaches the caller (no hang, no lost error)
+    and the caller's thread count is restored."""
+    import ldm.phases.particles_gif as phase
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("render failed")
+        return torch.zeros(24, 32, 3, dtype=torch.uint8)
+
+    monkeypatch.setattr(phase, "render_frame_uint8", broken)
+    field = ScoreField.from_image(default_image(24, 32), field_blur=1.0, levels=1)
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="render failed"):
+        phase.simulate(field, dict(num_particles=200, steps=100, seed=0), 1.0, 2, None)
+    assert torch.get_num_threads() == threads
+    assert len(calls) < 51  # stopped soon after the failure, not after all 51 frames
