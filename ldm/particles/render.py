@@ -31,7 +31,7 @@ from ldm.particles.field import LUMA, ScoreField
 WHITE_QUANTILE = 0.99  # raw frames: this luminance quantile is shown as white
 _QUANTILE_SAMPLES = 65536  # pixels used to estimate the quantile (every k-th pixel)
 _LUT_BITS = 5  # bits per channel of the palette lookup table
-_PALETTE_SAMPLES = 65536  # about this many pixels go into the median cut
+_PALETTE_SAMPLES = 32768  # pixels into the median cut: 0.04 s (65536: 0.08 s, same GIF error 5.8)
 
 
 @dataclass(frozen=True)
