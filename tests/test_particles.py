@@ -167,22 +167,31 @@ def test_lookup_in_two_batches_gives_the_same_run() -> None:
 
 
 def test_noise_drawn_ahead_on_the_worker_equals_noise_drawn_in_the_step() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     field = ScoreField.from_image(default_image(24, 32), levels=2)
     runs = []
-    for ahead in (True, False):
-        e = ParticleEngine(field, num_particles=300, steps=30, seed=7, sort_every=8)
-        e._prefetch = ahead
-        e.run()
-        assert e._pending is None
-        runs.append(e.positions)
-    assert torch.equal(runs[0], runs[1])
-    # t moved from outside: the draw made ahead for the old t is not used for the new one
-    e = ParticleEngine(field, num_particles=300, steps=30, seed=7)
-    e.step()
-    assert e._pending is not None and e._pending[0] == 1
-    e.t = 20
-    e.step()
-    assert e._pending is not None and e._pending[0] == 21
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for ahead in (0, 1, 8):  # 0: every draw in the step itself
+            e = ParticleEngine(field, num_particles=300, steps=30, seed=7, sort_every=8,
+                               noise_ahead=ahead, noise_executor=pool)  # fmt: skip
+            e.run()
+            assert not e._pending
+            runs.append(e.positions)
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+        # t moved from outside: draws made ahead for other steps are not used for the new one
+        e = ParticleEngine(field, num_particles=300, steps=30, seed=7, noise_ahead=3,
+                           noise_executor=pool)  # fmt: skip
+        e.step()
+        assert [s for s, _ in e._pending] == [1, 2, 3]
+        e.t = 20
+        e.step()
+        assert [s for s, _ in e._pending] == [21, 22, 23]
+        e.t = 22  # forward into the drawn range: the draw made for step 22 is the one used
+        e.step()
+        assert [s for s, _ in e._pending] == [23, 24, 25]
+    with pytest.raises(UserError, match="noise_ahead >= 0"):
+        ParticleEngine(field, num_particles=10, steps=5, noise_ahead=-1)
 
 
 def test_noise_follows_the_sigma_schedule() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -65,17 +66,23 @@ class ParticleEngine:
     storage, and the step counter ``t``. Every ``sort_every``
     steps the particles are reordered by pixel, which keeps field lookups cache-friendly; the
     order carries no meaning (0 keeps the order, e.g. to follow single particles).
+
+    On the CPU the noise of the next ``noise_ahead`` steps is drawn on ``noise_executor`` (one
+    thread; default a shared worker) while the step runs: the same generator, in step order, so
+    runs stay reproducible. A caller that renders frames on that same thread (particles_gif)
+    draws several steps ahead, so the steps go on while a frame renders.
     """
 
     def __init__(
         self, field: ScoreField, *, num_particles: int, steps: int, eta: float = 0.2,
         alpha: float = 0.05, beta: float = 3.0, sigma0: float = 2.0, deterministic: bool = False,
-        scale_levels: bool = True, seed: int = 0, sort_every: int = 32,
+        scale_levels: bool = True, seed: int = 0, sort_every: int = 32, noise_ahead: int = 1,
+        noise_executor: ThreadPoolExecutor | None = None,
     ) -> None:  # fmt: skip
-        if num_particles < 1 or steps < 1 or sort_every < 0:
+        if num_particles < 1 or steps < 1 or sort_every < 0 or noise_ahead < 0:
             raise UserError(
-                f"need num_particles >= 1, steps >= 1, sort_every >= 0; "
-                f"got {num_particles}, {steps}, {sort_every}"
+                f"need num_particles >= 1, steps >= 1, sort_every >= 0, noise_ahead >= 0; "
+                f"got {num_particles}, {steps}, {sort_every}, {noise_ahead}"
             )
         if eta <= 0 or not 0 < alpha <= 1 or beta <= 0 or sigma0 < 0:
             raise UserError(
@@ -119,12 +126,15 @@ class ParticleEngine:
         self._pos = (u * self._upper.t()).t().contiguous()  # (2, N): uniform over the image
         colours = torch.rand(num_particles, 3, generator=self._gen, device=device)  # (N, 3)
         self._col = colours.t().contiguous()  # stored (3, N): the colour update is contiguous
-        # z for the next step, drawn (N, 2) from the generator as always, scaled and transposed
-        # to (2, N) on a worker thread (CPU) while the current step runs; two buffers alternate
+        # z of the next steps, drawn (N, 2) from the generator as always, scaled and transposed
+        # to (2, N) on a worker thread (CPU) while the current step runs; step s uses buffer
+        # s % (ahead + 1), so a draw never overwrites the noise of a step not yet taken
         self._draw = torch.empty(n, 2, device=device)
-        self._noise = [torch.empty(2, n, device=device) for _ in range(2)]
-        self._pending: tuple[int, Future[torch.Tensor]] | None = None  # (step, draw)
-        self._prefetch = device.type == "cpu"
+        self._ahead = noise_ahead
+        self._noise = [torch.empty(2, n, device=device) for _ in range(noise_ahead + 1)]
+        self._pending: deque[tuple[int, Future[torch.Tensor]]] = deque()  # (step, draw)
+        self._executor = noise_executor
+        self._prefetch = device.type == "cpu" and noise_ahead > 0
         self.t = 0
 
     @property
@@ -198,17 +208,22 @@ class ParticleEngine:
         return torch.mul(z.t(), self.sigma(t) * self.level_scale[self.level(t)] ** 0.5, out=buf)
 
     def _noise_for(self, t: int) -> torch.Tensor:
-        """The scaled noise of step t; starts drawing step t + 1's on the worker thread."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == t:
-            z = pending[1].result()
+        """The scaled noise of step t; tops the draws ahead up to step t + ``noise_ahead``."""
+        pending = self._pending
+        while pending and pending[0][0] != t:  # t was changed from outside: drop stale draws
+            pending.popleft()[1].result()  # (let each finish before the generator is reused)
+        if pending:
+            z = pending.popleft()[1].result()
         else:  # first step, or t was changed from outside: draw here
-            if pending is not None:
-                pending[1].result()  # let the stale draw finish before the generator is reused
-            z = self._draw_noise(t, self._noise[t % 2])
-        if self._prefetch and t + 1 < self.steps and self.sigma(t + 1) > 0:
-            nxt = _worker().submit(self._draw_noise, t + 1, self._noise[(t + 1) % 2])
-            self._pending = (t + 1, nxt)
+            z = self._draw_noise(t, self._noise[t % len(self._noise)])
+        nxt = t + 1 + len(pending)
+        while (
+            self._prefetch and len(pending) < self._ahead and nxt < self.steps
+            and self.sigma(nxt) > 0
+        ):  # fmt: skip
+            buf = self._noise[nxt % len(self._noise)]
+            pending.append((nxt, (self._executor or _worker()).submit(self._draw_noise, nxt, buf)))
+            nxt += 1
         return z
 
     def step(self) -> None:

@@ -99,7 +99,7 @@ def _one_thread_per_op() -> Iterator[None]:
     A particle op touches 50k points or one 512 x 384 frame: tens of microseconds, less than the
     fork and join of a 2-thread op on the 2-core machine measured (a step took 2.2 ms with 2
     threads per op, 0.8 ms with 1). The run is parallel by pipeline instead: steps on the
-    calling thread, the next step's noise and the frames on worker threads.
+    calling thread, the noise of the next steps and the frames on one worker thread.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -109,19 +109,25 @@ def _one_thread_per_op() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class _FrameWorker:
-    """Renders frames on one worker thread from snapshots while the engine steps on.
+NOISE_AHEAD = 8  # steps of noise drawn ahead, so the steps go on while a frame renders
 
-    At most ``depth`` snapshots wait (then the engine waits for the oldest frame): memory stays
-    bounded when rendering is slower than stepping. ``render_s`` sums the render times measured
-    on the worker thread.
+
+class _FrameWorker:
+    """Renders frames on the worker thread from snapshots while the engine steps on.
+
+    The worker (``pool``, one thread) also draws the engine's noise ahead, in submission order:
+    with ``NOISE_AHEAD`` > the frame interval the engine never waits for noise queued behind a
+    frame, and two busy threads share the 2 cores instead of three. At most ``depth`` snapshots
+    wait (then the engine waits for the oldest frame): memory stays bounded when rendering is
+    slower than stepping. ``render_s`` sums the render times measured on the worker.
     """
 
     def __init__(
-        self, size: tuple[int, int], blur: float, code: ParticleCode | None, depth: int = 4
-    ) -> None:
+        self, pool: ThreadPoolExecutor, size: tuple[int, int], blur: float,
+        code: ParticleCode | None, depth: int = 4,
+    ) -> None:  # fmt: skip
         self.size, self.blur, self.code, self.depth = size, blur, code, depth
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="particle-frames")
+        self._pool = pool
         self._frames: list[Future[torch.Tensor]] = []
         self.render_s = 0.0
 
@@ -139,15 +145,8 @@ class _FrameWorker:
         self._frames.append(self._pool.submit(self._render, pos, col))
 
     def frames(self) -> list[torch.Tensor]:
-        """Every frame in submission order, once rendered; shuts the worker down."""
-        try:
-            return [f.result() for f in self._frames]
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Drop frames not yet started and wait for the one being rendered."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Every frame in submission order, once rendered."""
+        return [f.result() for f in self._frames]
 
 
 def simulate(
@@ -160,21 +159,23 @@ def simulate(
     ``simulate_s`` the stepping loop, ``render_s`` the worker's render time, ``run_s`` from the
     first step to the last frame (the two overlap, so run_s < simulate_s + render_s).
     """
-    with _one_thread_per_op():
-        engine = ParticleEngine(score, **engine_kwargs)
-        worker = _FrameWorker(score.size, render_blur, code)
-        t0 = time.perf_counter()
-        try:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="particle-worker")
+    try:
+        with _one_thread_per_op():
+            engine = ParticleEngine(
+                score, **engine_kwargs, noise_ahead=NOISE_AHEAD, noise_executor=pool
+            )
+            worker = _FrameWorker(pool, score.size, render_blur, code)
+            t0 = time.perf_counter()
             worker.submit(engine)
             engine.run(worker.submit, every=every, progress=progress)  # renders t = T last
             _sync(score.device)
-        except BaseException:  # e.g. Ctrl-C: stop the worker, keep the original error
-            worker.close()
-            raise
-        sim = time.perf_counter() - t0
-        frames = worker.frames()
-        run_s = time.perf_counter() - t0
-        final = render_frame(engine.positions, engine.colours, score.size, render_blur, code)
+            sim = time.perf_counter() - t0
+            frames = worker.frames()
+            run_s = time.perf_counter() - t0
+            final = render_frame(engine.positions, engine.colours, score.size, render_blur, code)
+    finally:  # also on an error or Ctrl-C: drop queued work, wait for the task running now
+        pool.shutdown(wait=True, cancel_futures=True)
     return ParticleRun(frames, final.cpu(), {
         "simulate_s": sim, "render_s": worker.render_s, "run_s": run_s,
         "steps_per_s": engine.steps / max(sim, 1e-9),
