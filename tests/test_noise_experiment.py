@@ -124,6 +124,10 @@ def test_cli_writes_the_files(tiny_pipeline, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["sweeps"]["mixing"]["output_l2"][0] == 0.0 and m["window"]["size"] == [16, 16, 16]
     assert len(m["forward_backward"]["psnr_denoised"]) == 2
+    fb = m["forward_backward"]  # the latent-space view: noising moves x_t away from z_HR
+    assert 0 <= fb["latent_noised"][0] < 0.1 * fb["latent_noised"][1]
+    assert len(fb["latent_denoised"]) == 2 and fb["latent_lr"] > 0
+    assert "in latent space, RMS distance to the HR latent: t=0:" in result.output
     assert Image.open(out / "noise_mixing.gif").n_frames == 3
 
 

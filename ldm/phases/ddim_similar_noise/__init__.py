@@ -194,7 +194,8 @@ def write_pictures(
         out_dir / "forward_backward.png", fb.t, fb.noised, fb.denoised, lr, hr, fb.psnr_denoised
     ))  # fmt: skip
     files.append(nviz.save_psnr_plot(
-        out_dir / "forward_backward_psnr.png", fb.t, fb.psnr_noised, fb.psnr_denoised, refs
+        out_dir / "forward_backward_psnr.png", fb.t, fb.psnr_noised, fb.psnr_denoised, refs,
+        fb.latent_noised, fb.latent_denoised, fb.latent_lr,
     ))  # fmt: skip
     return files
 
@@ -242,7 +243,8 @@ def _run_experiment(
         "determinism_max_abs_diff": dataclasses.asdict(det),
         "sweeps": {s.name: {k: getattr(s, k) for k in keys} for s in sweeps},
         "forward_backward": {
-            k: getattr(fb, k) for k in ("t", "steps", "psnr_noised", "psnr_denoised")
+            k: getattr(fb, k) for k in ("t", "steps", "psnr_noised", "psnr_denoised",
+                                        "latent_noised", "latent_denoised", "latent_lr")
         },  # fmt: skip
         "reference_psnr": refs,
         "files": sorted(p.name for p in files),
@@ -286,6 +288,9 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
                  "(normalised intensity)")  # fmt: skip
     pts = [f"t={t}: {p:.1f}" for t, p in zip(fb["t"], fb["psnr_denoised"])]
     lines.append("forward/backward PSNR vs HR (dB): " + ", ".join(pts))
+    pts = [f"t={t}: {d:.3f}" for t, d in zip(fb["t"], fb["latent_denoised"])]
+    lines.append("  in latent space, RMS distance to the HR latent: " + ", ".join(pts)
+                 + f" (LR latent {fb['latent_lr']:.3f})")  # fmt: skip
     lines.append("  references: " + ", ".join(f"{k} {v:.1f} dB" for k, v in refs.items()))
     return "\n".join(lines)
 

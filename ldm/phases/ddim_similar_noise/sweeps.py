@@ -210,6 +210,11 @@ class ForwardBackward:
     denoised: np.ndarray
     psnr_noised: list[float]  # dB against HR
     psnr_denoised: list[float]
+    # RMS distance to the HR latent z_HR (scaled latent units): where the diffusion works, also
+    # when the decoder makes little of the latent (an LR-aware decoder)
+    latent_noised: list[float]
+    latent_denoised: list[float]
+    latent_lr: float  # the same for the LR latent (the condition)
 
 
 @torch.no_grad()
@@ -238,7 +243,13 @@ def forward_backward(
         steps.append(n)
     noised_img = decode_batched(model, torch.cat(noised), batch_size)  # (N, *spatial)
     denoised_img = decode_batched(model, torch.cat(denoised), batch_size)
+    z = z_hr.cpu().float()
+
+    def rms(latents: list[Tensor]) -> list[float]:
+        return [float((x.float() - z).square().mean().sqrt()) for x in latents]
+
     return ForwardBackward(
         [int(t) for t in ts], steps, noised_img, denoised_img,
         [psnr(x, hr) for x in noised_img], [psnr(x, hr) for x in denoised_img],
+        rms(noised), rms(denoised), rms([cond.cpu()])[0],
     )  # fmt: skip

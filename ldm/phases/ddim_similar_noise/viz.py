@@ -148,18 +148,31 @@ def save_psnr_plot(
     psnr_noised: Sequence[float],
     psnr_denoised: Sequence[float],
     references: Mapping[str, float],
+    latent_noised: Sequence[float],
+    latent_denoised: Sequence[float],
+    latent_lr: float,
 ) -> Path:
-    """PSNR against HR versus t, for x_t decoded and for the denoised result; dashed references."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    """Left: PSNR against HR versus t, for x_t decoded and for the denoised result, dashed
+    references. Right: the same two in latent space, RMS distance to z_HR, with the LR latent's."""
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     ax.plot(ts, psnr_denoised, marker="o", label="denoised back from t (DDIM)")
     ax.plot(ts, psnr_noised, marker="s", label="x_t, decoded (no denoising)")
     for (name, value), style in zip(references.items(), ("--", ":", "-.")):
         ax.axhline(value, color="gray", linestyle=style, label=f"{name}: {value:.1f} dB")
     ax.set_xlabel("t (forward noise level)")
     ax.set_ylabel("PSNR against HR (dB)")
-    ax.set_title("how much information each noise level destroys", fontsize=10)
+    ax.set_title("image: how much information each noise level destroys", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    lat.plot(ts, latent_denoised, marker="o", label="denoised back from t (DDIM)")
+    lat.plot(ts, latent_noised, marker="s", label="x_t (no denoising)")
+    lat.axhline(latent_lr, color="gray", linestyle="--", label=f"LR latent: {latent_lr:.3f}")
+    lat.set_xlabel("t (forward noise level)")
+    lat.set_ylabel("RMS distance to the HR latent")
+    lat.set_title("latent: where the diffusion works", fontsize=10)
+    lat.grid(alpha=0.3)
+    lat.legend(fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
