@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm.diffusion.latent_diffusion import SamplerConfig, load_ldm
 from ldm.io import load_volume, save_volume
@@ -72,6 +73,12 @@ def test_cli_writes_pictures_volume_and_metrics(tiny_pipeline, tmp_path):
     for name in ("1_input_LR.png", "2_target_HR.png", "3_output_LDM.png", "4_uncertainty.png",
                  "reverse_process.gif", "metrics.json"):  # fmt: skip
         assert (case / name).is_file(), name
+    gif = Image.open(case / "reverse_process.gif")  # 6 panels: 4 decoded, 2 chain values
+    first = np.asarray(gif.convert("L"), np.float32)
+    gif.seek(gif.n_frames - 1)
+    last = np.asarray(gif.convert("L"), np.float32)
+    chain = slice(first.shape[1] * 4 // 6, None)  # x_t | predicted x_0 of the chain
+    assert np.abs(first[:, chain] - last[:, chain]).mean() > 5  # noise -> the sample
     m = json.loads((case / "metrics.json").read_text())
     assert set(m["metrics"]) == {"baseline", "gaussian", "heat", "tv", "nlm", "vae_result", "ldm",
                                  "vae_ceiling"}  # fmt: skip

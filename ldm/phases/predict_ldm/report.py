@@ -42,8 +42,13 @@ def reverse_process_gif(
     path: Path, ldm: LatentDiffusion, case: TestCase, window: tuple[int, ...],
     sampler: SamplerConfig, seed: int,
 ) -> Path:  # fmt: skip
-    """GIF of one central window: decode(x_t) | decode(predicted x_0) at every sampler step.
-    The window is cropped to multiples of ``ldm.window_multiple`` that fit inside the volume."""
+    """GIF of one central window at every sampler step: decode(x_t) | decode(predicted x_0)
+    (middle slice and MIP each), then the chain values themselves, x_t | predicted x_0 (what
+    the diffusion samples: the scaled residual z - z_LR with the residual target, the scaled
+    latent with the latent one; channel 0, middle slice, window +-3, nearest-upscaled to the
+    image size). An LR-aware decoder can make the decoded panels look alike at every step; the
+    chain panels show the diffusion going from noise to its sample. The window is cropped to
+    multiples of ``ldm.window_multiple`` that fit inside the volume."""
     model_lr = case.model_lr  # the grid the LDM runs on (training spacing, --resample)
     m = ldm.window_multiple
     window = tuple(max(m, min(w, s // m * m)) for w, s in zip(window, model_lr.shape))
@@ -65,10 +70,18 @@ def reverse_process_gif(
     decoded = [(ldm.decode(x, lr)[0, 0].cpu().numpy(), ldm.decode(x0, lr)[0, 0].cpu().numpy())
                for x, x0 in picks]  # fmt: skip
     win = shared_window([lr[0, 0].numpy()])
+    f = lr.shape[2] // final.shape[2]  # latent -> image scale
+
+    def chain_slice(z: torch.Tensor) -> np.ndarray:  # channel 0, middle slice, image-sized
+        x = ldm.space.to_x(z, cond)[0, 0].float().cpu().numpy()  # chain values: unit scale
+        return np.kron(x[x.shape[0] // 2], np.ones((f, f), np.float32))
+
     frames = []
-    for x_img, x0_img in decoded:
-        panels = [views(x_img)[0], views(x_img)[3], views(x0_img)[0], views(x0_img)[3]]
-        row = np.concatenate([np.pad(to_uint8(p, win), 1) for p in panels], axis=1)
+    for (x_img, x0_img), (x, x0) in zip(decoded, picks):
+        panels = [to_uint8(p, win) for p in (views(x_img)[0], views(x_img)[3],
+                                             views(x0_img)[0], views(x0_img)[3])]  # fmt: skip
+        panels += [to_uint8(chain_slice(z), (-3.0, 3.0)) for z in (x, x0)]
+        row = np.concatenate([np.pad(p, 1) for p in panels], axis=1)
         frames.append(np.kron(row, np.ones((4, 4), np.uint8)))  # 4x nearest upscaling
     return save_gif(path, frames + [frames[-1]] * 5, duration_ms=150)
 
