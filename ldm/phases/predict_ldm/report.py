@@ -70,11 +70,10 @@ def reverse_process_gif(
     decoded = [(ldm.decode(x, lr)[0, 0].cpu().numpy(), ldm.decode(x0, lr)[0, 0].cpu().numpy())
                for x, x0 in picks]  # fmt: skip
     win = shared_window([lr[0, 0].numpy()])
-    f = lr.shape[2] // final.shape[2]  # latent -> image scale
 
     def chain_slice(z: torch.Tensor) -> np.ndarray:  # channel 0, middle slice, image-sized
         x = ldm.space.to_x(z, cond)[0, 0].float().cpu().numpy()  # chain values: unit scale
-        return np.kron(x[x.shape[0] // 2], np.ones((f, f), np.float32))
+        return np.kron(x[x.shape[0] // 2], np.ones((ldm.factor,) * 2, np.float32))
 
     frames = []
     for (x_img, x0_img), (x, x0) in zip(decoded, picks):
