@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ldm.config import REPO_ROOT, load_config
 from ldm.errors import UserError
+from ldm.training import make_optimizer
 
 PATCH = (32, 32, 32)  # image patches of the VAE; latents of the UNet are PATCH / 4
 LATENT = (8, 8, 8)
@@ -101,7 +102,7 @@ def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Mo
 
 
 def _stepper(net: torch.nn.Module, loss: Callable) -> Callable[[], None]:
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = make_optimizer(net.parameters(), 1e-4, torch.device("cpu"))  # as training: fused
     net.train()
 
     def step() -> None:

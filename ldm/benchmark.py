@@ -29,6 +29,7 @@ from ldm.nets import UNet3d, VAE3d
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from ldm.phases.train_diffusion import TrainDiffusionConfig
 from ldm.phases.train_vae_pair import TrainVAEConfig
+from ldm.training import make_optimizer
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -59,7 +60,7 @@ def _amp(device: torch.device):
 
 
 def _train_step(model, loss_fn, device) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model.parameters(), 1e-4, device)
 
     def step() -> None:
         with _amp(device):

@@ -38,6 +38,7 @@ from ldm.inference import autoencode_volume, fit_window, sliding_window_infer
 from ldm.io import save_json
 from ldm.metrics import intensity_fit, psnr, ssim
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
+from ldm.training import make_optimizer
 
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -123,7 +124,7 @@ def prepare(dataset: str, work: Path) -> Path:
 def _seconds_per_step(model: torch.nn.Module, loss_fn, reps: int = 3) -> float:
     """CPU seconds of this process per training step (median of ``reps`` after a warm-up):
     on a shared, loaded machine wall-clock budgets would measure the neighbours, not the model."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model.parameters(), 1e-4, torch.device("cpu"))
     times = []
     for i in range(reps + 1):
         t0 = time.process_time()

@@ -102,12 +102,31 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel:
-    def ema_avg(avg: torch.Tensor, cur: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + float(n)) / (10 + float(n)))
-        return d * avg + (1 - d) * cur
+def make_optimizer(
+    params, lr: float, device: torch.device, betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.01,
+) -> torch.optim.AdamW:  # fmt: skip
+    """AdamW with the fused kernel where torch has one (CPU, CUDA): one pass over all parameters
+    instead of a dozen ops per tensor. UNet, 190 tensors, 2 CPU threads: 2.0 ms a step instead
+    of 11 (``foreach``: 10.6); VAE 1.5 instead of 4.0 ms."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(
+        params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused, foreach=not fused
+    )
 
-    return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """EMA of the weights (and buffers), decay warmed up as min(decay, (1 + n) / (10 + n)).
+
+    One foreach lerp over all tensors (the multi-tensor path AveragedModel offers): UNet 1.7 ms
+    an update instead of 8.1 with a Python function per tensor.
+    """
+
+    def ema_lerp(avg: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        torch._foreach_lerp_(avg, cur, 1 - d)  # avg + (1 - d) (cur - avg) = d avg + (1 - d) cur
+
+    return AveragedModel(model, multi_avg_fn=ema_lerp, use_buffers=True)
 
 
 def _amp(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
@@ -124,9 +143,7 @@ class _Run:
         self.run_dir, self.extra, self.info, self.device = Path(run_dir), extra, info, device
         self.out = self.run_dir  # where files go now: a staging folder while overwriting
         self.dataset = dataset
-        self.opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-        )
+        self.opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.ema = make_ema(model, cfg.ema_decay)
         self.amp, self.amp_dtype = _amp(cfg, device)
@@ -304,7 +321,7 @@ def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info:
             raise UserError(f"loss became {loss.item()} at step {run.step}; lower train.lr")
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.opt)
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
         run.scaler.step(run.opt)
         run.scaler.update()
         run.opt.zero_grad(set_to_none=True)
