@@ -5,7 +5,8 @@ widths, residual blocks per level, latent channels, norm groups and attention of
 ``configs/train_vae_pair.yaml`` / ``configs/train_diffusion.yaml`` and the same batch; they are
 not the same network: MONAI's autoencoder also has residual blocks at full resolution (ours has
 only a stem conv there and one block at the end of the decoder), and its UNet gets the condition
-concatenated on channels like ours.
+concatenated on channels like ours. Our UNet is built with MONAI's middle block (res, attn, res:
+``mid_attention=1``) for equal depth; our default has one attention block more there.
 
 Time: one AdamW step (forward, loss, backward, update), the two nets alternating in one process so
 that machine load hits both alike; the ratio is MONAI's time over ours. Memory: each net trains
@@ -15,6 +16,7 @@ the net was built, i.e. weights, optimiser state, activations and allocator slac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -80,7 +82,7 @@ def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Mo
     t = torch.randint(0, 1000, (b,), generator=gen)
     target = torch.randn(b, m.out_channels, *LATENT, generator=gen)
     if which == "ours":
-        net = UNet3d(m)
+        net = UNet3d(dataclasses.replace(m, mid_attention=1))  # MONAI's middle block
 
         def loss(net: torch.nn.Module) -> torch.Tensor:
             return F.mse_loss(net(z, t, cond), target)

@@ -171,6 +171,33 @@ def test_unet_unconditional_and_without_attention() -> None:
     assert any(isinstance(m, SelfAttention) for m in tiny_unet().modules())
 
 
+def test_unet_middle_block_attention_count() -> None:
+    def mid(net: UNet3d) -> list[str]:
+        return [type(m).__name__ for pair in zip(net.mid.res, net.mid.attn) for m in pair]
+
+    assert mid(tiny_unet()) == ["ResBlock", "SelfAttention"] * 2
+    assert mid(tiny_unet(mid_attention=1)) == ["ResBlock", "SelfAttention", "ResBlock", "Identity"]
+
+
+def test_checkpoint_without_mid_attention_key_still_loads(tmp_path) -> None:
+    """Checkpoints written before ``mid_attention`` existed have two middle attention blocks,
+    the default: they load with the same output."""
+    from ldm.checkpoint import save_checkpoint
+    from ldm.nets.loading import load_unet
+
+    old = tiny_unet()
+    perturb_output_conv(old)
+    config = {k: v for k, v in asdict(old.config).items() if k != "mid_attention"}
+    weights = {f"module.{k}": v for k, v in old.state_dict().items()}
+    path = save_checkpoint({"kind": "diffusion", "model_config": config, "model": old.state_dict(),
+                            "ema": weights}, tmp_path / "old.pt")  # fmt: skip
+    net, _ = load_unet(path)
+    assert net.config.mid_attention == 2
+    x, cond = torch.randn(1, 4, 8, 8, 8), torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, torch.tensor([5]), cond), old(x, torch.tensor([5]), cond))
+
+
 def test_unet_gradients_reach_every_parameter() -> None:
     net = tiny_unet(channels=(8, 16), num_res_blocks=2)
     perturb_output_conv(net)
@@ -258,6 +285,7 @@ def test_vae_config_errors(kwargs: dict, match: str) -> None:
         (dict(cond_channels=-1), "cond_channels: expected an integer >= 0"),
         (dict(num_res_blocks=0), "num_res_blocks"),
         (dict(attention="yes"), "attention: expected true or false"),
+        (dict(mid_attention=3), "mid_attention: expected 1"),
     ],
 )
 def test_unet_config_errors(kwargs: dict, match: str) -> None:
