@@ -36,8 +36,8 @@ from ldm.classical import (
 )
 from ldm.data.dataset import PatchPairs
 from ldm.errors import ConfigError, DataError
+from ldm.files import save_json
 from ldm.inference import autoencode_volume
-from ldm.io import save_json
 from ldm.metrics import intensity_fit, psnr, ssim
 
 log = logging.getLogger(__name__)

@@ -341,7 +341,7 @@ def environment(device_name: str, threads: int) -> dict[str, Any]:
 
 
 def save(report: dict[str, Any], out: Path) -> Path:
-    from ldm.io import save_json
+    from ldm.files import save_json
 
     return save_json(report, out)
 

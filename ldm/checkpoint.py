@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ldm.errors import CheckpointError
-from ldm.io import atomic_path
+from ldm.files import atomic_path
 
 FORMAT_VERSION = 1
 PRODUCER = {"vae": "train_vae_pair", "diffusion": "train_diffusion"}

@@ -232,7 +232,7 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) so a run's outputs say how they were made."""
-    from ldm.io import atomic_write_text
+    from ldm.files import atomic_write_text
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     return atomic_write_text(Path(path), text)

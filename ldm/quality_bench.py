@@ -34,11 +34,11 @@ from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.errors import UserError
 from ldm.external import resize
+from ldm.files import save_json
 from ldm.inference import autoencode_volume, fit_window, sliding_window_infer
-from ldm.io import save_json
 from ldm.metrics import intensity_fit, psnr, ssim
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
-from ldm.training import make_optimizer
+from ldm.training import amp_mode, make_optimizer
 
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -50,10 +50,13 @@ VARIANTS: dict[str, list[str]] = {
     "lr_skip+residual+f2": ["model.lr_skip=true", "model.residual=true",
                             "model.channels=[16, 32]", "model.latent_channels=8"],
     # lever 3 (default: the diffusion learns the residual z_HR - z_LR); its loser, x_0 = z_HR
-    # (diffusion.* keys go to train_diffusion)
+    # (diffusion.* keys go to train_diffusion, SHARED_KEYS to both)
     "lr_skip+residual+latent_diffusion": ["model.lr_skip=true", "model.residual=true",
                                           "diffusion.target=latent"],
+    # training in bf16 autocast on CPU (train.amp_cpu), both networks
+    "lr_skip+residual+bf16": ["model.lr_skip=true", "model.residual=true", "train.amp_cpu=true"],
 }  # fmt: skip
+SHARED_KEYS = ("train.amp",)  # variant overrides that go to both training phases
 SAMPLERS = {
     "LDM (noise, 10 steps)": SamplerConfig(steps=10),  # predict_ldm's default
     "LDM (z_LR t=300, 6 steps)": SamplerConfig(steps=6, init="cond", t_start=300),
@@ -121,14 +124,17 @@ def prepare(dataset: str, work: Path) -> Path:
 # --------------------------------------------------------------------------- training
 
 
-def _seconds_per_step(model: torch.nn.Module, loss_fn, reps: int = 3) -> float:
+def _seconds_per_step(model: torch.nn.Module, loss_fn, amp: bool = False, reps: int = 3) -> float:
     """CPU seconds of this process per training step (median of ``reps`` after a warm-up):
-    on a shared, loaded machine wall-clock budgets would measure the neighbours, not the model."""
+    on a shared, loaded machine wall-clock budgets would measure the neighbours, not the model.
+    ``amp``: bf16 autocast, as the run will train."""
     opt = make_optimizer(model.parameters(), 1e-4, torch.device("cpu"))
     times = []
     for i in range(reps + 1):
         t0 = time.process_time()
-        loss_fn(model).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model)
+        loss.backward()
         opt.step()
         opt.zero_grad()
         if i:
@@ -136,9 +142,9 @@ def _seconds_per_step(model: torch.nn.Module, loss_fn, reps: int = 3) -> float:
     return float(np.median(times))
 
 
-def _calibrated_steps(model, loss_fn, minutes: float) -> int:
+def _calibrated_steps(model, loss_fn, minutes: float, amp: bool = False) -> int:
     """Steps that fit ``minutes`` of CPU time at the measured speed (~10 % kept for validation)."""
-    return max(20, int(0.9 * 60 * minutes / _seconds_per_step(model, loss_fn)))
+    return max(20, int(0.9 * 60 * minutes / _seconds_per_step(model, loss_fn, amp)))
 
 
 WALL_CAP = 8.0  # train.max_minutes = WALL_CAP x the CPU budget: a cap for a very loaded machine
@@ -152,15 +158,16 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
 
     demo = REPO_ROOT / "configs" / "demo"
     vae_ck = run / "vae" / "best.pt"
-    diffusion_sets = [o for o in overrides if o.startswith("diffusion.")]
-    overrides = [o for o in overrides if o not in diffusion_sets]
+    shared = [o for o in overrides if o.startswith(SHARED_KEYS)]
+    diffusion_sets = [o for o in overrides if o.startswith("diffusion.")] + shared
+    overrides = [o for o in overrides if o not in diffusion_sets] + shared
     sets = [f"data_dir={data}", f"out_dir={run / 'vae'}", *overrides]
     cfg = load_config(TrainVAEConfig, demo / "train_vae_pair.yaml", sets)
     patch = load_manifest(data)["patch_size"]
     b = cfg.train.batch_size
     x = torch.rand(2 * b, 1, *patch)
-    steps = _calibrated_steps(VAE3d(cfg.model),
-                              lambda m: m(x, lr=x)[0].abs().mean(), vae_min)  # fmt: skip
+    steps = _calibrated_steps(VAE3d(cfg.model), lambda m: m(x, lr=x)[0].abs().mean(), vae_min,
+                              amp_mode(cfg.train, torch.device("cpu"))[0])  # fmt: skip
     every = max(10, steps // 4)
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, max_minutes=WALL_CAP * vae_min,
                                      val_every=every, save_every=every))  # fmt: skip
@@ -187,7 +194,8 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
     c = dcfg.model
     z = torch.randn(dcfg.train.batch_size, c.in_channels, *(p // f for p in patch))
     t = torch.zeros(z.shape[0], dtype=torch.long)
-    steps = _calibrated_steps(UNet3d(c), lambda m: m(z, t, cond=z).square().mean(), diff_min)
+    steps = _calibrated_steps(UNet3d(c), lambda m: m(z, t, cond=z).square().mean(), diff_min,
+                              amp_mode(dcfg.train, torch.device("cpu"))[0])
     every = max(10, steps // 3)
     dcfg = replace(dcfg, train=replace(dcfg.train, steps=steps, max_minutes=WALL_CAP * diff_min,
                                        val_every=every, save_every=every))  # fmt: skip

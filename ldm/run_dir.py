@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ldm.errors import UserError
-from ldm.io import atomic_write_text
+from ldm.files import atomic_write_text
 
 STAGING = ".overwrite-staging"
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")

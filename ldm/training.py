@@ -56,7 +56,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # with warm-up: min(ema_decay, (1 + n) / (10 + n)) at update n
-    amp: str = "bf16"  # none | bf16 | fp16; CUDA only (CPU and MPS train in float32)
+    amp: str = "bf16"  # none | bf16 | fp16 autocast on CUDA (MPS trains in float32)
+    amp_cpu: bool = False  # with amp: bf16, also bf16 autocast on CPU (fast with AVX512-BF16/AMX)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
     val_every: int = 250
     save_every: int = 500
@@ -129,10 +130,16 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=ema_lerp, use_buffers=True)
 
 
-def _amp(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    if device.type != "cuda" or cfg.amp == "none":
+def amp_mode(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(autocast on?, its dtype) of a training run: ``amp`` on CUDA; on CPU bf16 only with
+    ``amp_cpu`` (and ``amp: bf16``); otherwise float32."""
+    if cfg.amp == "none":
         return False, torch.float32
-    return True, torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    if device.type == "cuda":
+        return True, torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    if device.type == "cpu" and cfg.amp_cpu and cfg.amp == "bf16":
+        return True, torch.bfloat16
+    return False, torch.float32
 
 
 class _Run:
@@ -146,8 +153,9 @@ class _Run:
         self.opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.ema = make_ema(model, cfg.ema_decay)
-        self.amp, self.amp_dtype = _amp(cfg, device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and cfg.amp == "fp16")
+        self.amp, self.amp_dtype = amp_mode(cfg, device)
+        fp16 = self.amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + info.rank)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_score = -math.inf

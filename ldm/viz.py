@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ldm.io import atomic_path  # noqa: E402
+from ldm.files import atomic_path  # noqa: E402
 
 VIEWS = ("axial", "coronal", "sagittal", "MIP (axial)")
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ldm.errors import DataError, UserError
-from ldm.io import RawSpec, VolumeMeta, load_volume, save_json, save_volume, staged_dir
+from ldm.files import save_json, staged_dir
+from ldm.io import RawSpec, VolumeMeta, load_volume, save_volume
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.errors import ConfigError, DataError
-from ldm.io import VolumeMeta, load_json
+from ldm.files import load_json
+from ldm.io import VolumeMeta
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")

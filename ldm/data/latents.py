@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ldm.checkpoint import file_digest
 from ldm.errors import DataError
-from ldm.io import load_json
+from ldm.files import load_json
 
 LATENTS_VERSION = 1
 

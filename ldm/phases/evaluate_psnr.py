@@ -37,7 +37,8 @@ from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError, UserError
 from ldm.external import ExternalInputs, external_cases
-from ldm.io import RawSpec, save_json, staged_dir
+from ldm.files import save_json, staged_dir
+from ldm.io import RawSpec
 from ldm.nets.loading import load_vae
 from ldm.pipeline import PhaseResult
 from ldm.viz import save_comparison_png

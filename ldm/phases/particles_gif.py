@@ -15,8 +15,8 @@ import torch
 
 from ldm.config import resolve_path, save_config
 from ldm.distributed import pick_device
+from ldm.files import save_json, staged_dir
 from ldm.filters import gaussian_blur
-from ldm.io import save_json, staged_dir
 from ldm.metrics import psnr, ssim
 from ldm.particles.default_image import default_image
 from ldm.particles.engine import ParticleEngine

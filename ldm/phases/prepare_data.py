@@ -25,7 +25,8 @@ from ldm.data.mni152 import MNI152Source
 from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.data.sources import SOURCES, Case, HROnlySource, PairsSource, PhantomSource, iter_cases
 from ldm.errors import ConfigError, DataError
-from ldm.io import RawSpec, save_json, staged_dir
+from ldm.files import save_json, staged_dir
+from ldm.io import RawSpec
 from ldm.metrics import psnr
 from ldm.pipeline import PhaseResult
 

@@ -24,7 +24,7 @@ from ldm.config import save_config
 from ldm.data.dataset import SPLITS, PatchPairs, check_patch_size, load_manifest
 from ldm.data.latents import LATENTS_VERSION, latents_dir
 from ldm.distributed import pick_device
-from ldm.io import save_json, staged_dir
+from ldm.files import save_json, staged_dir
 from ldm.nets.loading import load_vae
 from ldm.pipeline import PhaseResult
 from ldm.validate import check_min

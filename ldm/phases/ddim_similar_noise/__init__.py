@@ -36,7 +36,7 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_
 from ldm.diffusion.samplers import SPACINGS
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
-from ldm.io import save_json, staged_dir
+from ldm.files import save_json, staged_dir
 from ldm.metrics import psnr
 from ldm.phases.ddim_similar_noise import viz as nviz
 from ldm.phases.ddim_similar_noise.sweeps import (

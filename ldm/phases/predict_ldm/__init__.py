@@ -33,8 +33,9 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError
 from ldm.external import ExternalInputs, external_cases
+from ldm.files import save_json, staged_dir
 from ldm.inference import fit_window, sliding_window_infer
-from ldm.io import RawSpec, save_json, save_volume, staged_dir
+from ldm.io import RawSpec, save_volume
 from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
 from ldm.pipeline import PhaseResult
 from ldm.validate import check_min, check_range
