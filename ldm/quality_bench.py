@@ -53,8 +53,9 @@ VARIANTS: dict[str, list[str]] = {
     # (diffusion.* keys go to train_diffusion, SHARED_KEYS to both)
     "lr_skip+residual+latent_diffusion": ["model.lr_skip=true", "model.residual=true",
                                           "diffusion.target=latent"],
-    # training in bf16 autocast on CPU (train.amp_cpu), both networks
-    "lr_skip+residual+bf16": ["model.lr_skip=true", "model.residual=true", "train.amp_cpu=true"],
+    # both networks trained in float32 on CPU: the loser of train.amp_cpu (default auto: bf16
+    # autocast on CPUs with bf16 instructions, 1.3x the steps in the same CPU time)
+    "lr_skip+residual+fp32": ["model.lr_skip=true", "model.residual=true", "train.amp_cpu=none"],
 }  # fmt: skip
 SHARED_KEYS = ("train.amp",)  # variant overrides that go to both training phases
 SAMPLERS = {

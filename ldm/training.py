@@ -43,6 +43,16 @@ from ldm.validate import check_choice, check_min, check_range
 log = logging.getLogger(__name__)
 
 AMP_MODES = ("none", "bf16", "fp16")
+AMP_CPU_MODES = ("auto", "bf16", "none")
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16, AMX), where bf16 autocast speeds up
+    training; elsewhere oneDNN emulates bf16 and it would slow down."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # private helpers: absent in other torch builds
+        return False
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # with warm-up: min(ema_decay, (1 + n) / (10 + n)) at update n
     amp: str = "bf16"  # none | bf16 | fp16 autocast on CUDA (MPS trains in float32)
-    amp_cpu: bool = False  # with amp: bf16, also bf16 autocast on CPU (fast with AVX512-BF16/AMX)
+    amp_cpu: str = "auto"  # bf16 | none | auto (bf16 where the CPU has bf16 instructions)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
     val_every: int = 250
     save_every: int = 500
@@ -71,6 +81,7 @@ class TrainConfig:
             check_min(f"train.{name}", getattr(self, name), 1)
         check_min("train.lr", self.lr, 0, exclusive=True)
         check_choice("train.amp", self.amp, AMP_MODES)
+        check_choice("train.amp_cpu", self.amp_cpu, AMP_CPU_MODES)
         check_range("train.ema_decay", self.ema_decay, 0, 1, hi_open=True)
 
 
@@ -93,6 +104,7 @@ class TrainResult:
     best_score: float
     last_val: dict[str, float]
     run_dir: Path
+    precision: str = "float32"  # or "bf16 autocast" / "fp16 autocast"
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -131,13 +143,13 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
 
 
 def amp_mode(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    """(autocast on?, its dtype) of a training run: ``amp`` on CUDA; on CPU bf16 only with
-    ``amp_cpu`` (and ``amp: bf16``); otherwise float32."""
-    if cfg.amp == "none":
-        return False, torch.float32
-    if device.type == "cuda":
+    """(autocast on?, its dtype) of a training run: ``amp`` on CUDA, ``amp_cpu`` on CPU (bf16
+    autocast: weights, optimiser and EMA stay float32), float32 on MPS."""
+    if device.type == "cuda" and cfg.amp != "none":
         return True, torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    if device.type == "cpu" and cfg.amp_cpu and cfg.amp == "bf16":
+    if device.type == "cpu" and (
+        cfg.amp_cpu == "bf16" or (cfg.amp_cpu == "auto" and cpu_has_bf16())
+    ):
         return True, torch.bfloat16
     return False, torch.float32
 
@@ -312,8 +324,10 @@ def train(
                                                  or not (run_dir / "config.yaml").exists()):
         save_config(config, run_dir / "config.yaml")
     last_val = run.last_val
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
+    precision = precision[run.amp_dtype] if run.amp else "float32"
     return TrainResult(run.step, run.step - start_step, time.perf_counter() - t0,
-                       run.best_score, last_val, run_dir)  # fmt: skip
+                       run.best_score, last_val, run_dir, precision)  # fmt: skip
 
 
 def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info: DistInfo,
@@ -330,6 +344,11 @@ def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info:
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.opt)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+        if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16 skips the step
+            raise UserError(  # before the update: no NaN weights in any checkpoint
+                f"gradients became {float(grad_norm)} at step {run.step}; lower train.lr"
+                + (" or set train.amp_cpu=none" if run.amp and device.type == "cpu" else "")
+            )
         run.scaler.step(run.opt)
         run.scaler.update()
         run.opt.zero_grad(set_to_none=True)
@@ -400,7 +419,7 @@ def training_summary(
     (line, key), or a note that the run was already complete."""
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     lines = [f"{name} -> {result.run_dir} (step {result.step}, {result.steps_run} steps in "
-             f"{result.seconds:.0f} s, {n_params:.2f} M params)"]  # fmt: skip
+             f"{result.seconds:.0f} s, {n_params:.2f} M params, {result.precision})"]  # fmt: skip
     v = result.last_val
     if v:
         line, key = describe(v)

@@ -198,6 +198,24 @@ def test_checkpoint_without_mid_attention_key_still_loads(tmp_path) -> None:
         torch.testing.assert_close(net(x, torch.tensor([5]), cond), old(x, torch.tensor([5]), cond))
 
 
+def test_conv_smaller_than_its_kernel_runs_float32_under_cpu_autocast() -> None:
+    """oneDNN's bf16 weight gradient of a 3x3x3 conv over a 2x2x2 map is sometimes NaN; such
+    inputs run in float32, larger ones in bf16."""
+    from ldm.nets.blocks import conv3x3
+
+    conv = conv3x3(3, 8, 8)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(torch.randn(2, 8, 2, 2, 2)).dtype == torch.float32
+        assert conv(torch.randn(2, 8, 4, 4, 4)).dtype == torch.bfloat16
+    for _ in range(100):
+        x = torch.randn(2, 8, 2, 2, 2)
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(x).float().square().mean().backward()
+        assert torch.isfinite(conv.weight.grad).all()
+
+
 def test_unet_gradients_reach_every_parameter() -> None:
     net = tiny_unet(channels=(8, 16), num_res_blocks=2)
     perturb_output_conv(net)

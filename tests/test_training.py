@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ldm.checkpoint import load_checkpoint, save_checkpoint
-from ldm.errors import CheckpointError, ConfigError
-from ldm.training import TrainConfig, lr_factor, train
+from ldm.errors import CheckpointError, ConfigError, UserError
+from ldm.training import TrainConfig, amp_mode, lr_factor, train
 from tests.helpers.tiny_train import make, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +84,54 @@ def test_train_config_validation():
         TrainConfig(amp="fp8")
     with pytest.raises(ConfigError, match="train.steps must be >= 1"):
         TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="train.amp_cpu must be one of auto, bf16, none"):
+        TrainConfig(amp_cpu="fp16")
+
+
+def test_precision_per_device(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_mode(TrainConfig(amp_cpu="none"), cpu) == (False, torch.float32)
+    assert amp_mode(TrainConfig(amp_cpu="bf16"), cpu) == (True, torch.bfloat16)
+    for has_bf16 in (True, False):  # auto: bf16 only where the CPU has bf16 instructions
+        monkeypatch.setattr("ldm.training.cpu_has_bf16", lambda h=has_bf16: h)
+        assert amp_mode(TrainConfig(), cpu)[0] is has_bf16
+    assert amp_mode(TrainConfig(amp="fp16", amp_cpu="none"), cuda) == (True, torch.float16)
+    assert amp_mode(TrainConfig(amp="none", amp_cpu="bf16"), cuda) == (False, torch.float32)
+    assert amp_mode(TrainConfig(amp_cpu="bf16"), torch.device("mps")) == (False, torch.float32)
+
+
+def test_bf16_training_on_cpu_lowers_the_loss_and_keeps_float32_weights(tmp_path):
+    model, ds, task = make()
+    before = task.validate(model)["mse"]
+    cfg = TrainConfig(steps=150, batch_size=4, lr=1e-2, warmup_steps=3, val_every=50, save_every=50,
+                      device="cpu", amp_cpu="bf16")  # fmt: skip
+    result = train(model, {"width": 8}, ds, task, cfg, tmp_path, progress=False)
+    assert result.precision == "bf16 autocast"
+    assert task.validate(model)["mse"] < 0.05 * before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_non_finite_gradients_stop_before_the_update(tmp_path):
+    """A finite loss with NaN gradients (sqrt at 0) is an error at that step, and no checkpoint
+    ever holds the NaN weights."""
+    model, ds, task = make()
+    plain = task.loss
+
+    def loss(model, batch, generator):
+        value, logs = plain(model, batch, generator)
+        if task.calls == 7:
+            value = value + (model[0].weight * 0).sqrt().sum()  # 0, gradient 0 * inf = NaN
+        return value, logs
+
+    task.loss = loss
+    cfg = TrainConfig(steps=20, batch_size=4, warmup_steps=3, val_every=5, save_every=5,
+                      device="cpu", amp_cpu="none")  # fmt: skip
+    with pytest.raises(UserError, match="gradients became nan at step 6; lower train.lr"):
+        train(model, {"width": 8}, ds, task, cfg, tmp_path, progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = load_checkpoint(tmp_path / "last.pt", "vae")
+    assert state["step"] == 5  # the last save; nothing written at the error
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
