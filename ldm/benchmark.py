@@ -29,7 +29,7 @@ from ldm.nets import UNet3d, VAE3d
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from ldm.phases.train_diffusion import TrainDiffusionConfig
 from ldm.phases.train_vae_pair import TrainVAEConfig
-from ldm.training import make_optimizer
+from ldm.training import TrainConfig, amp_mode, make_optimizer
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -59,11 +59,13 @@ def _amp(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _train_step(model, loss_fn, device) -> Callable[[], None]:
+def _train_step(model, loss_fn, device, train: TrainConfig) -> Callable[[], None]:
+    """One training step as the training loop runs it: its optimiser and its precision."""
     opt = make_optimizer(model.parameters(), 1e-4, device)
+    amp, dtype = amp_mode(train, device)
 
     def step() -> None:
-        with _amp(device):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = loss_fn()
         loss.backward()
         opt.step()
@@ -84,10 +86,11 @@ def vae_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
         recon, mu, logvar = model(x)
         return recon.float().abs().mean()
 
-    sec = _timed(_train_step(model, loss, device), device, 2, reps)
+    sec = _timed(_train_step(model, loss, device, cfg.train), device, 2, reps)
     vox = 2 * b * int(np.prod(patch))
     return {"batch_pairs": b, "patch": list(patch), "step_s": sec, "voxels_per_s": vox / sec,
-            "samples_per_s": 2 * b / sec, "channels": list(cfg.model.channels)}  # fmt: skip
+            "samples_per_s": 2 * b / sec, "channels": list(cfg.model.channels),
+            "precision": str(amp_mode(cfg.train, device)[1])}  # fmt: skip
 
 
 @case
@@ -101,7 +104,8 @@ def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
     cond = torch.randn(b, cfg.model.cond_channels, *latent, device=device)
     sec = _timed(
         _train_step(
-            model, lambda: training_loss(model, schedule, z, extra_args={"cond": cond}), device
+            model, lambda: training_loss(model, schedule, z, extra_args={"cond": cond}), device,
+            cfg.train,
         ),
         device,
         2,
@@ -109,7 +113,8 @@ def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
     )  # noqa: E501
     vox = b * int(np.prod(latent))
     return {"batch": b, "latent": list(latent), "step_s": sec, "latent_voxels_per_s": vox / sec,
-            "samples_per_s": b / sec, "channels": list(cfg.model.channels)}  # fmt: skip
+            "samples_per_s": b / sec, "channels": list(cfg.model.channels),
+            "precision": str(amp_mode(cfg.train, device)[1])}  # fmt: skip
 
 
 def _random_ldm(device: torch.device) -> LatentDiffusion:
@@ -376,12 +381,13 @@ def _describe(name: str, r: dict) -> str:
     if name == "vae_train":
         return (
             f"{r['step_s']:.2f} s/step (batch {r['batch_pairs']} pairs of 32^3), "
-            f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s, {r['samples_per_s']:.1f} samples/s"
+            f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s, {r['samples_per_s']:.1f} samples/s, "
+            f"{r['precision'].removeprefix('torch.')}"
         )
     if name == "unet_train":
         return (
             f"{r['step_s']:.3f} s/step (batch {r['batch']} x 8^3 latents), "
-            f"{r['samples_per_s']:.1f} samples/s"
+            f"{r['samples_per_s']:.1f} samples/s, {r['precision'].removeprefix('torch.')}"
         )
     if name == "predict_128":
         return f"{r['seconds']:.1f} s for 128^3, {r['ddim_steps']} DDIM steps, window {r['window']}"
