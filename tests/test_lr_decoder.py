@@ -18,7 +18,7 @@ from ldm.errors import ConfigError, UserError
 from ldm.inference import autoencode_volume
 from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig
 from ldm.phases.train_vae_pair import TrainVAEConfig, VAEPairTask
-from ldm.quality_bench import bias_slope
+from ldm.quality_scoring import bias_slope
 
 
 def tiny_vae(**kw) -> VAE3d:
@@ -191,7 +191,8 @@ def test_quality_case_runs_only_when_asked(monkeypatch, tmp_path):
 
 
 def test_bench_report_combines_and_tabulates(tmp_path):
-    from ldm.quality_bench import combine, score, summary_table
+    from ldm.quality_bench import combine, summary_table
+    from ldm.quality_scoring import score
 
     hr = np.linspace(0, 1, 12**3).reshape(12, 12, 12)
     row = {"Baseline": score(hr + 0.1, hr), "LDM (noise, 20 steps)": score(hr, hr)}
@@ -217,7 +218,7 @@ def test_bench_report_combines_and_tabulates(tmp_path):
 def test_quality_bench_baselines_are_the_phases_tuned_filters(tiny_pipeline):
     """The bench tunes and runs the same baselines as evaluate_psnr/predict_ldm (ldm.baselines)."""
     from ldm.data.dataset import iter_test_cases
-    from ldm.quality_bench import classical_outputs, classical_params
+    from ldm.quality_scoring import classical_outputs, classical_params
 
     params = classical_params(tiny_pipeline.data_dir, with_bm4d=False)
     assert params["bm4d_sigma"] is None and params["gaussian_sigma"] >= 0
@@ -238,7 +239,7 @@ def test_profile_generalisation_needs_the_profile_run(tmp_path, monkeypatch):
 def test_generalisation_cases_use_the_given_degradation(tiny_pipeline):
     """Each test case gives 6 settings; the noise follows the given preset and data range."""
     from ldm.data.degrade import DegradeConfig
-    from ldm.quality_bench import generalisation_cases
+    from ldm.quality_scoring import generalisation_cases
 
     deg = DegradeConfig(blur_sigma=(0, 0, 0), downsample=(1, 1, 1), noise="gaussian",
                         noise_sigma=0.1)  # fmt: skip
