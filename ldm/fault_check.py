@@ -127,17 +127,22 @@ def run_phase(phase: str, args: list[str], overwrite: bool = False) -> tuple[int
     return p.returncode, p.stdout + p.stderr, time.perf_counter() - t0
 
 
-def kill_phase(phase: str, args: list[str], after: float, overwrite: bool = False) -> float:
-    """Start the phase and SIGKILL it ``after`` seconds later (or when it ends by itself)."""
+def kill_phase(
+    phase: str, args: list[str], after: float, overwrite: bool = False
+) -> tuple[float, bool]:
+    """Start the phase and SIGKILL it ``after`` seconds later; (seconds it ran, whether it
+    ended by itself first)."""
     proc = subprocess.Popen(_command(phase, args, overwrite), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)  # fmt: skip
     t0 = time.perf_counter()
     try:
         proc.wait(timeout=after)
+        ended = True
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    return time.perf_counter() - t0
+        ended = False
+    return time.perf_counter() - t0, ended
 
 
 def snapshot(root: Path, exclude: Path | None = None) -> dict[str, str]:
@@ -198,14 +203,14 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
         at = rng.uniform(0.15, 0.9) * duration
         if spec.training:
             mode = "resume" if i else "fresh"
-            killed = kill_phase(spec.name, spec.args(ws, out), at)
+            killed, ended = kill_phase(spec.name, spec.args(ws, out), at)
             fault = Fault(spec.name, mode, killed)
             fault.checks["earlier intact"] = earlier_intact()
             fault.checks["checkpoints loadable"] = _loadable_run(out, kind)
         else:
             fresh = not out.exists()
             before = snapshot(out) if not fresh else {}
-            killed = kill_phase(spec.name, spec.args(ws, out), at, overwrite=not fresh)
+            killed, ended = kill_phase(spec.name, spec.args(ws, out), at, overwrite=not fresh)
             fault = Fault(spec.name, "fresh" if fresh else "overwrite", killed)
             fault.checks["earlier intact"] = earlier_intact()
             if fresh and out.exists() and snapshot(out):  # the run finished before the kill
@@ -215,12 +220,18 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
                 code, text, _ = run_phase(spec.next_phase, NEXT_ARGS[spec.next_phase](ws))
                 fault.checks["next phase refuses"] = code == 2 and "error:" in text
             elif not fresh:
-                fault.checks["old output intact"] = snapshot(out) == before
+                if ended:  # the phase finished before the kill came: its output replaced
+                    fault.checks["finished run's output complete"] = set(snapshot(out)) == set(
+                        before
+                    )
+                else:
+                    fault.checks["old output intact"] = snapshot(out) == before
             code, _, _ = run_phase(spec.name, spec.args(ws, out), overwrite=out.exists())
             fault.checks["rerun completes"] = code == 0
             fault.checks["no leftovers"] = not _leftovers(out)
         faults.append(fault)
-        log(f"  {spec.name:<16} {fault.mode:<9} killed at {killed:5.1f} s  "
+        when = f"ended by itself at {killed:5.1f} s" if ended else f"killed at {killed:5.1f} s"
+        log(f"  {spec.name:<16} {fault.mode:<9} {when}  "
             f"{'ok' if fault.survived else 'FAILED ' + str(fault.checks)}")  # fmt: skip
     if spec.training:
         code, text, _ = run_phase(spec.name, spec.args(ws, out))
@@ -228,7 +239,7 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
         faults[-1].checks["resumed == uninterrupted"] = same
         # --overwrite killed before its first save keeps the finished run
         before = snapshot(out)
-        killed = kill_phase(spec.name, spec.args(ws, out), 0.5 * duration / 4, overwrite=True)
+        killed, _ = kill_phase(spec.name, spec.args(ws, out), 0.5 * duration / 4, overwrite=True)
         fault = Fault(spec.name, "overwrite", killed)
         fault.checks["old run intact"] = snapshot(out, exclude=out / ".overwrite-staging") == before
         fault.checks["earlier intact"] = earlier_intact()
