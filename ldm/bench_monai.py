@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ldm.config import REPO_ROOT, load_config
 from ldm.errors import UserError
-from ldm.training import make_optimizer
+from ldm.training import timed_step
 
 PATCH = (32, 32, 32)  # image patches of the VAE; latents of the UNet are PATCH / 4
 LATENT = (8, 8, 8)
@@ -104,15 +104,8 @@ def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Mo
 
 
 def _stepper(net: torch.nn.Module, loss: Callable) -> Callable[[], None]:
-    opt = make_optimizer(net.parameters(), 1e-4, torch.device("cpu"))  # as training: fused
     net.train()
-
-    def step() -> None:
-        loss(net).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return timed_step(net, lambda: loss(net), torch.device("cpu"))  # training's optimiser, fp32
 
 
 def compare_time(kind: str, reps: int = 4, warmup: int = 1) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ldm.nets import UNet3d, VAE3d
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from ldm.phases.train_diffusion import TrainDiffusionConfig
 from ldm.phases.train_vae_pair import TrainVAEConfig
-from ldm.training import TrainConfig, amp_mode, make_optimizer
+from ldm.training import precision_label, timed_step
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -59,21 +59,6 @@ def _amp(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _train_step(model, loss_fn, device, train: TrainConfig) -> Callable[[], None]:
-    """One training step as the training loop runs it: its optimiser and its precision."""
-    opt = make_optimizer(model.parameters(), 1e-4, device)
-    amp, dtype = amp_mode(train, device)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 @case
 def vae_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
     cfg = load_config(TrainVAEConfig, REPO_ROOT / "configs" / "train_vae_pair.yaml")
@@ -86,11 +71,11 @@ def vae_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
         recon, mu, logvar = model(x)
         return recon.float().abs().mean()
 
-    sec = _timed(_train_step(model, loss, device, cfg.train), device, 2, reps)
+    sec = _timed(timed_step(model, loss, device, cfg.train), device, 2, reps)
     vox = 2 * b * int(np.prod(patch))
     return {"batch_pairs": b, "patch": list(patch), "step_s": sec, "voxels_per_s": vox / sec,
             "samples_per_s": 2 * b / sec, "channels": list(cfg.model.channels),
-            "precision": str(amp_mode(cfg.train, device)[1])}  # fmt: skip
+            "precision": precision_label(cfg.train, device)}  # fmt: skip
 
 
 @case
@@ -103,7 +88,7 @@ def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
     z = torch.randn(b, cfg.model.in_channels, *latent, device=device)
     cond = torch.randn(b, cfg.model.cond_channels, *latent, device=device)
     sec = _timed(
-        _train_step(
+        timed_step(
             model, lambda: training_loss(model, schedule, z, extra_args={"cond": cond}), device,
             cfg.train,
         ),
@@ -114,7 +99,7 @@ def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
     vox = b * int(np.prod(latent))
     return {"batch": b, "latent": list(latent), "step_s": sec, "latent_voxels_per_s": vox / sec,
             "samples_per_s": b / sec, "channels": list(cfg.model.channels),
-            "precision": str(amp_mode(cfg.train, device)[1])}  # fmt: skip
+            "precision": precision_label(cfg.train, device)}  # fmt: skip
 
 
 def _random_ldm(device: torch.device) -> LatentDiffusion:
@@ -382,12 +367,12 @@ def _describe(name: str, r: dict) -> str:
         return (
             f"{r['step_s']:.2f} s/step (batch {r['batch_pairs']} pairs of 32^3), "
             f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s, {r['samples_per_s']:.1f} samples/s, "
-            f"{r['precision'].removeprefix('torch.')}"
+            f"{r['precision']}"
         )
     if name == "unet_train":
         return (
             f"{r['step_s']:.3f} s/step (batch {r['batch']} x 8^3 latents), "
-            f"{r['samples_per_s']:.1f} samples/s, {r['precision'].removeprefix('torch.')}"
+            f"{r['samples_per_s']:.1f} samples/s, {r['precision']}"
         )
     if name == "predict_128":
         return f"{r['seconds']:.1f} s for 128^3, {r['ddim_steps']} DDIM steps, window {r['window']}"

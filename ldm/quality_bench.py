@@ -31,7 +31,7 @@ from ldm.errors import UserError
 from ldm.files import save_json
 from ldm.phases.predict_ldm import PredictConfig
 from ldm.quality_scoring import MRI_DEGRADE, classical_params, evaluate, generalisation_cases
-from ldm.training import amp_mode, make_optimizer
+from ldm.training import TrainConfig, timed_step
 
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -109,27 +109,24 @@ def prepare(dataset: str, work: Path) -> Path:
 # --------------------------------------------------------------------------- training
 
 
-def _seconds_per_step(model: torch.nn.Module, loss_fn, amp: bool = False, reps: int = 3) -> float:
-    """CPU seconds of this process per training step (median of ``reps`` after a warm-up):
-    on a shared, loaded machine wall-clock budgets would measure the neighbours, not the model.
-    ``amp``: bf16 autocast, as the run will train."""
-    opt = make_optimizer(model.parameters(), 1e-4, torch.device("cpu"))
+def _seconds_per_step(model: torch.nn.Module, loss_fn, train: TrainConfig,
+                      reps: int = 3) -> float:  # fmt: skip
+    """CPU seconds of this process per training step (median of ``reps`` after a warm-up), at
+    the run's precision: on a shared, loaded machine wall-clock budgets would measure the
+    neighbours, not the model."""
+    step = timed_step(model, lambda: loss_fn(model), torch.device("cpu"), train)
     times = []
     for i in range(reps + 1):
         t0 = time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = loss_fn(model)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        step()
         if i:
             times.append(time.process_time() - t0)
     return float(np.median(times))
 
 
-def _calibrated_steps(model, loss_fn, minutes: float, amp: bool = False) -> int:
+def _calibrated_steps(model, loss_fn, minutes: float, train: TrainConfig) -> int:
     """Steps that fit ``minutes`` of CPU time at the measured speed (~10 % kept for validation)."""
-    return max(20, int(0.9 * 60 * minutes / _seconds_per_step(model, loss_fn, amp)))
+    return max(20, int(0.9 * 60 * minutes / _seconds_per_step(model, loss_fn, train)))
 
 
 WALL_CAP = 8.0  # train.max_minutes = WALL_CAP x the CPU budget: a cap for a very loaded machine
@@ -143,16 +140,15 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
 
     demo = REPO_ROOT / "configs" / "demo"
     vae_ck = run / "vae" / "best.pt"
-    shared = [o for o in overrides if o.startswith(SHARED_KEYS)]
-    diffusion_sets = [o for o in overrides if o.startswith("diffusion.")] + shared
-    overrides = [o for o in overrides if o not in diffusion_sets] + shared
+    diffusion_sets = [o for o in overrides if o.startswith(("diffusion.", *SHARED_KEYS))]
+    overrides = [o for o in overrides if not o.startswith("diffusion.")]
     sets = [f"data_dir={data}", f"out_dir={run / 'vae'}", *overrides]
     cfg = load_config(TrainVAEConfig, demo / "train_vae_pair.yaml", sets)
     patch = load_manifest(data)["patch_size"]
     b = cfg.train.batch_size
     x = torch.rand(2 * b, 1, *patch)
     steps = _calibrated_steps(VAE3d(cfg.model), lambda m: m(x, lr=x)[0].abs().mean(), vae_min,
-                              amp_mode(cfg.train, torch.device("cpu"))[0])  # fmt: skip
+                              cfg.train)  # fmt: skip
     every = max(10, steps // 4)
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, max_minutes=WALL_CAP * vae_min,
                                      val_every=every, save_every=every))  # fmt: skip
@@ -180,7 +176,7 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
     z = torch.randn(dcfg.train.batch_size, c.in_channels, *(p // f for p in patch))
     t = torch.zeros(z.shape[0], dtype=torch.long)
     steps = _calibrated_steps(UNet3d(c), lambda m: m(z, t, cond=z).square().mean(), diff_min,
-                              amp_mode(dcfg.train, torch.device("cpu"))[0])
+                              dcfg.train)  # fmt: skip
     every = max(10, steps // 3)
     dcfg = replace(dcfg, train=replace(dcfg.train, steps=steps, max_minutes=WALL_CAP * diff_min,
                                        val_every=every, save_every=every))  # fmt: skip

@@ -154,6 +154,33 @@ def amp_mode(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]
     return False, torch.float32
 
 
+def precision_label(cfg: TrainConfig, device: torch.device) -> str:
+    """What a run on ``device`` computes in: "float32", "bf16 autocast" or "fp16 autocast"."""
+    amp, dtype = amp_mode(cfg, device)
+    if not amp:
+        return "float32"
+    return "bf16 autocast" if dtype == torch.bfloat16 else "fp16 autocast"
+
+
+def timed_step(
+    model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
+    cfg: TrainConfig | None = None,
+) -> Callable[[], None]:  # fmt: skip
+    """One optimiser step as the training loop takes it (its optimiser; the precision of ``cfg``,
+    float32 without one), minus clipping, EMA and logging: what the benchmarks time."""
+    opt = make_optimizer(model.parameters(), 1e-4, device)
+    amp, dtype = amp_mode(cfg, device) if cfg is not None else (False, torch.float32)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 class _Run:
     """State of one training run: model, optimiser, EMA, position in the data, RNG."""
 
@@ -324,10 +351,8 @@ def train(
                                                  or not (run_dir / "config.yaml").exists()):
         save_config(config, run_dir / "config.yaml")
     last_val = run.last_val
-    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
-    precision = precision[run.amp_dtype] if run.amp else "float32"
     return TrainResult(run.step, run.step - start_step, time.perf_counter() - t0,
-                       run.best_score, last_val, run_dir, precision)  # fmt: skip
+                       run.best_score, last_val, run_dir, precision_label(cfg, device))  # fmt: skip
 
 
 def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info: DistInfo,
