@@ -29,9 +29,9 @@ from ldm.config import REPO_ROOT, load_config
 from ldm.data.dataset import iter_test_cases, load_manifest
 from ldm.errors import UserError
 from ldm.files import save_json
+from ldm.optim import TrainConfig, timed_step
 from ldm.phases.predict_ldm import PredictConfig
 from ldm.quality_scoring import MRI_DEGRADE, classical_params, evaluate, generalisation_cases
-from ldm.training import TrainConfig, timed_step
 
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
