@@ -9,9 +9,11 @@ concatenated on channels like ours. Our UNet is built with MONAI's middle block 
 ``mid_attention=1``) for equal depth; our default has one attention block more there.
 
 Time: one AdamW step (forward, loss, backward, update), the two nets alternating in one process so
-that machine load hits both alike; the ratio is MONAI's time over ours. Memory: each net trains
-in a child process of its own; the figure is peak RSS (VmHWM) minus the RSS just before
-the net was built, i.e. weights, optimiser state, activations and allocator slack of that net.
+that machine load hits both alike; the ratio is MONAI's time over ours. Float32 on the CPU, bf16
+autocast on CUDA (both nets alike). Memory: each net trains in a child process of its own; the
+figure is peak RSS (VmHWM) minus the RSS just before the net was built on the CPU, the CUDA
+allocator's peak minus its use before on a GPU: weights, optimiser state, activations (and on
+the CPU allocator slack) of that net.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch.nn.functional as F
 
 from ldm.config import REPO_ROOT, load_config
 from ldm.errors import UserError
-from ldm.training import timed_step
+from ldm.optim import TrainConfig, timed_step
 
+CPU = torch.device("cpu")
 PATCH = (32, 32, 32)  # image patches of the VAE; latents of the UNet are PATCH / 4
 LATENT = (8, 8, 8)
 
@@ -45,8 +48,11 @@ def _monai():
     return AutoencoderKL, DiffusionModelUNet
 
 
-def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], Any], int]:
-    """(net, loss(net) on a fixed batch, batch size) for kind vae|unet, which ours|monai."""
+def build(
+    kind: str, which: str, device: torch.device = CPU
+) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], Any], int]:
+    """(net, loss(net) on a fixed batch, batch size) for kind vae|unet, which ours|monai, on
+    ``device`` (the batch is drawn on the CPU, so every device gets the same one)."""
     gen = torch.Generator().manual_seed(0)
     if kind == "vae":
         from ldm.nets import VAE3d
@@ -54,7 +60,7 @@ def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Mo
 
         cfg = load_config(TrainVAEConfig, REPO_ROOT / "configs" / "train_vae_pair.yaml")
         m, b = cfg.model, 2 * cfg.train.batch_size  # LR and HR halves, as in training
-        x = torch.randn(b, 1, *PATCH, generator=gen)
+        x = torch.randn(b, 1, *PATCH, generator=gen).to(device)
         if which == "ours":
             net = VAE3d(m)
         else:
@@ -69,7 +75,7 @@ def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Mo
             recon, mu, logvar = net(x)
             return (recon - x).abs().mean() + 1e-4 * (mu.square() + logvar.exp() - logvar).mean()
 
-        return net, loss, b
+        return net.to(device), loss, b
     if kind != "unet":
         raise UserError(f"kind must be vae or unet, got {kind!r}")
     from ldm.nets import UNet3d
@@ -77,10 +83,12 @@ def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Mo
 
     cfg = load_config(TrainDiffusionConfig, REPO_ROOT / "configs" / "train_diffusion.yaml")
     m, b = cfg.model, cfg.train.batch_size
-    z = torch.randn(b, m.in_channels, *LATENT, generator=gen)
-    cond = torch.randn(b, m.cond_channels, *LATENT, generator=gen)
-    t = torch.randint(0, 1000, (b,), generator=gen)
-    target = torch.randn(b, m.out_channels, *LATENT, generator=gen)
+    z, cond, t, target = (x.to(device) for x in (
+        torch.randn(b, m.in_channels, *LATENT, generator=gen),
+        torch.randn(b, m.cond_channels, *LATENT, generator=gen),
+        torch.randint(0, 1000, (b,), generator=gen),
+        torch.randn(b, m.out_channels, *LATENT, generator=gen),
+    ))  # fmt: skip
     if which == "ours":
         net = UNet3d(dataclasses.replace(m, mid_attention=1))  # MONAI's middle block
 
@@ -100,18 +108,33 @@ def build(kind: str, which: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Mo
         def loss(net: torch.nn.Module) -> torch.Tensor:
             return F.mse_loss(net(zc, t), target)
 
-    return net, loss, b
+    return net.to(device), loss, b
 
 
-def _stepper(net: torch.nn.Module, loss: Callable) -> Callable[[], None]:
+def precision(device: torch.device) -> TrainConfig | None:
+    """The comparison's precision: float32 on the CPU (None), bf16 autocast on CUDA, as our
+    training runs there by default; the same for both nets."""
+    return TrainConfig(amp="bf16") if device.type == "cuda" else None
+
+
+def _stepper(net: torch.nn.Module, loss: Callable, device: torch.device) -> Callable[[], None]:
     net.train()
-    return timed_step(net, lambda: loss(net), torch.device("cpu"))  # training's optimiser, fp32
+    step = timed_step(net, lambda: loss(net), device, precision(device))  # training's optimiser
+
+    def synced() -> None:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return synced
 
 
-def compare_time(kind: str, reps: int = 4, warmup: int = 1) -> dict[str, Any]:
+def compare_time(
+    kind: str, reps: int = 4, warmup: int = 1, device: torch.device = CPU
+) -> dict[str, Any]:
     """Seconds per training step of ours and MONAI's, alternating in this process."""
-    nets = {w: build(kind, w) for w in ("ours", "monai")}
-    steps = {w: _stepper(n, loss) for w, (n, loss, _) in nets.items()}
+    nets = {w: build(kind, w, device) for w in ("ours", "monai")}
+    steps = {w: _stepper(n, loss, device) for w, (n, loss, _) in nets.items()}
     for _ in range(warmup):
         for s in steps.values():
             s()
@@ -141,16 +164,21 @@ def status_mb(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def peak_memory(kind: str, which: str, steps: int = 2) -> dict[str, float]:
-    """Run in a child: peak RSS over a few training steps minus the RSS before building."""
+def peak_memory(kind: str, which: str, steps: int = 2, device: str = "cpu") -> dict[str, float]:
+    """Run in a child: peak memory over a few training steps minus the memory before building:
+    RSS on the CPU, the CUDA allocator's peak on a GPU."""
     _monai()  # imported by both children alike
-    before = status_mb("VmRSS")
-    net, loss, _ = build(kind, which)
-    step = _stepper(net, loss)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.init()
+    before = torch.cuda.memory_allocated(dev) / 2**20 if cuda else status_mb("VmRSS")
+    net, loss, _ = build(kind, which, dev)
+    step = _stepper(net, loss, dev)
     for _ in range(steps):
         step()
-    peak = status_mb("VmHWM")
-    return {"rss_before_mb": before, "peak_rss_mb": peak, "train_mb": peak - before}
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else status_mb("VmHWM")
+    return {"before_mb": before, "peak_mb": peak, "train_mb": peak - before}
 
 
 def saved_for_backward_mb(kind: str, which: str) -> float:
@@ -181,19 +209,23 @@ def child_result(code: str) -> dict[str, Any]:
     return {"error": err[-1] if err else "failed"}
 
 
-def memory_in_child(kind: str, which: str, threads: int) -> dict[str, float]:
+def memory_in_child(kind: str, which: str, threads: int, device: str = "cpu") -> dict[str, float]:
     return child_result(
         "import json, torch; from ldm.bench_monai import peak_memory; "
         f"torch.set_num_threads({threads}); "
-        f"print('RESULT ' + json.dumps(peak_memory({kind!r}, {which!r})))"
+        f"print('RESULT ' + json.dumps(peak_memory({kind!r}, {which!r}, device={device!r})))"
     )
 
 
-def compare(kind: str, threads: int, reps: int = 4) -> dict[str, Any]:
-    """Time ratio (one process) and per-net peak training memory (a child each)."""
-    out = compare_time(kind, reps)
+def compare(
+    kind: str, threads: int, reps: int = 4, device: torch.device = CPU
+) -> dict[str, Any]:
+    """Time ratio (one process) and per-net peak training memory (a child each) on ``device``;
+    the activations kept for backward are counted on the CPU in float32 (a design figure)."""
+    out = {**compare_time(kind, reps, device=device), "device": device.type,
+           "precision": "float32" if precision(device) is None else "bf16 autocast"}  # fmt: skip
     for which in ("ours", "monai"):
-        mem = memory_in_child(kind, which, threads)
+        mem = memory_in_child(kind, which, threads, str(device))
         out[f"{which}_train_mb"] = mem.get("train_mb", float("nan"))
         out[f"{which}_saved_mb"] = saved_for_backward_mb(kind, which)
     return out

@@ -8,12 +8,13 @@ weights. The DDIM/DDPM quality sweep needs trained checkpoints and uses them whe
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ from ldm.diffusion.schedule import make_schedule, training_loss
 from ldm.distributed import pick_device
 from ldm.inference import autoencode_volume
 from ldm.nets import UNet3d, VAE3d
+from ldm.optim import precision_label, timed_step
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from ldm.phases.train_diffusion import TrainDiffusionConfig
 from ldm.phases.train_vae_pair import TrainVAEConfig
-from ldm.training import precision_label, timed_step
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -160,23 +161,29 @@ def predict_vs_bm4d(device: torch.device, size: int = 128, bm4d_size: int = 64) 
 def vae_vs_monai(device: torch.device, reps: int = 4) -> dict[str, Any]:
     from ldm.bench_monai import compare
 
-    return compare("vae", torch.get_num_threads(), reps)
+    return compare("vae", torch.get_num_threads(), reps, device)
 
 
 @case
 def unet_vs_monai(device: torch.device, reps: int = 4) -> dict[str, Any]:
     from ldm.bench_monai import compare
 
-    return compare("unet", torch.get_num_threads(), reps)
+    return compare("unet", torch.get_num_threads(), reps, device)
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` for a child that runs the repo's scripts from another folder: the repo first
+    on PYTHONPATH, the caller's entries kept after it (packages installed there stay found)."""
+    path = [str(REPO_ROOT), *filter(None, environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 @case
 def run_all_demo(device: torch.device) -> dict[str, Any]:
     """Wall time of ``scripts/run_all.py --profile demo`` in an empty temporary folder."""
-    import os
     import tempfile
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = child_env(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "run_all.py"),
@@ -275,8 +282,9 @@ def particles(device: torch.device, num_particles: int = 50_000) -> dict[str, An
     from ldm.phases.particles_gif import benchmark
 
     steps = 1000
-    r = benchmark(num_particles, steps, 512, 5)
-    return {"num_particles": num_particles, **r, "ms_per_step": 1e3 * r["simulate_s"] / steps,
+    r = benchmark(num_particles, steps, 512, 5, device=device)
+    return {"num_particles": num_particles, **r, "device": device.type,
+            "ms_per_step": 1e3 * r["simulate_s"] / steps,
             "ms_per_frame": 1e3 * r["render_s"] / r["frames"]}  # fmt: skip
 
 
@@ -392,7 +400,7 @@ def _describe(name: str, r: dict) -> str:
     if name == "particles":
         return (
             f"{r['num_particles']} particles x 1000 steps, 512x384, {r['frames']:.0f} frames + "
-            f"GIF: {r['total_s']:.2f} s total ({r['cpu_s']:.1f} s CPU), "
+            f"GIF on {r['device']}: {r['total_s']:.2f} s total ({r['cpu_s']:.1f} s CPU), "
             f"{r['ms_per_step']:.2f} ms/step, {r['ms_per_frame']:.2f} ms/frame, "
             f"GIF {r['gif_s']:.2f} s"
         )
@@ -420,8 +428,6 @@ def run_plan(
 ) -> list[dict]:
     """Run the chosen cases (each in a child process), print a line each, save after each;
     then print every target figure next to its target (ldm/bench_targets.py)."""
-    import os
-
     from ldm.bench_targets import check_targets, format_targets
 
     env = environment(device, threads)

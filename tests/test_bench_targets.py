@@ -35,3 +35,17 @@ def test_targets_read_their_figures_and_judge_them() -> None:
     assert got["run_all --profile demo"]["value"] is None
     text = "\n".join(format_targets(check_targets(rows)))
     assert "MISSED" in text and "not run" in text and " met" in text
+
+
+def test_benchmark_children_find_the_repo_and_the_callers_packages() -> None:
+    # run_all_demo starts scripts from a temp folder: the repo must come first on the path, and
+    # packages the caller reaches through PYTHONPATH (e.g. installed with --target) stay found
+    import os
+
+    from ldm.benchmark import child_env
+    from ldm.config import REPO_ROOT
+
+    env = child_env({"PYTHONPATH": os.pathsep.join(["/opt/site", "/x"]), "HOME": "/h"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/opt/site", "/x"]
+    assert env["HOME"] == "/h"
+    assert child_env({})["PYTHONPATH"] == str(REPO_ROOT)

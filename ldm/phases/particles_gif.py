@@ -265,10 +265,11 @@ def _summary(
 
 
 def benchmark(
-    num_particles: int, steps: int, size: int, frame_every: int, seed: int = 0
-) -> dict[str, float]:
+    num_particles: int, steps: int, size: int, frame_every: int, seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+) -> dict[str, float]:  # fmt: skip
     """Time one run on the built-in image (size wide, 3/4 size high, as the phase draws it) on
-    the CPU, GIF written to a temp dir.
+    ``device``, GIF written to a temp dir.
 
     Returns wall-clock seconds for field build, simulate, render, gif write and total, steps/s,
     the process CPU seconds (all threads; tells contention on a busy machine apart) and the
@@ -279,8 +280,10 @@ def benchmark(
     cpu_start = time.process_time()
     t_start = time.perf_counter()
     score = ScoreField.from_image(
-        rgb, max_size=size, field_blur=cfg.field_blur, levels=cfg.anneal_levels, eps=cfg.eps
-    )
+        rgb.to(device), max_size=size, field_blur=cfg.field_blur, levels=cfg.anneal_levels,
+        eps=cfg.eps,
+    )  # fmt: skip
+    _sync(device)
     field_s = time.perf_counter() - t_start
     kwargs = {**_engine_kwargs(cfg), "num_particles": num_particles, "steps": steps, "seed": seed}
     code = ParticleCode.from_field(score, cfg.beta)
