@@ -9,7 +9,8 @@ concatenated on channels like ours. Our UNet is built with MONAI's middle block 
 ``mid_attention=1``) for equal depth; our default has one attention block more there.
 
 Time: one AdamW step (forward, loss, backward, update), the two nets alternating in one process so
-that machine load hits both alike; the ratio is MONAI's time over ours. Float32 on the CPU, bf16
+that machine load hits both alike; the ratio is the median over the reps of MONAI's time over
+ours. Float32 on the CPU, bf16
 autocast on CUDA (both nets alike). Memory: each net trains in a child process of its own; the
 figure is peak RSS (VmHWM) minus the RSS just before the net was built on the CPU, the CUDA
 allocator's peak minus its use before on a GPU: weights, optimiser state, activations (and on
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -132,22 +134,29 @@ def _stepper(net: torch.nn.Module, loss: Callable, device: torch.device) -> Call
 def compare_time(
     kind: str, reps: int = 4, warmup: int = 1, device: torch.device = CPU
 ) -> dict[str, Any]:
-    """Seconds per training step of ours and MONAI's, alternating in this process."""
+    """Seconds per training step of ours and MONAI's, alternating in this process.
+
+    Each rep times one step of each, back to back, so a change in machine load hits both; the
+    speedup is the median of the reps' MONAI / ours ratios (``speedup_range``: lowest, highest),
+    the step times the medians of each side.
+    """
     nets = {w: build(kind, w, device) for w in ("ours", "monai")}
     steps = {w: _stepper(n, loss, device) for w, (n, loss, _) in nets.items()}
     for _ in range(warmup):
         for s in steps.values():
             s()
-    total = dict.fromkeys(steps, 0.0)
+    times: dict[str, list[float]] = {w: [] for w in steps}
     for _ in range(reps):
         for w, s in steps.items():
             t0 = time.perf_counter()
             s()
-            total[w] += time.perf_counter() - t0
-    sec = {w: v / reps for w, v in total.items()}
+            times[w].append(time.perf_counter() - t0)
+    ratios = [m / o for o, m in zip(times["ours"], times["monai"])]
     params = {w: sum(p.numel() for p in n.parameters()) for w, (n, _, _) in nets.items()}
-    return {"kind": kind, "batch": nets["ours"][2], "reps": reps, "ours_s": sec["ours"],
-            "monai_s": sec["monai"], "speedup": sec["monai"] / sec["ours"],
+    return {"kind": kind, "batch": nets["ours"][2], "reps": reps,
+            "ours_s": statistics.median(times["ours"]),
+            "monai_s": statistics.median(times["monai"]), "speedup": statistics.median(ratios),
+            "speedup_range": [min(ratios), max(ratios)],
             "ours_params": params["ours"], "monai_params": params["monai"]}  # fmt: skip
 
 

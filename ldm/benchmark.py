@@ -158,14 +158,14 @@ def predict_vs_bm4d(device: torch.device, size: int = 128, bm4d_size: int = 64) 
 
 
 @case
-def vae_vs_monai(device: torch.device, reps: int = 4) -> dict[str, Any]:
+def vae_vs_monai(device: torch.device, reps: int = 7) -> dict[str, Any]:
     from ldm.bench_monai import compare
 
     return compare("vae", torch.get_num_threads(), reps, device)
 
 
 @case
-def unet_vs_monai(device: torch.device, reps: int = 4) -> dict[str, Any]:
+def unet_vs_monai(device: torch.device, reps: int = 7) -> dict[str, Any]:
     from ldm.bench_monai import compare
 
     return compare("unet", torch.get_num_threads(), reps, device)
@@ -347,8 +347,8 @@ def save(report: dict[str, Any], out: Path) -> Path:
 QUICK = [  # every target figure but run_all: a few minutes on 2 idle cores
     ("predict_vs_bm4d", {"size": 128, "bm4d_size": 32}),
     ("particles", {"num_particles": 50_000}),
-    ("vae_vs_monai", {"reps": 2}),
-    ("unet_vs_monai", {"reps": 2}),
+    ("vae_vs_monai", {"reps": 5}),
+    ("unet_vs_monai", {"reps": 5}),
     ("sampler_quality", {}),  # needs the demo checkpoints (python scripts/run_all.py)
 ]
 PLAN = [
@@ -413,7 +413,9 @@ def _describe(name: str, r: dict) -> str:
     if name in ("vae_vs_monai", "unet_vs_monai"):
         return (
             f"ours {r['ours_s']:.3f} s/step, MONAI {r['monai_s']:.3f} s/step "
-            f"({r['speedup']:.2f}x); train memory ours {r['ours_train_mb']:.0f} MB, "
+            f"({r['speedup']:.2f}x, reps {r['speedup_range'][0]:.2f}-"
+            f"{r['speedup_range'][1]:.2f}x, {r['precision']}); "
+            f"train memory ours {r['ours_train_mb']:.0f} MB, "
             f"MONAI {r['monai_train_mb']:.0f} MB (kept for backward {r['ours_saved_mb']:.0f} / "
             f"{r['monai_saved_mb']:.0f} MB); params {r['ours_params']:,} / "
             f"{r['monai_params']:,}"
