@@ -1,4 +1,5 @@
-"""The speed targets of the benchmark: each figure next to its target, met or missed.
+"""What the benchmark prints: one line per case (``describe``), then each target figure next to
+its target, met or missed.
 
 A target is (figure, how to read it from the benchmark rows, comparison, limit, unit). A figure
 whose case did not run (or failed) is listed as "not run" and counts as neither.
@@ -85,3 +86,61 @@ def format_targets(checks: list[dict[str, Any]]) -> list[str]:
         status = {None: "not run", True: "met", False: "MISSED"}[c["met"]]
         lines.append(f"{c['figure']:<48}{value:>10}  {c['target'] + ' ' + c['unit']:<10} {status}")
     return lines
+
+
+def describe(name: str, r: dict[str, Any]) -> str:
+    """One line of what case ``name`` measured (its result row ``r``), or its error."""
+    if "error" in r:
+        return f"error: {r['error']}"
+    if name == "vae_train":
+        return (
+            f"{r['step_s']:.2f} s/step (batch {r['batch_pairs']} pairs of 32^3), "
+            f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s, {r['samples_per_s']:.1f} samples/s, "
+            f"{r['precision']}"
+        )
+    if name == "unet_train":
+        return (
+            f"{r['step_s']:.3f} s/step (batch {r['batch']} x 8^3 latents), "
+            f"{r['samples_per_s']:.1f} samples/s, {r['precision']}"
+        )
+    if name == "predict_128":
+        return f"{r['seconds']:.1f} s for 128^3, {r['ddim_steps']} DDIM steps, window {r['window']}"
+    if name == "sliding_window":
+        mvox = r["voxels_per_s"] / 1e6
+        return f"{r['size']}^3 VAE denoise: {r['seconds']:.2f} s ({mvox:.2f} M vox/s)"
+    if name == "sampler_quality":
+        runs = ", ".join(f"{x['sampler']} {x['steps']}: {x['psnr']:.2f} dB {x['seconds']:.0f} s"
+                         for x in r["runs"])  # fmt: skip
+        return f"{r['test_case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
+    if name == "window_quality":
+        runs = ", ".join(f"{x['window'][0]}^3 overlap {x['overlap']}: {x['psnr']:.2f} dB "
+                         f"{x['seconds']:.1f} s" for x in r["runs"])  # fmt: skip
+        return f"{len(r['cases'])} test cases, DDIM {r['steps']}: {runs}"
+    if name == "quality":
+        return r["summary"]
+    if name == "particles":
+        return (
+            f"{r['num_particles']} particles x 1000 steps, 512x384, {r['frames']:.0f} frames + "
+            f"GIF on {r['device']}: {r['total_s']:.2f} s total ({r['cpu_s']:.1f} s CPU), "
+            f"{r['ms_per_step']:.2f} ms/step, {r['ms_per_frame']:.2f} ms/frame, "
+            f"GIF {r['gif_s']:.2f} s"
+        )
+    if name == "predict_vs_bm4d":
+        return (
+            f"predict_ldm {r['size']}^3, {r['ddim_steps']} DDIM steps: {r['seconds']:.1f} s; "
+            f"BM4D {r['bm4d_size']}^3 {r['bm4d_measured_s']:.1f} s -> {r['size']}^3 "
+            f"~{r['bm4d_s']:.0f} s: {r['bm4d_ratio']:.1f}x"
+        )
+    if name in ("vae_vs_monai", "unet_vs_monai"):
+        return (
+            f"ours {r['ours_s']:.3f} s/step, MONAI {r['monai_s']:.3f} s/step "
+            f"({r['speedup']:.2f}x, reps {r['speedup_range'][0]:.2f}-"
+            f"{r['speedup_range'][1]:.2f}x, {r['precision']}); "
+            f"train memory ours {r['ours_train_mb']:.0f} MB, "
+            f"MONAI {r['monai_train_mb']:.0f} MB (kept for backward {r['ours_saved_mb']:.0f} / "
+            f"{r['monai_saved_mb']:.0f} MB); params {r['ours_params']:,} / "
+            f"{r['monai_params']:,}"
+        )
+    if name == "run_all_demo":
+        return f"{r['seconds']:.0f} s (1-min load average at the end {r['load_avg_1min']:.1f})"
+    return str(r)

@@ -368,69 +368,12 @@ PLAN = [
 OPT_IN = [("quality", {})]  # tens of CPU minutes: run only when named in --only
 
 
-def _describe(name: str, r: dict) -> str:
-    if "error" in r:
-        return f"error: {r['error']}"
-    if name == "vae_train":
-        return (
-            f"{r['step_s']:.2f} s/step (batch {r['batch_pairs']} pairs of 32^3), "
-            f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s, {r['samples_per_s']:.1f} samples/s, "
-            f"{r['precision']}"
-        )
-    if name == "unet_train":
-        return (
-            f"{r['step_s']:.3f} s/step (batch {r['batch']} x 8^3 latents), "
-            f"{r['samples_per_s']:.1f} samples/s, {r['precision']}"
-        )
-    if name == "predict_128":
-        return f"{r['seconds']:.1f} s for 128^3, {r['ddim_steps']} DDIM steps, window {r['window']}"
-    if name == "sliding_window":
-        mvox = r["voxels_per_s"] / 1e6
-        return f"{r['size']}^3 VAE denoise: {r['seconds']:.2f} s ({mvox:.2f} M vox/s)"
-    if name == "sampler_quality":
-        runs = ", ".join(f"{x['sampler']} {x['steps']}: {x['psnr']:.2f} dB {x['seconds']:.0f} s"
-                         for x in r["runs"])  # fmt: skip
-        return f"{r['test_case']} (baseline {r['baseline_psnr']:.2f} dB): {runs}"
-    if name == "window_quality":
-        runs = ", ".join(f"{x['window'][0]}^3 overlap {x['overlap']}: {x['psnr']:.2f} dB "
-                         f"{x['seconds']:.1f} s" for x in r["runs"])  # fmt: skip
-        return f"{len(r['cases'])} test cases, DDIM {r['steps']}: {runs}"
-    if name == "quality":
-        return r["summary"]
-    if name == "particles":
-        return (
-            f"{r['num_particles']} particles x 1000 steps, 512x384, {r['frames']:.0f} frames + "
-            f"GIF on {r['device']}: {r['total_s']:.2f} s total ({r['cpu_s']:.1f} s CPU), "
-            f"{r['ms_per_step']:.2f} ms/step, {r['ms_per_frame']:.2f} ms/frame, "
-            f"GIF {r['gif_s']:.2f} s"
-        )
-    if name == "predict_vs_bm4d":
-        return (
-            f"predict_ldm {r['size']}^3, {r['ddim_steps']} DDIM steps: {r['seconds']:.1f} s; "
-            f"BM4D {r['bm4d_size']}^3 {r['bm4d_measured_s']:.1f} s -> {r['size']}^3 "
-            f"~{r['bm4d_s']:.0f} s: {r['bm4d_ratio']:.1f}x"
-        )
-    if name in ("vae_vs_monai", "unet_vs_monai"):
-        return (
-            f"ours {r['ours_s']:.3f} s/step, MONAI {r['monai_s']:.3f} s/step "
-            f"({r['speedup']:.2f}x, reps {r['speedup_range'][0]:.2f}-"
-            f"{r['speedup_range'][1]:.2f}x, {r['precision']}); "
-            f"train memory ours {r['ours_train_mb']:.0f} MB, "
-            f"MONAI {r['monai_train_mb']:.0f} MB (kept for backward {r['ours_saved_mb']:.0f} / "
-            f"{r['monai_saved_mb']:.0f} MB); params {r['ours_params']:,} / "
-            f"{r['monai_params']:,}"
-        )
-    if name == "run_all_demo":
-        return f"{r['seconds']:.0f} s (1-min load average at the end {r['load_avg_1min']:.1f})"
-    return str(r)
-
-
 def run_plan(
     device: str, threads: int, only: str, out: Path, echo=print, quick: bool = False
 ) -> list[dict]:
     """Run the chosen cases (each in a child process), print a line each, save after each;
     then print every target figure next to its target (ldm/bench_targets.py)."""
-    from ldm.bench_targets import check_targets, format_targets
+    from ldm.bench_targets import check_targets, describe, format_targets
 
     env = environment(device, threads)
     env["load_avg_start"] = list(os.getloadavg())
@@ -447,7 +390,7 @@ def run_plan(
         rows.append({"case": name, **kwargs, **r})
         save(report, out)  # after every case: nothing is lost
         mem = f"{r['peak_mem_mb']:8.0f} MB" if "peak_mem_mb" in r else " " * 11
-        echo(f"{name:<16}{mem}  {_describe(name, r)}")
+        echo(f"{name:<16}{mem}  {describe(name, r)}")
     env["load_avg_end"] = list(os.getloadavg())
     report["targets"] = check_targets(rows)
     save(report, out)

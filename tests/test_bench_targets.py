@@ -49,3 +49,15 @@ def test_benchmark_children_find_the_repo_and_the_callers_packages() -> None:
     assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/opt/site", "/x"]
     assert env["HOME"] == "/h"
     assert child_env({})["PYTHONPATH"] == str(REPO_ROOT)
+
+
+def test_each_case_gets_one_readable_line() -> None:
+    from ldm.bench_targets import describe
+
+    row = {"ours_s": 0.35, "monai_s": 0.44, "speedup": 1.2, "speedup_range": [1.05, 1.3],
+           "precision": "float32", "ours_train_mb": 320.0, "monai_train_mb": 330.0,
+           "ours_saved_mb": 144.0, "monai_saved_mb": 145.0, "ours_params": 2_496_836,
+           "monai_params": 2_541_380}  # fmt: skip
+    line = describe("unet_vs_monai", row)
+    assert "(1.20x, reps 1.05-1.30x, float32)" in line and "2,496,836" in line
+    assert describe("particles", {"error": "RuntimeError: boom"}) == "error: RuntimeError: boom"
