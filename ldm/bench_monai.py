@@ -10,11 +10,10 @@ concatenated on channels like ours. Our UNet is built with MONAI's middle block 
 
 Time: one AdamW step (forward, loss, backward, update), the two nets alternating in one process so
 that machine load hits both alike; the ratio is the median over the reps of MONAI's time over
-ours. Float32 on the CPU, bf16
-autocast on CUDA (both nets alike). Memory: each net trains in a child process of its own; the
-figure is peak RSS (VmHWM) minus the RSS just before the net was built on the CPU, the CUDA
-allocator's peak minus its use before on a GPU: weights, optimiser state, activations (and on
-the CPU allocator slack) of that net.
+ours. Float32 on the CPU, bf16 autocast on CUDA (both nets alike). Memory: each net trains in a
+child process of its own; the figure is peak RSS (VmHWM) minus the RSS just before the net was
+built on the CPU, the CUDA allocator's peak minus its use before on a GPU: weights, optimiser
+state, activations (and on the CPU allocator slack) of that net.
 """
 
 from __future__ import annotations
