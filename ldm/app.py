@@ -19,6 +19,7 @@ from ldm.cli import (
     SetOption,
     fail,
     make_app,
+    os_error_message,
     run_phase,
     setup_logging,
 )
@@ -185,7 +186,12 @@ def benchmark(
 ) -> None:
     from ldm.benchmark import run_plan
 
-    run_plan(device, threads, only, out.resolve(), echo=typer.echo, quick=quick)
+    try:
+        run_plan(device, threads, only, out.resolve(), echo=typer.echo, quick=quick)
+    except UserError as e:
+        raise fail(str(e)) from None
+    except OSError as e:  # an unwritable --out
+        raise fail(os_error_message(e)) from None
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ from ldm.config import REPO_ROOT, load_config
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.diffusion.schedule import make_schedule, training_loss
 from ldm.distributed import pick_device
+from ldm.errors import ConfigError
+from ldm.files import check_writable_folder
 from ldm.inference import autoencode_volume
 from ldm.nets import UNet3d, VAE3d
 from ldm.optim import precision_label, timed_step
@@ -375,13 +377,23 @@ def run_plan(
     then print every target figure next to its target (ldm/bench_targets.py)."""
     from ldm.bench_targets import check_targets, describe, format_targets
 
-    env = environment(device, threads)
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    plan = QUICK if quick else PLAN
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    known = {n for n, _ in plan + OPT_IN}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"--only: unknown case {', '.join(unknown)}{' in a quick run' if quick else ''}; "
+            f"choose from {', '.join(sorted(known))}"
+        )
+    check_writable_folder(out.parent, "choose another --out")
+    env = environment(device, threads)  # an unavailable --device stops here, before any case
     env["load_avg_start"] = list(os.getloadavg())
     echo(f"benchmark on {env['device']} ({env['device_name']}), {threads} threads, "
         f"torch {env['torch']}, load average {env['load_avg_start'][0]:.1f}"
         f"{' (quick)' if quick else ''}")  # fmt: skip
-    plan = QUICK if quick else PLAN
-    names = only.split(",") if only else []
     chosen = [(n, kw) for n, kw in plan + OPT_IN if n in names] if names else list(plan)
     rows: list[dict] = []
     report: dict[str, Any] = {"environment": env, "quick": quick, "results": rows}

@@ -45,6 +45,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def check_writable_folder(folder: Path, fix: str) -> None:
+    """Make ``folder`` (and its parents) and write a probe file there, before any long work;
+    an OS error becomes a UserError naming the folder and ``fix``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder; {fix}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-probe-"):
+            pass  # created and removed: the folder takes new files
+    except OSError as e:
+        raise UserError(
+            f"{folder}: cannot write there ({e.strerror or e}); fix its permissions or {fix}"
+        ) from None
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

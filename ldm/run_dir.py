@@ -12,13 +12,12 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from ldm.errors import UserError
-from ldm.files import atomic_write_text
+from ldm.files import atomic_write_text, check_writable_folder
 
 STAGING = ".overwrite-staging"
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
@@ -48,17 +47,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     Returns the folder the new files go to: ``run_dir``, or a staging folder inside it when
     ``overwrite`` would replace an earlier run.
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: exists and is not a folder; choose another out_dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".tmp-probe-"):
-            pass
-    except OSError as e:
-        raise UserError(
-            f"{run_dir}: cannot write there ({e.strerror or e}); fix its permissions or choose "
-            "another out_dir"
-        ) from None
+    check_writable_folder(run_dir, "choose another out_dir")
     commit_staged_run(run_dir)  # a kill between first save and commit
     shutil.rmtree(run_dir / STAGING, ignore_errors=True)  # a staged run killed before its save
     for stale in run_dir.glob(".tmp-*"):  # atomic writes a kill interrupted

@@ -49,3 +49,23 @@ def test_no_phase_module_imports_another_phase():
             if "ldm.phases." in line and ("import" in line):
                 target = line.split("ldm.phases.")[1].split()[0].split(".")[0]
                 assert target == own, f"{path}: {line.strip()}"
+
+
+def test_benchmark_bad_input_is_one_error_line_before_any_case(tmp_path, monkeypatch):
+    # each case runs for seconds to minutes: a typo or an unusable option must stop it at once
+    import ldm.benchmark
+    from tests.helpers.cli import error_line
+
+    ran: list[str] = []
+    monkeypatch.setattr(ldm.benchmark, "run_in_child", lambda name, *a, **k: ran.append(name))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    out = tmp_path / "b.json"
+    line = error_line(CliRunner().invoke(app, ["benchmark", "--only", "partcles", "--out", out]))
+    assert "unknown case partcles" in line and "particles" in line
+    line = error_line(CliRunner().invoke(app, ["benchmark", "--device", "cuda", "--out", out]))
+    assert "no CUDA GPU" in line
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = error_line(CliRunner().invoke(app, ["benchmark", "--out", blocker / "b.json"]))
+    assert str(blocker) in line and "not a folder" in line and "--out" in line
+    assert ran == [] and not out.exists()
