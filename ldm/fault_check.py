@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import load_checkpoint
+from ldm.errors import UserError
+from ldm.files import check_writable_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,12 +254,26 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
     return faults
 
 
+WORKSPACE_MARK = ".fault_check"  # names the folder a fault_check workspace
+
+
 def fault_check(workspace: Path, kills: int = 3, seed: int = 0,
                 log: Callable[[str], None] = print) -> list[Fault]:  # fmt: skip
-    """Every long phase of the demo, in order, each killed ``kills`` times."""
+    """Every long phase of the demo, in order, each killed ``kills`` times, in ``workspace``
+    (replaced on every run: only a new or empty folder, or one an earlier run made)."""
+    if kills < 1:
+        raise UserError(f"--kills must be >= 1, got {kills}")
+    check_writable_folder(workspace, "choose another --workspace")
+    ours = {spec.output.split("/")[0] for spec in PHASES} | {"reference", "probe", WORKSPACE_MARK}
+    if any(p.name not in ours for p in workspace.iterdir()):  # a run made it: it may go
+        raise UserError(
+            f"{workspace}: holds files fault_check did not write, and a run replaces its "
+            "workspace; choose a new or empty --workspace"
+        )
     rng = random.Random(seed)
     shutil.rmtree(workspace, ignore_errors=True)
     workspace.mkdir(parents=True)
+    (workspace / WORKSPACE_MARK).write_text("a fault_check workspace: replaced on every run\n")
     faults: list[Fault] = []
     for spec in PHASES:
         log(f"{spec.name}:")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.cli import os_error_message
 from ldm.config import REPO_ROOT, load_config
 from ldm.data.dataset import iter_test_cases, load_manifest
 from ldm.errors import UserError
@@ -194,8 +196,24 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
 # --------------------------------------------------------------------------- the bench
 
 
+DATASETS = ("phantom", "mri")
+
+
+def check_choices(datasets: list[str], variants: list[str], vae_min: float,
+                  diff_min: float) -> None:  # fmt: skip
+    """Names and budgets checked before anything trains (a run takes tens of minutes)."""
+    for what, given, known in (("dataset", datasets, DATASETS), ("variant", variants, VARIANTS)):
+        bad = [n for n in given if n not in known]
+        if bad or not given:
+            raise UserError(f"unknown {what} {', '.join(bad) or '(none given)'}; "
+                            f"choose from {', '.join(known)}")  # fmt: skip
+    if vae_min <= 0 or diff_min <= 0:
+        raise UserError(f"training budgets must be > 0 minutes, got {vae_min} and {diff_min}")
+
+
 def run(datasets: list[str], variants: list[str], work: Path, vae_min: float, diff_min: float,
         out: Path, with_bm4d: bool = False) -> dict[str, Any]:  # fmt: skip
+    check_choices(datasets, variants, vae_min, diff_min)
     report: dict[str, Any] = {"budget_minutes": {"vae": vae_min, "diffusion": diff_min},
                               "threads": torch.get_num_threads(), "results": {}}  # fmt: skip
     if out.is_file():  # several runs (e.g. one per dataset) add to one report
@@ -320,6 +338,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile-model", metavar="PROFILE", help="no training: score the model "
                    "run_all trained for PROFILE (e.g. mri) on the generalisation settings")
     a = p.parse_args(argv)
+    try:
+        _main(a)
+    except (UserError, OSError) as e:  # one line on stderr, exit code 2, as the phases
+        message = os_error_message(e) if isinstance(e, OSError) else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(a: argparse.Namespace) -> None:
     bench = Path("results/benchmark")
     if a.profile_model:
         out = a.out or bench / f"quality_{a.profile_model}_profile.json"

@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from ldm.cli import make_app
+from ldm.cli import fail, make_app
+from ldm.errors import UserError
 from ldm.fault_check import fault_check, fault_table
 
 app = make_app(__doc__)
@@ -23,7 +24,10 @@ def main(
     seed: Annotated[int, typer.Option(help="seed of the kill moments")] = 0,
     workspace: Annotated[Path, typer.Option(help="scratch folder")] = Path("results/fault_check"),
 ) -> None:
-    faults = fault_check(workspace.resolve(), kills, seed, log=typer.echo)
+    try:
+        faults = fault_check(workspace.resolve(), kills, seed, log=typer.echo)
+    except UserError as e:
+        raise fail(str(e)) from None
     typer.echo("\n" + fault_table(faults))
     if not all(f.survived for f in faults):
         raise typer.Exit(1)

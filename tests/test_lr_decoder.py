@@ -250,3 +250,21 @@ def test_generalisation_cases_use_the_given_degradation(tiny_pipeline):
         "intensity x0.5 + 10% max", "intensity x2.0 + 10% max"]  # fmt: skip
     noise = [float(np.std(c[2] - c[3])) for c in (small[0], large[0])]
     assert noise[0] == pytest.approx(0.1, rel=0.1) and noise[1] == pytest.approx(0.3, rel=0.1)
+
+
+def test_quality_bench_bad_names_stop_before_any_training(tmp_path, capsys) -> None:
+    # a run trains for tens of minutes: a typo'd dataset (was taken for mri) or variant (was a
+    # KeyError) is one error line and exit 2, with nothing prepared
+    from ldm import quality_bench
+
+    cases = [(["--datasets", "phantom,foo"], "unknown dataset foo; choose from phantom, mri"),
+             (["--variants", "lr_skip+residul"], "unknown variant lr_skip+residul; choose from"),
+             (["--vae-minutes", "0"], "budgets must be > 0 minutes")]  # fmt: skip
+    for args, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            quality_bench.main([*args, "--work", str(tmp_path / "w"), "--out",
+                                str(tmp_path / "q.json")])  # fmt: skip
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "q.json").exists()

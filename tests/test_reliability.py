@@ -308,3 +308,19 @@ def test_prepare_data_overwrite_says_it_replaced_latents(tiny_pipeline, tmp_path
     result = run_script("prepare_data", *args)
     assert result.exit_code == 0 and "rerun prepare_latents" in result.output
     assert not (data / "latents").exists()
+
+
+def test_fault_check_never_replaces_a_folder_it_did_not_make(tmp_path) -> None:
+    # fault_check replaces its workspace on every run: a mistyped --workspace pointing at a
+    # user's folder must be refused, not emptied
+    from ldm.errors import UserError
+    from ldm.fault_check import fault_check
+
+    mine = tmp_path / "scans"
+    mine.mkdir()
+    (mine / "brain.nii.gz").write_bytes(b"data")
+    with pytest.raises(UserError, match="did not write"):
+        fault_check(mine, kills=1, log=lambda s: None)
+    assert (mine / "brain.nii.gz").read_bytes() == b"data"
+    with pytest.raises(UserError, match="--kills must be >= 1"):
+        fault_check(tmp_path / "new", kills=0, log=lambda s: None)
