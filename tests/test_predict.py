@@ -102,6 +102,17 @@ def test_user_input_volume_in_its_own_format(tiny_pipeline, tmp_path):
     assert not (out / "mine" / "2_target_HR.png").exists()
 
 
+def test_a_volume_smaller_than_one_window_multiple_is_predicted(tiny_pipeline, tmp_path):
+    # 4 voxels a side is less than the model's window multiple (8): the sliding windows pad it,
+    # and so must the reverse-process GIF's crop (it was a UNet shape error)
+    np.save(tmp_path / "tiny.npy", np.random.default_rng(4).random((4, 6, 5)).astype(np.float32))
+    out = tmp_path / "pred"
+    result = _predict(tiny_pipeline, out, "--input", tmp_path / "tiny.npy")
+    assert result.exit_code == 0, result.output
+    assert np.load(out / "tiny" / "tiny_ldm.npy").shape == (4, 6, 5)
+    assert (out / "tiny" / "reverse_process.gif").is_file()
+
+
 def test_bad_input(tiny_pipeline, tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros((4, 4), np.float32))
     line = error_line(_predict(tiny_pipeline, tmp_path / "a", "--input", tmp_path / "flat.npy"))

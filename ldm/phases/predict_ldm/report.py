@@ -48,13 +48,15 @@ def reverse_process_gif(
     latent with the latent one; channel 0, middle slice, window +-3, nearest-upscaled to the
     image size). An LR-aware decoder can make the decoded panels look alike at every step; the
     chain panels show the diffusion going from noise to its sample. The window is cropped to
-    multiples of ``ldm.window_multiple`` that fit inside the volume."""
+    multiples of ``ldm.window_multiple`` that fit inside the volume; an axis shorter than one
+    multiple is edge-padded to it (as the sliding windows pad)."""
     model_lr = case.model_lr  # the grid the LDM runs on (training spacing, --resample)
     m = ldm.window_multiple
     window = tuple(max(m, min(w, s // m * m)) for w, s in zip(window, model_lr.shape))
     start = [max(0, (s - w) // 2) for s, w in zip(model_lr.shape, window)]
-    sl = tuple(slice(a, a + w) for a, w in zip(start, window))
-    lr = torch.from_numpy(np.ascontiguousarray(model_lr[sl], dtype=np.float32))[None, None]
+    crop = model_lr[tuple(slice(a, a + w) for a, w in zip(start, window))]
+    crop = np.pad(crop, [(0, w - s) for w, s in zip(window, crop.shape)], mode="edge")
+    lr = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
     cond = ldm.encode_cond(lr)
     g = torch.Generator(device=ldm.device).manual_seed(seed)
     noise, t_start = ldm.initial_latent(cond, sampler, g)
