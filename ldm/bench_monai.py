@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,8 @@ def child_result(code: str) -> dict[str, Any]:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     err = proc.stderr.strip().splitlines()
-    return {"error": err[-1] if err else "failed"}
+    last = err[-1] if err else "failed"
+    return {"error": re.sub(r"^ldm\.errors\.\w+: ", "", last)}  # a user error is its message
 
 
 def memory_in_child(kind: str, which: str, threads: int, device: str = "cpu") -> dict[str, float]:
