@@ -61,3 +61,14 @@ def test_each_case_gets_one_readable_line() -> None:
     line = describe("unet_vs_monai", row)
     assert "(1.20x, reps 1.05-1.30x, float32)" in line and "2,496,836" in line
     assert describe("particles", {"error": "RuntimeError: boom"}) == "error: RuntimeError: boom"
+
+
+def test_a_failing_case_reports_its_last_error_line() -> None:
+    # each case runs in a child; its error becomes the row's text: a user error (e.g. "needs
+    # monai") reads as its message, anything else keeps its exception type
+    from ldm.bench_monai import child_result
+
+    assert child_result("from ldm.errors import UserError; raise UserError('needs monai')") == {
+        "error": "needs monai"}  # fmt: skip
+    assert child_result("raise RuntimeError('boom')") == {"error": "RuntimeError: boom"}
+    assert child_result("print('RESULT {\"x\": 1}')") == {"x": 1}
