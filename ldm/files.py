@@ -108,11 +108,16 @@ def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
             f"{final} already exists; pass --overwrite to replace it, or choose another output "
             f"folder (--set out_dir=...)"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(final.parent, rf"\.{re.escape(final.name)}\.(\d+)\..*\.tmp")
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
-    )
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(final.parent, rf"\.{re.escape(final.name)}\.(\d+)\..*\.tmp")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp",
+                                    dir=final.parent))  # fmt: skip
+    except OSError as e:  # name the folder the user gave, not the temp folder beside it
+        raise UserError(
+            f"{final}: cannot create the output folder there ({e.strerror or e}); fix the "
+            f"permissions of {final.parent} or choose another out_dir"
+        ) from None
     os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700
     try:
         yield tmp

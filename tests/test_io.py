@@ -147,3 +147,13 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_swap_is_undone(tmp_pat
     save_json({"x": 1}, tmp_path / "table.json")
     assert not stale_file.exists() and live_file.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [live_file.name, "results", "table.json"]
+
+
+def test_staged_dir_names_the_output_folder_it_cannot_create(tmp_path):
+    # the error must name the folder the user gave, not the hidden temp folder beside it
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError) as e, staged_dir(blocker / "out"):
+        pass
+    assert str(e.value).startswith(f"{blocker / 'out'}: cannot create the output folder")
+    assert ".tmp" not in str(e.value)
