@@ -90,6 +90,7 @@ def run_phase(
     set LDM_DEBUG=1 to see the traceback instead.
     """
     setup_logging()
+    out_dir = None
     try:
         cfg = load_config(cls, config or default_config_path(phase), overrides or [])
         out_dir = getattr(cfg, "out_dir", None)
@@ -105,6 +106,9 @@ def run_phase(
         if os.environ.get("LDM_DEBUG"):
             raise
         raise fail(os_error_message(e)) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and says so itself)
+        where = f"; {out_dir} is as it was" if out_dir is not None else ""
+        raise fail(f"{phase} interrupted{where}", 130) from None
     typer.echo(result.text)
     return result
 

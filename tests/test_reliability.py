@@ -163,6 +163,20 @@ def test_interrupted_phase_exits_130_with_its_message(monkeypatch):
     assert exc.value.exit_code == 130
 
 
+def test_ctrl_c_in_a_phase_without_a_training_loop_exits_130_with_one_line(capsys):
+    # e.g. predict_ldm: its staged output folder is dropped, so the old output stands
+    from ldm.phases.predict_ldm import PredictConfig
+
+    def fn(_cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as exc:
+        run_phase("predict_ldm", PredictConfig, None, ["out_dir=/x/out"], fn)
+    assert exc.value.exit_code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "predict_ldm interrupted; /x/out is as it was"
+
+
 def test_out_dir_that_is_a_file(tiny_pipeline, tmp_path):
     f = tmp_path / "taken"
     f.write_text("x")
