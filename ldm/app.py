@@ -165,8 +165,8 @@ def run_all(
     try:
         names = [p.strip() for p in phases.split(",")] if phases else None
         report = run(profile, names, overwrite, on_phase=_phase_line)
-    except UserError as e:
-        raise fail(str(e)) from None
+    except UserError as e:  # exit 2, or 130 when interrupted
+        raise fail(str(e), getattr(e, "exit_code", 2)) from None
     typer.echo(print_report(profile, report))
 
 

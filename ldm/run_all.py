@@ -12,6 +12,7 @@ from ldm.baselines import LABELS
 from ldm.config import REPO_ROOT, load_config
 from ldm.errors import UserError
 from ldm.pipeline import PHASES, Phase, PhaseResult
+from ldm.run_dir import Interrupted
 
 log = logging.getLogger(__name__)
 PROFILES = ("demo", "default", "mri")
@@ -67,6 +68,13 @@ def run_all(
         t0 = time.perf_counter()
         try:
             result = phase.run_fn()(cfg, overwrite=overwrite or profile == "demo")
+        except (Interrupted, KeyboardInterrupt):  # Ctrl-C / SIGTERM: exit 130, say how to go on
+            if profile == "demo":
+                how = "rerun to start the demo over"
+            else:
+                rest = ",".join(p.name for p in chosen[i - 1 :])
+                how = f"rerun with --phases {rest} to go on (training resumes from last.pt)"
+            raise Interrupted(f"run_all interrupted in {phase.name}; {how}") from None
         except UserError as e:
             raise PhaseFailed(f"phase {phase.name} failed: {e}") from None
         seconds = time.perf_counter() - t0

@@ -20,6 +20,30 @@ def test_a_failing_phase_stops_the_run_and_is_named(tmp_path, monkeypatch):
     assert seen == []  # stopped at the first phase
 
 
+def test_an_interrupted_run_exits_130_and_says_how_to_go_on(tmp_path, monkeypatch):
+    # Ctrl-C inside a phase: exit 130 (not 2, "failed"), and the way on differs by profile
+    from typer.testing import CliRunner
+
+    from ldm.app import app
+    from ldm.pipeline import Phase
+
+    def interrupted(cfg, overwrite=False):
+        raise KeyboardInterrupt
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("")
+    monkeypatch.setattr(run_all_mod, "config_path", lambda profile, phase: cfg)
+    monkeypatch.setattr(Phase, "run_fn", lambda self: interrupted)
+    args = ["run_all", "--phases", "prepare_latents,train_diffusion"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "run_all interrupted in prepare_latents; rerun to start the demo over")
+    result = CliRunner().invoke(app, [*args, "--profile", "default"])
+    assert result.exit_code == 130 and "--phases prepare_latents,train_diffusion to go on" in (
+        result.output)  # fmt: skip
+
+
 def test_phase_selection_keeps_pipeline_order_and_rejects_unknown_names():
     assert [p.name for p in select(["predict_ldm", "prepare_data"])] == [
         "prepare_data",
