@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class _Run:
         self.model, self.model_config, self.task, self.cfg = model, model_config, task, cfg
         self.run_dir, self.extra, self.info, self.device = Path(run_dir), extra, info, device
         self.out = self.run_dir  # where files go now: a staging folder while overwriting
+        self.overwrite = False  # started with --overwrite (set by train)
         self.dataset = dataset
         self.opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
@@ -217,6 +219,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model.to(device)
     run = _Run(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device)
+    run.overwrite = overwrite
     if info.is_main:
         run.out = prepare_run_dir(run_dir, overwrite)
     barrier(info)
@@ -282,13 +285,28 @@ def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info:
         stop = _agree(bool(interrupted), info, device)
         if run.step % cfg.val_every == 0 or done:
             run.last_val = _validate(run, info)
-        if run.step % cfg.save_every == 0 or done or stop:
+        # an --overwrite run before its first checkpoint is still staged: stopped there, it is
+        # dropped, and the earlier run stays (its save would replace best.pt with nothing)
+        staged = stop and _agree(run.out != run.run_dir, info, device)
+        if run.step % cfg.save_every == 0 or done or (stop and not staged):
             run.save("last.pt")
         if stop:
-            raise Interrupted(f"interrupted at step {run.step}; rerun the same command to resume")
+            raise Interrupted(_interrupted(run, staged))
         if out_of_time:
             log.info("stopping at step %d: train.max_minutes=%s reached", run.step, cfg.max_minutes)
             break
+
+
+def _interrupted(run: _Run, staged: bool) -> str:
+    """What a Ctrl-C / SIGTERM left and how to go on."""
+    if staged:
+        if run.info.is_main:
+            shutil.rmtree(run.out, ignore_errors=True)
+        return (f"interrupted at step {run.step}, before this --overwrite run's first "
+                f"checkpoint: {run.run_dir} still holds the earlier run; rerun to start over")
+    if run.overwrite:  # the same command would start over: resuming needs no --overwrite
+        return f"interrupted at step {run.step}; rerun without --overwrite to resume"
+    return f"interrupted at step {run.step}; rerun the same command to resume"
 
 
 def _agree(flag: bool, info: DistInfo, device: torch.device) -> bool:

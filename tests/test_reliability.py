@@ -338,3 +338,20 @@ def test_fault_check_never_replaces_a_folder_it_did_not_make(tmp_path) -> None:
     assert (mine / "brain.nii.gz").read_bytes() == b"data"
     with pytest.raises(UserError, match="--kills must be >= 1"):
         fault_check(tmp_path / "new", kills=0, log=lambda s: None)
+
+
+def test_ctrl_c_in_an_overwrite_run_keeps_the_earlier_run_until_the_new_one_has_saved(tmp_path):
+    # before its first checkpoint an --overwrite run is staged; Ctrl-C drops it (saving there
+    # would replace best.pt with nothing); after it, resuming must go without --overwrite
+    run(tmp_path, steps=10)
+    before = {n: (tmp_path / n).read_bytes() for n in ("last.pt", "best.pt", "metrics.jsonl")}
+    with pytest.raises(Interrupted, match="interrupted at step 3, before this --overwrite run's "
+                       "first checkpoint: .* still holds the earlier run; rerun to start over"):
+        run(tmp_path, steps=10, overwrite=True, interrupt_at=3)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert not (tmp_path / STAGING).exists()
+    with pytest.raises(Interrupted, match="at step 7; rerun without --overwrite to resume"):
+        run(tmp_path, steps=20, overwrite=True, interrupt_at=7)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 7
+    run(tmp_path, steps=20)  # resumes
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 20
