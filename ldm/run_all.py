@@ -73,7 +73,8 @@ def run_all(
                 how = "rerun to start the demo over"
             else:
                 rest = ",".join(p.name for p in chosen[i - 1 :])
-                how = f"rerun with --phases {rest} to go on (training resumes from last.pt)"
+                how = (f"rerun with --phases {rest} to go on (training resumes from last.pt"
+                       f"{'; leave out --overwrite, which starts over' if overwrite else ''})")
             raise Interrupted(f"run_all interrupted in {phase.name}; {how}") from None
         except UserError as e:
             raise PhaseFailed(f"phase {phase.name} failed: {e}") from None

@@ -42,6 +42,8 @@ def test_an_interrupted_run_exits_130_and_says_how_to_go_on(tmp_path, monkeypatc
     result = CliRunner().invoke(app, [*args, "--profile", "default"])
     assert result.exit_code == 130 and "--phases prepare_latents,train_diffusion to go on" in (
         result.output)  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--profile", "default", "--overwrite"])
+    assert "leave out --overwrite, which starts over" in result.output
 
 
 def test_phase_selection_keeps_pipeline_order_and_rejects_unknown_names():
