@@ -17,13 +17,11 @@ from ldm.cli import (
     ConfigOption,
     OverwriteOption,
     SetOption,
-    fail,
     make_app,
-    os_error_message,
+    one_line_errors,
     run_phase,
     setup_logging,
 )
-from ldm.errors import UserError
 from ldm.pipeline import PHASES, get_phase
 
 app = make_app("ldm3d: cleaner, sharper 3D volumes with a latent diffusion model, phase by phase.")
@@ -162,11 +160,9 @@ def run_all(
     from ldm.run_all import run_all as run
 
     setup_logging()
-    try:
+    with one_line_errors():  # exit 2, or 130 when interrupted
         names = [p.strip() for p in phases.split(",")] if phases else None
         report = run(profile, names, overwrite, on_phase=_phase_line)
-    except UserError as e:  # exit 2, or 130 when interrupted
-        raise fail(str(e), getattr(e, "exit_code", 2)) from None
     typer.echo(print_report(profile, report))
 
 
@@ -186,12 +182,8 @@ def benchmark(
 ) -> None:
     from ldm.benchmark import run_plan
 
-    try:
+    with one_line_errors():
         run_plan(device, threads, only, out.resolve(), echo=typer.echo, quick=quick)
-    except UserError as e:
-        raise fail(str(e)) from None
-    except OSError as e:  # an unwritable --out
-        raise fail(os_error_message(e)) from None
 
 
 def main() -> None:

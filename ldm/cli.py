@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
@@ -77,6 +78,23 @@ def os_error_message(e: OSError) -> str:
     return f"{where}: {what}; {fix}"
 
 
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A ``UserError`` (bad config, missing input, ...) or an ``OSError`` (an unwritable output
+    folder, a file where a folder should be, ...) inside becomes one line on stderr and its exit
+    code (2; 130 for an interrupted run); LDM_DEBUG=1 shows the traceback instead."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("LDM_DEBUG"):
+            raise
+        raise fail(str(e), getattr(e, "exit_code", 2)) from None
+    except OSError as e:
+        if os.environ.get("LDM_DEBUG"):
+            raise
+        raise fail(os_error_message(e)) from None
+
+
 def run_phase(
     phase: str,
     cls: type[T],
@@ -84,31 +102,21 @@ def run_phase(
     overrides: list[str] | None,
     fn: Callable[[T], PhaseResult],
 ) -> PhaseResult:
-    """Load the phase config, run ``fn`` on it and print its summary.
-
-    A ``UserError`` (bad config, missing input, ...) becomes one line on stderr and exit code 2;
-    set LDM_DEBUG=1 to see the traceback instead.
-    """
+    """Load the phase config, run ``fn`` on it and print its summary; errors as
+    :func:`one_line_errors`, Ctrl-C outside a training loop as one line and exit code 130."""
     setup_logging()
     out_dir = None
-    try:
-        cfg = load_config(cls, config or default_config_path(phase), overrides or [])
-        out_dir = getattr(cfg, "out_dir", None)
-        if out_dir is not None:  # relative paths resolve against the current folder
-            typer.echo(f"{phase}: output folder {out_dir}", err=True)
-        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
-            result = fn(cfg)
-    except UserError as e:
-        if os.environ.get("LDM_DEBUG"):
-            raise
-        raise fail(str(e), getattr(e, "exit_code", 2)) from None
-    except OSError as e:  # an unwritable output folder, a file where a folder should be, ...
-        if os.environ.get("LDM_DEBUG"):
-            raise
-        raise fail(os_error_message(e)) from None
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and says so itself)
-        where = f"; {out_dir} is as it was" if out_dir is not None else ""
-        raise fail(f"{phase} interrupted{where}", 130) from None
+    with one_line_errors():
+        try:
+            cfg = load_config(cls, config or default_config_path(phase), overrides or [])
+            out_dir = getattr(cfg, "out_dir", None)
+            if out_dir is not None:  # relative paths resolve against the current folder
+                typer.echo(f"{phase}: output folder {out_dir}", err=True)
+            with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+                result = fn(cfg)
+        except KeyboardInterrupt:  # a training loop saves and raises Interrupted itself
+            where = f"; {out_dir} is as it was" if out_dir is not None else ""
+            raise fail(f"{phase} interrupted{where}", 130) from None
     typer.echo(result.text)
     return result
 

@@ -41,6 +41,11 @@ def commit_staged_run(run_dir: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def discard_staged_run(run_dir: Path) -> None:
+    """Drop a staged run (``--overwrite``) that has not replaced the old one: the old run stays."""
+    shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     """Check that ``run_dir`` can be written before any training; tidy what a kill left.
 
@@ -49,7 +54,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     """
     check_writable_folder(run_dir, "choose another out_dir")
     commit_staged_run(run_dir)  # a kill between first save and commit
-    shutil.rmtree(run_dir / STAGING, ignore_errors=True)  # a staged run killed before its save
+    discard_staged_run(run_dir)  # a staged run killed before its save
     for stale in run_dir.glob(".tmp-*"):  # atomic writes a kill interrupted
         stale.unlink(missing_ok=True)
     if overwrite and any((run_dir / n).exists() for n in RUN_FILES):

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from ldm.run_dir import (
     Interrupted,
     commit_staged_run,
     deferred_interrupts,
+    discard_staged_run,
     prepare_run_dir,
     truncate_metrics,
 )
@@ -75,11 +75,12 @@ class TrainResult:
 class _Run:
     """State of one training run: model, optimiser, EMA, position in the data, RNG."""
 
-    def __init__(self, model, model_config, dataset, task, cfg, run_dir, extra, info, device):
+    def __init__(self, model, model_config, dataset, task, cfg, run_dir, extra, info, device,
+                 overwrite):  # fmt: skip
         self.model, self.model_config, self.task, self.cfg = model, model_config, task, cfg
         self.run_dir, self.extra, self.info, self.device = Path(run_dir), extra, info, device
         self.out = self.run_dir  # where files go now: a staging folder while overwriting
-        self.overwrite = False  # started with --overwrite (set by train)
+        self.overwrite = overwrite  # started with --overwrite
         self.dataset = dataset
         self.opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
@@ -218,8 +219,8 @@ def train(
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     model.to(device)
-    run = _Run(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device)
-    run.overwrite = overwrite
+    run = _Run(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device,
+               overwrite)  # fmt: skip
     if info.is_main:
         run.out = prepare_run_dir(run_dir, overwrite)
     barrier(info)
@@ -291,6 +292,8 @@ def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info:
         if run.step % cfg.save_every == 0 or done or (stop and not staged):
             run.save("last.pt")
         if stop:
+            if staged and info.is_main:
+                discard_staged_run(run.run_dir)
             raise Interrupted(_interrupted(run, staged))
         if out_of_time:
             log.info("stopping at step %d: train.max_minutes=%s reached", run.step, cfg.max_minutes)
@@ -300,8 +303,6 @@ def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info:
 def _interrupted(run: _Run, staged: bool) -> str:
     """What a Ctrl-C / SIGTERM left and how to go on."""
     if staged:
-        if run.info.is_main:
-            shutil.rmtree(run.out, ignore_errors=True)
         return (f"interrupted at step {run.step}, before this --overwrite run's first "
                 f"checkpoint: {run.run_dir} still holds the earlier run; rerun to start over")
     if run.overwrite:  # the same command would start over: resuming needs no --overwrite

@@ -11,8 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ldm.cli import fail, make_app
-from ldm.errors import UserError
+from ldm.cli import make_app, one_line_errors
 from ldm.fault_check import fault_check, fault_table
 
 app = make_app(__doc__)
@@ -24,10 +23,8 @@ def main(
     seed: Annotated[int, typer.Option(help="seed of the kill moments")] = 0,
     workspace: Annotated[Path, typer.Option(help="scratch folder")] = Path("results/fault_check"),
 ) -> None:
-    try:
+    with one_line_errors():
         faults = fault_check(workspace.resolve(), kills, seed, log=typer.echo)
-    except UserError as e:
-        raise fail(str(e)) from None
     typer.echo("\n" + fault_table(faults))
     if not all(f.survived for f in faults):
         raise typer.Exit(1)
