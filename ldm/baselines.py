@@ -9,6 +9,7 @@ range) and the contrast scale (1 / least-squares slope of HR on the output); doc
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -36,9 +37,16 @@ from ldm.classical import (
 )
 from ldm.data.dataset import PatchPairs
 from ldm.errors import ConfigError, DataError
-from ldm.files import save_json
-from ldm.inference import autoencode_volume
+from ldm.files import atomic_path, save_json
+from ldm.inference import first_stage_volume
 from ldm.metrics import intensity_fit, psnr, ssim
+from ldm.quality_metrics import (
+    edge_sharpness_ratio,
+    high_band_fsc,
+    high_frequency_energy_ratio,
+    sparsification,
+    variance_to_error_ratio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +58,19 @@ LABELS = {
     "tv": "TV (Chambolle)",
     "nlm": "Non-local means",
     "bm4d": "BM4D",
-    "vae_result": "VAE result",
-    "ldm": "LDM",
-    "vae_ceiling": "VAE ceiling (HR->HR)",
+    "restorer": "Restorer",
+    "ldm_zero": "LDM z = 0",
+    "ldm_sample": "LDM one sample",
+    "ldm": "LDM mean",
+    "oracle": "Oracle (HR latent)",
 }
 BM4D_SKIPPED = "BM4D: skipped (pip install bm4d to include it, and tune.bm4d: true)"
 MAX_CASE_COLUMNS = 3  # per-case columns in the printed table up to this many cases
 SCORES = ("psnr", "ssim", "bias", "bias_pct", "contrast")
+SHARPNESS = ("esr", "hfer", "fsc")
+# radial frequency (cycles / voxel) above which HFER and the high-band FSC are taken: the LR's
+# Nyquist frequency for a 2x downsampling, half the HR's (docs/design.md, "Metrics")
+SHARPNESS_CUTOFF = 0.25
 
 
 @dataclass(frozen=True)
@@ -193,26 +207,45 @@ def method_outputs(
     case: Any, vae: torch.nn.Module, params: dict[str, Any], window: tuple[int, ...], *,
     overlap: float, batch_size: int, device: torch.device,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Baseline, the tuned filters, the VAE result and the VAE ceiling of one case (a TestCase or
-    an ExternalCase), normalised, on the case's grid. Every method runs on ``case.to_model(lr)``
-    (the training spacing with --resample); an LR-aware VAE decodes both rows with that LR."""
+    """Baseline, the tuned filters, the restorer and the oracle (restorer + decoded HR latent)
+    of one case (a TestCase or an ExternalCase), normalised, on the case's grid. Every method
+    runs on ``case.to_model(lr)`` (the training spacing with --resample)."""
     lr = case.model_lr
 
-    def ae(volume: np.ndarray) -> np.ndarray:
-        out = autoencode_volume(vae, volume, window, overlap=overlap, batch_size=batch_size,
-                                device=device, progress=False, lr=lr)  # fmt: skip
+    def first_stage(hr: np.ndarray | None) -> np.ndarray:
+        out = first_stage_volume(vae, lr, window, hr=hr, overlap=overlap, batch_size=batch_size,
+                                 device=device, progress=False)  # fmt: skip
         return case.from_model(out)
 
     classical = classical_outputs(lr, params, device)
-    return {"baseline": case.lr, **{k: case.from_model(v) for k, v in classical.items()},
-            "vae_result": ae(lr),  # decode(encode(LR), LR)
-            "vae_ceiling": ae(case.to_model(case.hr))}  # decode(encode(HR), LR)  # fmt: skip
+    outputs = {"baseline": case.lr, **{k: case.from_model(v) for k, v in classical.items()},
+               "restorer": first_stage(None)}  # fmt: skip
+    if case.hr is not None:
+        outputs["oracle"] = first_stage(case.to_model(case.hr))
+    return outputs
 
 
-def score_volume(x: np.ndarray | torch.Tensor, hr: torch.Tensor, data_range: float) -> dict:
-    """PSNR, SSIM, bias, bias % of range and contrast of ``x`` against ``hr`` (original units)."""
-    return {"psnr": psnr(x, hr, data_range), "ssim": ssim(x, hr, data_range),
-            **intensity_fit(x, hr, data_range)}  # fmt: skip
+def score_volume(
+    x: np.ndarray | torch.Tensor, hr: torch.Tensor, data_range: float, sharpness: bool = False
+) -> dict:
+    """PSNR, SSIM, bias, bias % of range and contrast of ``x`` against ``hr`` (original units);
+    with ``sharpness`` also ESR, HFER and the high-band FSC above SHARPNESS_CUTOFF."""
+    scores = {"psnr": psnr(x, hr, data_range), "ssim": ssim(x, hr, data_range),
+              **intensity_fit(x, hr, data_range)}  # fmt: skip
+    if sharpness:
+        scores |= {"esr": edge_sharpness_ratio(x, hr),
+                   "hfer": high_frequency_energy_ratio(x, hr, SHARPNESS_CUTOFF),
+                   "fsc": high_band_fsc(x, hr, SHARPNESS_CUTOFF)}  # fmt: skip
+    return scores
+
+
+def uncertainty_scores(std: np.ndarray, mean: np.ndarray, hr: np.ndarray) -> dict[str, float]:
+    """Calibration of the per-voxel std of N samples against the error of their mean (all
+    normalised): variance-to-error ratio (about N / (N + 1) when calibrated; docs/design.md,
+    "Metrics") and AUSE, with the AUSE of a random order for scale."""
+    sp = sparsification(std, mean, hr)
+    return {"var_err_ratio": variance_to_error_ratio(std, mean, hr), "ause": float(sp["ause"]),
+            "ause_random": float(sp["ause_random"])}  # fmt: skip
 
 
 def score_outputs(
@@ -220,6 +253,7 @@ def score_outputs(
     hr: np.ndarray,
     to_original: Callable[[np.ndarray], np.ndarray],
     keep: bool = False,
+    sharpness: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Scores of each normalised output against normalised ``hr``, both in original units.
 
@@ -231,7 +265,7 @@ def score_outputs(
     scores, originals = {}, {"hr": ref.float().numpy()} if keep else {}
     for method, vol in outputs.items():
         x = torch.from_numpy(to_original(np.asarray(vol, dtype=np.float64)))
-        scores[method] = score_volume(x, ref, data_range)
+        scores[method] = score_volume(x, ref, data_range, sharpness)
         if keep:
             originals[method] = x.float().numpy()
     return scores, originals
@@ -259,7 +293,9 @@ def format_table(
     """Aligned table, methods as rows: mean PSNR, SSIM, bias, bias %, contrast; then PSNR and
     SSIM per case when there are 2 to MAX_CASE_COLUMNS cases."""
     extra = "bias" in next(iter(mean.values()))
+    sharp = any("esr" in v for v in mean.values())
     header = ["method", "PSNR (dB)", "SSIM"] + (["bias", "bias %", "contrast"] if extra else [])
+    header += ["ESR", "HFER", "FSC hi"] if sharp else []
     cols = list(per_case.items()) if 1 < len(per_case) <= MAX_CASE_COLUMNS else []
     for name, _ in cols:
         header += [f"{name} PSNR", f"{name} SSIM"]
@@ -269,6 +305,8 @@ def format_table(
         row = [LABELS.get(m, m), f"{s['psnr']:.2f}", f"{s['ssim']:.4f}"]
         if extra:
             row += [f"{s['bias']:.4g}", f"{s['bias_pct']:+.2f}", f"{s['contrast']:.3f}"]
+        if sharp:
+            row += [f"{s[k]:.3f}" if k in s else "" for k in SHARPNESS]
         for _, scores in cols:
             row += [f"{scores[m]['psnr']:.2f}", f"{scores[m]['ssim']:.4f}"]
         rows.append(row)
@@ -281,6 +319,28 @@ def format_table(
     ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def save_metrics_csv(per_case: dict[str, dict[str, dict[str, float]]], path: Path) -> Path:
+    """The score table as CSV, written atomically: one row per case and method (case -> method
+    -> scores, as in metrics.json), then the mean over cases of each method (case "mean").
+
+    Columns: method (metrics.json id), case, the SCORES (empty where a method lacks one), any
+    other score keys, label (the table's row name). Floats are written in full precision.
+    """
+    rows = [(case, m, methods[m]) for case, methods in per_case.items() for m in ordered(methods)]
+    if per_case:
+        rows += [("mean", m, s) for m, s in mean_scores(per_case).items()]
+    extra = [k for _, _, s in rows for k in s if k not in SCORES]
+    fields = ["method", "case", *SCORES, *dict.fromkeys(extra), "label"]
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, restval="")
+        writer.writeheader()
+        for case, m, scores in rows:
+            values = {k: float(v) if isinstance(v, (int, float, np.number)) else v
+                      for k, v in scores.items()}  # fmt: skip
+            writer.writerow({**values, "method": m, "case": case, "label": LABELS.get(m, m)})
+    return Path(path)
 
 
 def steps_text(n: int) -> str:
@@ -314,5 +374,7 @@ def method_details(params: dict[str, Any]) -> dict[str, str]:
 
 TABLE_NOTE = (
     "bias = mean(output - HR) in original units (and in % of the HR range); contrast = 1 / slope "
-    "of a least-squares fit of HR to the output (1 = HR contrast, < 1 flattened)"
+    "of a least-squares fit of HR to the output (1 = HR contrast, < 1 flattened); ESR = edge "
+    "gradient / HR's on HR's top 5 % edges, HFER = spectral energy / HR's above 0.25 cycles/voxel "
+    "(both ideal 1, < 1 blurred), FSC hi = Fourier shell correlation with HR there (real detail)"
 )

@@ -2,11 +2,12 @@
 
 ``--input LR [--target HR]`` (one pair) or ``--folder DIR --input-glob G [--target-glob G]``
 (many pairs, matched by what the ``*`` of each glob stands for). Any format ``load_volume``
-reads. Normalised exactly as at inference: the manifest's LR percentiles of the LR alone, the
-same map applied to HR. The input's voxel spacing (from its header) is compared with the
-training spacing in the manifest; with ``resample`` the models run on a copy resampled to the
-training spacing and their outputs are resampled back to the input grid (docs/design.md,
-"External volumes").
+reads; a folder holding a DICOM series (or ``folder@SeriesInstanceUID``) counts as a volume
+wherever a file does, and glob matches that are folders are DICOM inputs. Normalised exactly as
+at inference: the manifest's LR percentiles of the LR alone, the same map applied to HR. The
+input's voxel spacing (from its header) is compared with the training spacing in the manifest;
+with ``resample`` the models run on a copy resampled to the training spacing and their outputs
+are resampled back to the input grid (docs/design.md, "External volumes").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from ldm.data.dataset import TestCase
 from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.data.sources import case_name
+from ldm.dicom import is_series_path, series_name
 from ldm.errors import DataError, UserError
 from ldm.io import RawSpec, VolumeMeta, load_volume
 
@@ -107,16 +109,23 @@ def _glob_regex(pattern: str) -> re.Pattern | None:
     return re.compile(rf"^{rx}$")
 
 
+def _input_name(path: Path) -> str:
+    """Case name: the file name less its volume extension; a DICOM series' folder name."""
+    return series_name(path) if is_series_path(path) else case_name(path)
+
+
 def _keyed(folder: Path, pattern: str, flag: str) -> dict[str, Path]:
-    files = sorted(p for p in folder.glob(pattern) if p.is_file())
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() or p.is_dir())  # dir: DICOM
     if not files:
-        raise DataError(f"{folder}: no files match {flag} {pattern!r}; check the pattern")
+        raise DataError(
+            f"{folder}: no files or DICOM folders match {flag} {pattern!r}; check the pattern"
+        )
     rx = _glob_regex(pattern)
     keys = {}
     for i, p in enumerate(files):
         m = rx.match(p.name) if rx else None
         key = "_".join(g for g in m.groups() if g) if m and m.groups() else f"{i:04d}"
-        keys[key or case_name(p)] = p
+        keys[key or _input_name(p)] = p
     return keys
 
 
@@ -126,7 +135,7 @@ def external_pairs(
     """(case name, LR path, HR path or None) for every pair the options name; checked first."""
     _check_spec(spec, need_target, command)
     if spec.input is not None:
-        return [(case_name(Path(spec.input)), Path(spec.input), spec.target)]
+        return [(_input_name(Path(spec.input)), Path(spec.input), spec.target)]
     folder = Path(spec.folder)
     if not folder.is_dir():
         raise DataError(f"--folder not found: {folder} (check the path)")

@@ -152,35 +152,36 @@ def sliding_window_infer(
     return out[(slice(None), *crop)].contiguous()
 
 
-def autoencode_volume(
-    vae: torch.nn.Module,
-    volume: np.ndarray,
+def first_stage_volume(
+    model: torch.nn.Module,
+    lr: np.ndarray,
     window: Sequence[int],
     *,
+    hr: np.ndarray | None = None,
     overlap: float = 0.5,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     progress: bool = True,
-    lr: np.ndarray | None = None,
 ) -> np.ndarray:
-    """decode(encode(volume)) with the latent mean, window by window: the VAE denoiser on a whole
-    (D, H, W) normalised volume; returns the same shape as float32 numpy. ``window`` shrinks to a
-    smaller volume (:func:`fit_window`, multiples of the VAE factor). An LR-aware VAE
-    (``config.uses_lr``) decodes with ``lr`` (same shape; default the volume itself) as the LR
-    image: pass the LR volume when ``volume`` is the HR (the ceiling decode(encode(HR), LR))."""
+    """The first stage (:class:`ldm.nets.restorer.RestorerAE`) on a whole normalised (D, H, W)
+    volume, window by window: the restorer mu(LR), or with ``hr`` the oracle
+    mu + D(E(HR - mu)) (what a perfect diffusion could reach). ``window`` shrinks to a smaller
+    volume (:func:`fit_window`). Returns float32 numpy of the volume's shape."""
 
-    def fn(batch: torch.Tensor) -> torch.Tensor:  # (B, 1 or 2, *w): volume [, LR]
-        mu, _ = vae.encode(batch[:, :1])
-        return vae.decode(mu, batch[:, -1:])
+    def fn(batch: torch.Tensor) -> torch.Tensor:  # (B, 1 or 2, *w): LR [, HR]
+        mu = model.restore(batch[:, :1])
+        if batch.shape[1] == 1:
+            return mu
+        return mu + model.decode(model.encode(batch[:, 1:] - mu)[0])
 
-    vols = [volume] if lr is None else [volume, lr]
-    if lr is not None and lr.shape != volume.shape:
-        raise UserError(f"lr shape {lr.shape} != volume shape {volume.shape}")
+    vols = [lr] if hr is None else [lr, hr]
+    if hr is not None and hr.shape != lr.shape:
+        raise UserError(f"hr shape {hr.shape} != lr shape {lr.shape}")
     x = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in vols]))  # (1|2, *sp)
     out = sliding_window_infer(
         x,
         fn,
-        fit_window(window, volume.shape, vae.config.downsample_factor),
+        fit_window(window, lr.shape, model.config.window_multiple),
         overlap=overlap,
         batch_size=batch_size,
         device=device,

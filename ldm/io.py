@@ -1,9 +1,11 @@
-"""Volume I/O: .raw + .mhd, .nii/.nii.gz, .npy.
+"""Volume I/O: .raw + .mhd, .nii/.nii.gz, .npy, and DICOM series (a folder, ``ldm.dicom``).
 
 Arrays are numpy, axis order as stored: for .raw/.mhd the array is (z, y, x) -- MetaImage's
-DimSize lists x first; for NIfTI the nibabel order (i, j, k) with its affine kept.
+DimSize lists x first; for NIfTI the nibabel order (i, j, k) with its affine kept; a DICOM
+series is (z, y, x) like MetaImage, in real units (RescaleSlope/Intercept applied). A folder
+is read as one DICOM series; ``folder@SeriesInstanceUID`` chooses one of several.
 Every writer goes through a temporary name and an atomic rename (``ldm.files``), so a crash
-never leaves a half-written file under the final name.
+never leaves a half-written file under the final name (a DICOM series: a whole folder).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class RawSpec:
 class VolumeMeta:
     """Where a volume came from, enough to write a result back in the same format and space."""
 
-    format: str  # raw | nifti | npy
+    format: str  # raw | nifti | npy | dicom
     spacing: tuple[float, ...] = ()
     origin: tuple[float, ...] = ()
     affine: list[list[float]] | None = None
@@ -59,12 +61,19 @@ class VolumeMeta:
     # MetaImage orientation (TransformMatrix) as SimpleITK gives it: row-major, x/y/z order;
     # None = identity
     direction: tuple[float, ...] | None = None
+    # DICOM: the folder the series was read from (absolute) and its SeriesInstanceUID, so a
+    # result can be written as a new series of the same patient and study; None otherwise
+    source: str | None = None
+    series_uid: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {"format": self.format, "spacing": list(self.spacing), "origin": list(self.origin),
              "affine": self.affine, "dtype": self.dtype}  # fmt: skip
         if self.direction is not None:
             d["direction"] = list(self.direction)
+        for key in ("source", "series_uid"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         return d
 
     @classmethod
@@ -72,10 +81,19 @@ class VolumeMeta:
         direction = d.get("direction")
         return cls(d["format"], tuple(d.get("spacing", ())), tuple(d.get("origin", ())),
                    d.get("affine"), d.get("dtype", "float32"),
-                   tuple(direction) if direction is not None else None)  # fmt: skip
+                   tuple(direction) if direction is not None else None,
+                   d.get("source"), d.get("series_uid"))  # fmt: skip
+
+
+FORMATS = ("raw", "nifti", "npy", "dicom")
 
 
 def volume_format(path: Path) -> str:
+    """raw | nifti | npy by the extension; dicom for a folder or a ``folder@UID`` spelling."""
+    from ldm.dicom import is_series_path
+
+    if is_series_path(path):
+        return "dicom"
     name = Path(path).name.lower()
     if name.endswith((".nii", ".nii.gz")):
         return "nifti"
@@ -83,16 +101,27 @@ def volume_format(path: Path) -> str:
         return "raw"
     if name.endswith(".npy"):
         return "npy"
-    raise DataError(f"{path}: unknown volume format (use .raw/.mhd, .nii, .nii.gz or .npy)")
+    raise DataError(
+        f"{path}: unknown volume format (use .raw/.mhd, .nii, .nii.gz, .npy or a folder holding "
+        f"a DICOM series)"
+    )
 
 
 def load_volume(path: str | Path, raw: RawSpec | None = None) -> tuple[np.ndarray, VolumeMeta]:
-    """Read a volume as float32; NaN/Inf or a .raw of the wrong byte size is a DataError."""
+    """Read a volume as float32; NaN/Inf or a .raw of the wrong byte size is a DataError.
+
+    A folder is read as a DICOM series (``ldm.dicom.load_dicom_series``); when it holds
+    several, choose one with ``folder@SeriesInstanceUID`` (the DataError lists them).
+    """
     path = Path(path)
     fmt = volume_format(path)
-    if not path.is_file():
+    if fmt == "dicom":
+        from ldm.dicom import load_dicom_series
+
+        data, meta = load_dicom_series(path)
+    elif not path.is_file():
         raise DataError(f"volume file not found: {path} (check the path in your config)")
-    if fmt == "raw":
+    elif fmt == "raw":
         data, meta = _load_raw(path, raw)
     elif fmt == "nifti":
         data, meta = _load_nifti(path)
@@ -214,12 +243,31 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, VolumeMeta]:
     )
 
 
-def save_volume(path: str | Path, data: np.ndarray, meta: VolumeMeta | None = None) -> Path:
-    """Write ``data`` by the extension of ``path`` (.raw writes a .mhd beside it); atomic."""
+def save_volume(
+    path: str | Path,
+    data: np.ndarray,
+    meta: VolumeMeta | None = None,
+    fmt: str | None = None,
+) -> Path:
+    """Write ``data`` by the extension of ``path`` (.raw writes a .mhd beside it); atomic.
+
+    ``fmt`` (raw | nifti | npy | dicom) overrides the extension. A DICOM series is written
+    when ``fmt="dicom"`` or when ``path`` has no extension and ``meta.format`` is "dicom":
+    a new folder ``path``, one file per slice (``ldm.dicom.save_dicom_series``); an existing
+    folder is a UserError. Returns the path written (the .raw, or the series folder).
+    """
     path = Path(path)
-    fmt = volume_format(path)
+    if fmt is None:
+        dicom = meta is not None and meta.format == "dicom" and not path.suffix
+        fmt = "dicom" if dicom else volume_format(path)
+    elif fmt not in FORMATS:
+        raise UserError(f"{path}: unknown volume format {fmt!r} (one of {', '.join(FORMATS)})")
     data = np.asarray(data)
     meta = meta or VolumeMeta(fmt)
+    if fmt == "dicom":
+        from ldm.dicom import save_dicom_series
+
+        return save_dicom_series(path, data, meta)
     if fmt == "npy":
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, data)

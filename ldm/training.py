@@ -1,9 +1,10 @@
 """The one training loop of every training phase (nanoGPT-style, readable top to bottom).
 
 AdamW, linear warmup + cosine decay, gradient clipping, EMA weights, autocast (bf16 on CUDA and
-on CPUs with bf16 instructions), tqdm, metrics.jsonl, periodic validation, atomic checkpoints
-(last.pt + best.pt), automatic resume, and DDP when launched by ``torchrun``. The parts of a step
-(config, schedule, optimiser, EMA, precision) live in ``ldm.optim``.
+on CPUs with bf16 instructions), tqdm, metrics.jsonl and its curves.png (ldm.curves), periodic
+validation, atomic checkpoints (last.pt + best.pt), automatic resume, and DDP when launched by
+``torchrun``. The parts of a step (config, schedule, optimiser, EMA, precision) live in
+``ldm.optim``.
 A phase plugs in through a small ``TrainTask``: a loss on a batch and a validation.
 """
 
@@ -238,9 +239,14 @@ def train(
     try:
         with deferred_interrupts() as interrupted:
             _loop(run, net, batches, bar, interrupted, info, device, t0)
+    except Interrupted:
+        bar.close()
+        _save_curves(run, info)  # last.pt saved (a dropped staged run left no metrics.jsonl)
+        raise
     finally:
         bar.close()  # before any error line, so it is not printed onto the bar
     barrier(info)
+    _save_curves(run, info)
     if info.is_main and config is not None and (run.step > start_step
                                                  or not (run_dir / "config.yaml").exists()):
         save_config(config, run_dir / "config.yaml")
@@ -298,6 +304,19 @@ def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info:
         if out_of_time:
             log.info("stopping at step %d: train.max_minutes=%s reached", run.step, cfg.max_minutes)
             break
+
+
+def _save_curves(run: _Run, info: DistInfo) -> None:
+    """curves.png beside the run's metrics.jsonl, on rank 0; failing to draw is only a warning."""
+    metrics = run.out / "metrics.jsonl"
+    if not info.is_main or not metrics.is_file():
+        return
+    try:
+        from ldm.curves import plot_training_curves  # matplotlib: imported only here
+
+        plot_training_curves(metrics, run.out / "curves.png")
+    except Exception as e:  # a picture never fails a training
+        log.warning("%s: curves.png not drawn (%s: %s)", run.out, type(e).__name__, e)
 
 
 def _interrupted(run: _Run, staged: bool) -> str:

@@ -58,18 +58,23 @@ def save_views_png(
 
 
 def save_comparison_png(
-    path: Path, rows: dict[str, np.ndarray], title: str, window: tuple[float, float] | None = None
-) -> Path:
-    """A grid: one row per labelled volume, one column per view, one shared window."""
+    path: Path, rows: dict[str, np.ndarray], title: str, window: tuple[float, float] | None = None,
+    std: tuple[np.ndarray, tuple[float, float]] | None = None,
+) -> Path:  # fmt: skip
+    """A grid: one row per labelled volume, one column per view, one shared window; ``std``
+    (volume, its window) adds a last row in the magma colour map (the uncertainty)."""
     window = window or shared_window(list(rows.values()))
     n_views = len(views(next(iter(rows.values()))))
+    styled = [(label, vol, "gray", window) for label, vol in rows.items()]
+    if std is not None:
+        styled.append(("std (samples)", std[0], "magma", std[1]))
     fig, axes = plt.subplots(
-        len(rows), n_views, figsize=(2.6 * n_views, 2.6 * len(rows)), squeeze=False
+        len(styled), n_views, figsize=(2.6 * n_views, 2.6 * len(styled)), squeeze=False
     )
-    for r, (label, vol) in enumerate(rows.items()):
+    for r, (label, vol, cmap, win) in enumerate(styled):
         for c, img in enumerate(views(vol)):
             ax = axes[r][c]
-            ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+            ax.imshow(img, cmap=cmap, vmin=win[0], vmax=win[1], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0 and n_views > 1:

@@ -1,4 +1,5 @@
-"""Reading a prepare_latents folder back: its meta (checked against the VAE) and latent pairs."""
+"""Reading a prepare_latents folder back: its meta (checked against the VAE) and the pairs
+(condition, latent) the diffusion trains on."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.checkpoint import file_digest
+from ldm.data.dataset import PatchPairs
 from ldm.errors import DataError
 from ldm.files import load_json
+from ldm.nets.restorer import condition
 
-LATENTS_VERSION = 1
+LATENTS_VERSION = 2  # 2: restorer outputs + residual latents
 
 
 def latents_dir(data_dir: Path, out_dir: Path | None) -> Path:
@@ -40,21 +43,32 @@ def load_latents_meta(latents: Path, vae_checkpoint: Path) -> dict[str, Any]:
 
 
 class LatentPairs(Dataset):
-    """(scaled LR latent, scaled HR latent) of one split, as (C, d, h, w) tensors."""
+    """(condition, scaled residual latent) of one split: the condition is space-to-depth of
+    (mu, LR), (2 f^3, d, h, w), the latent (C, d, h, w)."""
 
-    def __init__(self, latents: Path, split: str, scale: float) -> None:
+    def __init__(self, latents: Path, split: str, scale: float, data_dir: Path,
+                 factor: int) -> None:  # fmt: skip
         self.folder = folder = Path(latents) / split
         try:
-            self.lr = np.load(folder / "lr.npy", mmap_mode="r")
-            self.hr = np.load(folder / "hr.npy", mmap_mode="r")
+            self.mu = np.load(folder / "mu.npy", mmap_mode="r")
+            self.z = np.load(folder / "z.npy", mmap_mode="r")
         except (OSError, ValueError) as e:
             raise DataError(f"{folder}: unreadable latents ({e}); rerun prepare_latents") from None
-        self.scale = scale
+        self.lr = PatchPairs(data_dir, split).lr
+        n = self.z.shape[0]
+        if self.lr.shape[0] != n or tuple(self.mu.shape[2:]) != tuple(self.lr.shape[1:]):
+            raise DataError(
+                f"{folder}: {self.z.shape[0]} latents for {self.lr.shape[0]} patches of "
+                f"{data_dir}; rerun prepare_latents --overwrite"
+            )
+        self.scale, self.factor = scale, factor
 
     def __len__(self) -> int:
-        return self.hr.shape[0]
+        return self.z.shape[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lr = torch.from_numpy(np.array(self.lr[i], dtype=np.float32)) * self.scale
-        hr = torch.from_numpy(np.array(self.hr[i], dtype=np.float32)) * self.scale
-        return lr, hr
+        mu = torch.from_numpy(np.array(self.mu[i], dtype=np.float32))[None]  # (1, 1, *sp)
+        lr = torch.from_numpy(np.array(self.lr[i], dtype=np.float32)).reshape(mu.shape)
+        cond = condition(mu, lr, self.factor)[0]
+        z = torch.from_numpy(np.array(self.z[i], dtype=np.float32)) * self.scale
+        return cond, z

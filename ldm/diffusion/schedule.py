@@ -28,7 +28,6 @@ from ldm.errors import UserError
 
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v")
-TARGETS = ("latent", "residual")
 COSINE_S = 0.008  # Nichol & Dhariwal 2021, sec. 3.2: small offset so beta_1 is not too small
 COSINE_MAX_BETA = 0.999  # same paper: clip beta_t to avoid a singularity at t = T
 
@@ -48,12 +47,8 @@ class DiffusionConfig:
     beta_schedule: str = "linear"  # "linear" (DDPM: 1e-4..0.02) | "cosine" (Nichol & Dhariwal 2021)
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02  # linear schedule only
-    prediction_type: str = "epsilon"  # "epsilon" | "v"
-    min_snr_gamma: float = 0.0  # 0 = plain MSE; > 0 = min-SNR-gamma weighting (Hang et al. 2023)
-    # What x_0 of the chain is: "latent" = the scaled HR latent z_HR; "residual" = the scaled
-    # residual (z_HR - z_LR) / rms(z_HR - z_LR) (docs/design.md "Residual target"): x_0 = 0 is
-    # the VAE result, so the chain only has to add what the LR latent lacks.
-    target: str = "latent"
+    prediction_type: str = "v"  # "epsilon" | "v"
+    min_snr_gamma: float = 5.0  # 0 = plain MSE; > 0 = min-SNR-gamma weighting (Hang et al. 2023)
 
     def __post_init__(self) -> None:
         t = self.num_train_timesteps
@@ -61,7 +56,6 @@ class DiffusionConfig:
             raise UserError(f"num_train_timesteps must be an integer >= 1, got {t!r}")
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _check_choice("target", self.target, TARGETS)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise UserError(
                 "beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, "

@@ -11,7 +11,8 @@ from torch import nn
 from ldm.checkpoint import load_checkpoint
 from ldm.config import config_from_dict
 from ldm.errors import CheckpointError, UserError
-from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig
+from ldm.nets import UNet3d, UNetConfig
+from ldm.nets.restorer import RestorerAE, RestorerAEConfig
 
 
 def ema_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -31,6 +32,12 @@ def _restore(net: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> No
 
 def _build(cls_cfg: type, cls_net: type, path: Path, kind: str, device, ema: bool):
     state = load_checkpoint(path, kind)
+    if kind == "vae" and "restorer" not in state.get("model_config", {}):
+        raise CheckpointError(
+            f"{path}: a first stage of the earlier design (one LR-aware autoencoder, whose "
+            "decoder ignored its latent); this version needs the restorer + residual "
+            "autoencoder: rerun train_vae_pair --overwrite and the phases after it"
+        )
     try:
         cfg = config_from_dict(cls_cfg, state["model_config"], f"{path} (model_config)")
     except UserError as e:
@@ -42,9 +49,10 @@ def _build(cls_cfg: type, cls_net: type, path: Path, kind: str, device, ema: boo
 
 def load_vae(
     path: Path, device: str | torch.device = "cpu", ema: bool = True
-) -> tuple[VAE3d, dict]:
-    """(VAE in eval mode on ``device``, the checkpoint dict) from a train_vae_pair checkpoint."""
-    return _build(VAEConfig, VAE3d, Path(path), "vae", device, ema)
+) -> tuple[RestorerAE, dict]:
+    """(restorer + residual autoencoder in eval mode on ``device``, the checkpoint dict) from a
+    train_vae_pair checkpoint."""
+    return _build(RestorerAEConfig, RestorerAE, Path(path), "vae", device, ema)
 
 
 def load_unet(

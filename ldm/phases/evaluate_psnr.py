@@ -28,6 +28,7 @@ from ldm.baselines import (
     mean_scores,
     method_details,
     method_outputs,
+    save_metrics_csv,
     score_outputs,
     tuned_baselines,
     tuned_text,
@@ -141,7 +142,7 @@ def _summary(cfg: EvaluateConfig, step: int, window: tuple, metrics: dict[str, A
         metrics["tuned_text"],
         f"Result PSNR: {mean['vae_result']['psnr']:.2f} dB | "
         f"Baseline PSNR: {mean['baseline']['psnr']:.2f} dB",
-        f"wrote {cfg.out_dir}/metrics.json, comparison.png, config.yaml",
+        f"wrote {cfg.out_dir}/metrics.json, metrics.csv, comparison.png, config.yaml",
     ]
     return "\n".join(lines)
 
@@ -221,11 +222,12 @@ def evaluate_psnr(
         if ext_info is not None:
             metrics["external"] = ext_info
         save_json(metrics, tmp / "metrics.json")
+        save_metrics_csv(per_case, tmp / "metrics.csv")  # the table, for spreadsheets
         save_config(cfg, tmp / "config.yaml")
     result, baseline = mean["vae_result"]["psnr"], mean["baseline"]["psnr"]
     return PhaseResult(
         _summary(cfg, int(state["step"]), window, metrics),
         f"VAE {result:.2f} dB vs baseline {baseline:.2f} dB",
         {"result_psnr": result, "baseline_psnr": baseline, "mean": mean},
-        [cfg.out_dir / "metrics.json", cfg.out_dir / "comparison.png"],
+        [cfg.out_dir / "metrics.json", cfg.out_dir / "metrics.csv", cfg.out_dir / "comparison.png"],
     )

@@ -1,10 +1,12 @@
-"""prepare_latents: encode every LR/HR patch to its VAE mean latent, plus one scale factor.
+"""prepare_latents: the restorer's output and the residual latent of every patch pair.
 
 Writes ``<data_dir>/latents/`` (or ``out_dir``):
-  meta.json                        scale_factor (1 / std of the train HR latents), latent shape,
-                                   and the VAE checkpoint's identity (path, step, sha256 digest)
-  {train,val,test}/lr.npy, hr.npy  (N, C, d, h, w) float32 mean latents, NOT scaled
-Later phases compare the identity with the VAE they use and refuse latents of another VAE.
+  meta.json                      scale_factor (1 / std of the train latents), latent shape,
+                                 and the first stage's identity (path, step, sha256 digest)
+  {train,val,test}/mu.npy        (N, 1, D, H, W) float32 restorer outputs mu(LR) (the condition,
+                                 with the dataset's LR patches)
+  {train,val,test}/z.npy         (N, C, d, h, w) float32 mean latents of HR - mu, NOT scaled
+Later phases compare the identity with the checkpoint they use and refuse latents of another.
 """
 
 from __future__ import annotations
@@ -50,14 +52,16 @@ def vae_identity(path: Path, state: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _encode_split(vae, pairs: PatchPairs, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
-    lr_out, hr_out = [], []
+    """(mu, z): restorer outputs (N, 1, D, H, W) and mean latents of HR - mu (N, C, d, h, w)."""
+    mu_out, z_out = [], []
     for i in tqdm(range(0, len(pairs), batch_size), desc=f"encode {pairs.split}", unit="batch"):
         items = [pairs[j] for j in range(i, min(i + batch_size, len(pairs)))]
         lr = torch.stack([p[0] for p in items]).to(device)  # (B, 1, D, H, W)
         hr = torch.stack([p[1] for p in items]).to(device)
-        lr_out.append(vae.encode(lr)[0].float().cpu().numpy())  # (B, C, d, h, w) means
-        hr_out.append(vae.encode(hr)[0].float().cpu().numpy())
-    return np.concatenate(lr_out), np.concatenate(hr_out)
+        mu = vae.restore(lr)
+        mu_out.append(mu.float().cpu().numpy())
+        z_out.append(vae.encode(hr - mu)[0].float().cpu().numpy())
+    return np.concatenate(mu_out), np.concatenate(z_out)
 
 
 def prepare_latents(cfg: PrepareLatentsConfig, *, overwrite: bool = False) -> PhaseResult:
@@ -65,7 +69,7 @@ def prepare_latents(cfg: PrepareLatentsConfig, *, overwrite: bool = False) -> Ph
     manifest = load_manifest(cfg.data_dir)
     device = pick_device(cfg.device)
     vae, state = load_vae(cfg.vae_checkpoint, device)
-    check_patch_size(manifest["patch_size"], vae.config.downsample_factor, str(cfg.data_dir))
+    check_patch_size(manifest["patch_size"], vae.config.window_multiple, str(cfg.data_dir))
     out_dir = latents_dir(cfg.data_dir, cfg.out_dir)
     counts: dict[str, int] = {}
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
@@ -75,20 +79,22 @@ def prepare_latents(cfg: PrepareLatentsConfig, *, overwrite: bool = False) -> Ph
             pairs = PatchPairs(cfg.data_dir, split)
             (tmp / split).mkdir()
             if len(pairs) == 0:
-                lr = hr = np.zeros((0, vae.config.latent_channels, 1, 1, 1), np.float32)
+                mu = np.zeros((0, 1, *manifest["patch_size"]), np.float32)
+                z = np.zeros((0, vae.config.latent_channels, 1, 1, 1), np.float32)
             else:
-                lr, hr = _encode_split(vae, pairs, cfg.batch_size, device)
-                shape = list(hr.shape[1:])
+                mu, z = _encode_split(vae, pairs, cfg.batch_size, device)
+                shape = list(z.shape[1:])
             if split == "train":
-                scale = 1.0 / float(hr.std())
-            np.save(tmp / split / "lr.npy", lr)
-            np.save(tmp / split / "hr.npy", hr)
+                scale = 1.0 / float(z.std())
+            np.save(tmp / split / "mu.npy", mu)
+            np.save(tmp / split / "z.npy", z)
             counts[split] = len(pairs)
         meta = {
             "format_version": LATENTS_VERSION,
             "scale_factor": scale,
             "latent_shape": shape,
             "spatial_dims": vae.config.spatial_dims,
+            "factor": vae.config.downsample_factor,
             "vae": vae_identity(Path(cfg.vae_checkpoint), state),
             "counts": counts,
         }
@@ -97,7 +103,7 @@ def prepare_latents(cfg: PrepareLatentsConfig, *, overwrite: bool = False) -> Ph
     seconds = time.perf_counter() - t0
     text = (
         f"prepare_latents -> {out_dir}: {counts} patches encoded in {seconds:.1f} s\n"
-        f"latent shape {shape}, scale factor {scale:.4f} (1 / std of train HR latents), "
+        f"latent shape {shape}, scale factor {scale:.4f} (1 / std of the train residual latents), "
         f"VAE step {state['step']}"
     )
     return PhaseResult(text, f"latents {shape}, scale {scale:.3f}", meta, [out_dir])

@@ -1,11 +1,12 @@
 """predict_ldm: the whole LDM on whole volumes, window by window.
 
-For each image-space window: encode LR -> DDIM/DDPM sample of the HR latent conditioned on it ->
-decode; windows are blended with Gaussian weights. Seeded: eta = 0 gives the same volume every
-run. ``num_samples`` > 1 gives the mean and a per-voxel standard deviation (uncertainty).
-Inputs: the test cases, or external volumes (``--input [--target]``, ``--folder`` + globs; read
-and normalised by ldm/external.py). Where HR is known the table has the classical baselines
-(tuned on train patches), the VAE result, the LDM and the VAE ceiling (ldm/baselines.py).
+For each image-space window: the restorer mu(LR) -> ``num_samples`` DDIM/DDPM samples of the
+residual latent conditioned on (mu, LR), run as one batch -> mu + w D(z) each; the mean, the
+per-voxel std (uncertainty) and the first sample are blended with Gaussian weights. Seeded:
+eta = 0 gives the same volumes every run. Inputs: the test cases, or external volumes
+(``--input [--target]``, ``--folder`` + globs; read and normalised by ldm/external.py). Where HR
+is known the table has the classical baselines (tuned on train patches), the restorer, the LDM
+mean and one sample, and the oracle (ldm/baselines.py), with sharpness and calibration figures.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from ldm.baselines import (
     LABELS,
     TuneConfig,
     method_outputs,
+    save_metrics_csv,
     score_outputs,
     tuned_baselines,
+    uncertainty_scores,
 )
 from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
@@ -57,7 +60,8 @@ class PredictConfig:
     batch_size: int = 8  # windows per batch: bounds the memory, not the volume size
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
-    num_samples: int = 1  # > 1: mean + per-voxel std (uncertainty map)
+    num_samples: int = 8  # samples per window: their mean, per-voxel std and the first one
+    detail_weight: float = 1.0  # w in mu + w D(z): 0 = the restorer (fidelity), 1 = detail
     cases: tuple[str, ...] | None = None  # test cases to predict; null = all
     gif: bool = True  # GIF of the reverse process on the central window of the first case
     amp: bool = True  # bf16 autocast of the networks on CUDA (CPU always runs float32)
@@ -67,38 +71,37 @@ class PredictConfig:
     def __post_init__(self) -> None:
         check_range("overlap", self.overlap, 0, 1, hi_open=True)
         check_min("num_samples", self.num_samples, 1)
+        check_range("detail_weight", self.detail_weight, 0, 2)
         check_min("batch_size", self.batch_size, 1)
 
 
 def ldm_window_fn(
-    ldm: LatentDiffusion, sampler: SamplerConfig, generator: torch.Generator, amp: bool = True
+    ldm: LatentDiffusion, cfg: PredictConfig, generator: torch.Generator
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """LR window batch (B, 1, *w) -> LDM output (B, 1, *w): encode, sample, decode."""
-    use_amp = amp and ldm.device.type == "cuda"
+    """LR window batch (B, 1, *w) -> (B, 3, *w): mean of the samples, their std, one sample."""
+    use_amp = cfg.amp and ldm.device.type == "cuda"
 
     def fn(lr: torch.Tensor) -> torch.Tensor:
         with torch.autocast(ldm.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            return ldm.denoise(lr, sampler, generator).float()  # the decoder sees the LR too
+            out = ldm.refine(lr, cfg.sampler, generator, cfg.num_samples, cfg.detail_weight)
+        return out.float()
 
     return fn
 
 
 def predict_volume(
     ldm: LatentDiffusion, lr: np.ndarray, cfg: PredictConfig, window: tuple[int, ...]
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(mean over num_samples, per-voxel std or None) of the LDM output on a normalised volume."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(mean over num_samples, per-voxel std or None for one sample, the first sample) of the
+    LDM on a normalised volume."""
     x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]  # (1, D, H, W)
     window = fit_window(window, lr.shape, ldm.window_multiple)
-    samples = []
-    for k in range(cfg.num_samples):
-        g = torch.Generator(device=ldm.device).manual_seed(cfg.seed + k)
-        out = sliding_window_infer(
-            x, ldm_window_fn(ldm, cfg.sampler, g, cfg.amp), window, overlap=cfg.overlap,
-            batch_size=cfg.batch_size, device=ldm.device,
-        )  # fmt: skip
-        samples.append(out[0].numpy())
-    stack = np.stack(samples)
-    return stack.mean(0), (stack.std(0) if cfg.num_samples > 1 else None)
+    g = torch.Generator(device=ldm.device).manual_seed(cfg.seed)
+    out = sliding_window_infer(
+        x, ldm_window_fn(ldm, cfg, g), window, overlap=cfg.overlap, batch_size=cfg.batch_size,
+        device=ldm.device, out_channels=3,
+    ).numpy()  # fmt: skip
+    return out[0], (out[1] if cfg.num_samples > 1 else None), out[2]
 
 
 def check_window(window: tuple[int, ...], ldm: LatentDiffusion) -> None:
@@ -118,15 +121,16 @@ def _write_volume(folder: Path, case: TestCase, vol: np.ndarray, suffix: str) ->
 
 def _scores(
     ldm: LatentDiffusion, case: TestCase, cfg: PredictConfig, window: tuple[int, ...],
-    params: dict, ldm_norm: np.ndarray,
-) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
-    """The score table of one case with HR, and the VAE result in original units."""
-
+    params: dict, ldm_out: dict[str, np.ndarray], std: np.ndarray | None,
+) -> tuple[dict, dict, dict[str, np.ndarray]]:  # fmt: skip
+    """The score table of one case with HR, its uncertainty figures, and the restorer in
+    original units."""
     outputs = method_outputs(case, ldm.vae, params, window, overlap=cfg.overlap,
                              batch_size=cfg.batch_size, device=ldm.device)  # fmt: skip
-    outputs["ldm"] = ldm_norm
-    scores, _ = score_outputs(outputs, case.hr, case.to_original)
-    return scores, {LABELS["vae_result"]: case.to_original(outputs["vae_result"])}
+    outputs.update(ldm_out)
+    scores, _ = score_outputs(outputs, case.hr, case.to_original, sharpness=True)
+    calibration = uncertainty_scores(std, ldm_out["ldm"], case.hr) if std is not None else {}
+    return scores, calibration, {LABELS["restorer"]: case.to_original(outputs["restorer"])}
 
 
 def _predict_case(
@@ -136,22 +140,26 @@ def _predict_case(
     """Predict one case into ``out/<case>/``; returns its metrics.json row."""
     folder, final = out / case.name, cfg.out_dir / case.name  # staged and final locations
     t0 = time.perf_counter()
-    mean, std = predict_volume(ldm, case.model_lr, cfg, window)
-    mean = case.from_model(mean)
+    mean, std, sample = predict_volume(ldm, case.model_lr, cfg, window)
+    mean, sample = case.from_model(mean), case.from_model(sample)
+    std = case.from_model(std) if std is not None else None
     seconds = time.perf_counter() - t0
     log.info("%s: LDM in %.1f s", case.name, seconds)
     ldm_vol = case.to_original(mean)
     row: dict = {"seconds": seconds}
-    outputs = {"LDM": ldm_vol}
+    outputs = {"LDM sample": case.to_original(sample), "LDM mean": ldm_vol}
     if case.hr is not None:  # baselines tuned after the first LDM run (it checks the sampler)
-        row["metrics"], vae = _scores(ldm, case, cfg, window, params(), mean)
-        outputs = {**vae, "LDM": ldm_vol}
+        ldm_out = {"ldm": mean, "ldm_sample": sample}
+        row["metrics"], calibration, restorer = _scores(ldm, case, cfg, window, params(),
+                                                        ldm_out, std)  # fmt: skip
+        if calibration:
+            row["uncertainty_scores"] = calibration
+        outputs = {**restorer, **outputs}
     row["output"] = str(final / _write_volume(folder, case, ldm_vol, "ldm").name)
+    std_vol = None
     if std is not None:
-        std_vol = case.from_model(std) * (case.high - case.low)  # original units
+        std_vol = std * (case.high - case.low)  # original units
         row["uncertainty"] = str(final / _write_volume(folder, case, std_vol, "std").name)
-    else:
-        std_vol = None
     case_pictures(folder, case, outputs, std_vol)
     if gif:
         reverse_process_gif(
@@ -198,7 +206,8 @@ def predict_ldm(
                                             gif=cfg.gif and i == 0, params=get_params)  # fmt: skip
         params = tuned or None  # None: no case had HR
         summary = {"cases": rows, "window": list(window), "sampler": cfg.sampler.__dict__,
-                   "num_samples": cfg.num_samples, "vae_step": ldm.vae_step,
+                   "num_samples": cfg.num_samples,
+                   "detail_weight": cfg.detail_weight, "vae_step": ldm.vae_step,
                    "diffusion_step": ldm.unet_step, "device": str(device),
                    "tuned": params}  # fmt: skip
         if ext_info is not None:
@@ -206,5 +215,8 @@ def predict_ldm(
         text, key, means = summary_text(rows, cfg, params, ext_info)
         summary["mean"] = means
         save_json(summary, out / "metrics.json")
+        scored = {k: r["metrics"] for k, r in rows.items() if "metrics" in r}
+        if scored:
+            save_metrics_csv(scored, out / "metrics.csv")
         save_config(cfg, out / "config.yaml")
     return PhaseResult(text, key, summary, [cfg.out_dir])

@@ -17,16 +17,20 @@ from ldm.viz import save_comparison_png, save_gif, save_views_png, shared_window
 def case_pictures(
     folder: Path, case: TestCase, outputs: dict[str, np.ndarray], std: np.ndarray | None
 ) -> None:
-    """1_input_LR, 2_target_HR, 3_output_LDM (one shared window), 4_uncertainty, comparison."""
+    """1_input_LR, 2_target_HR, 3_output_LDM (the mean; one shared window), 4_uncertainty,
+    0_comparison: LR | restorer | one sample | mean | HR | std (what HR and the restorer exist
+    for)."""
     lr = case.to_original(case.lr)
-    vols = {"LR": lr, "LDM": outputs["LDM"]}
+    mean = outputs["LDM mean"]
+    vols = {"LR": lr, "LDM": mean}
     if case.hr is not None:
         vols["HR"] = case.to_original(case.hr)
     window = shared_window(list(vols.values()))
     save_views_png(folder / "1_input_LR.png", lr, f"{case.name}: input LR", window)
     if case.hr is not None:
         save_views_png(folder / "2_target_HR.png", vols["HR"], f"{case.name}: target HR", window)
-    save_views_png(folder / "3_output_LDM.png", outputs["LDM"], f"{case.name}: LDM output", window)
+    save_views_png(folder / "3_output_LDM.png", mean, f"{case.name}: LDM output (mean)", window)
+    top = None
     if std is not None:
         top = float(np.percentile(std, 99.8)) or 1.0
         title = f"{case.name}: per-voxel std over samples (uncertainty)"
@@ -34,7 +38,8 @@ def case_pictures(
     rows = {"LR": lr, **{k: v for k, v in outputs.items() if k != "Baseline"}}
     if case.hr is not None:
         rows["HR"] = vols["HR"]
-    save_comparison_png(folder / "0_comparison.png", rows, case.name, window)
+    save_comparison_png(folder / "0_comparison.png", rows, case.name, window,
+                        std=None if std is None else (std, (0.0, top)))  # fmt: skip
 
 
 @torch.no_grad()
@@ -42,12 +47,10 @@ def reverse_process_gif(
     path: Path, ldm: LatentDiffusion, case: TestCase, window: tuple[int, ...],
     sampler: SamplerConfig, seed: int,
 ) -> Path:  # fmt: skip
-    """GIF of one central window at every sampler step: decode(x_t) | decode(predicted x_0)
-    (middle slice and MIP each), then the chain values themselves, x_t | predicted x_0 (what
-    the diffusion samples: the scaled residual z - z_LR with the residual target, the scaled
-    latent with the latent one; channel 0, middle slice, window +-3, nearest-upscaled to the
-    image size). An LR-aware decoder can make the decoded panels look alike at every step; the
-    chain panels show the diffusion going from noise to its sample. The window is cropped to
+    """GIF of one central window at every sampler step: mu + D(x_t) | mu + D(predicted x_0)
+    (middle slice and MIP each), then the latents themselves, x_t | predicted x_0 (channel 0,
+    middle slice, window +-3, nearest-upscaled to the image size): the detail the diffusion adds
+    to the restorer appears as the steps go. The window is cropped to
     multiples of ``ldm.window_multiple`` that fit inside the volume; an axis shorter than one
     multiple is edge-padded to it (as the sliding windows pad)."""
     model_lr = case.model_lr  # the grid the LDM runs on (training spacing, --resample)
@@ -57,9 +60,11 @@ def reverse_process_gif(
     crop = model_lr[tuple(slice(a, a + w) for a, w in zip(start, window))]
     crop = np.pad(crop, [(0, w - s) for w, s in zip(window, crop.shape)], mode="edge")
     lr = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
-    cond = ldm.encode_cond(lr)
+    mu = ldm.restore(lr)
+    cond = ldm.condition(lr, mu)
     g = torch.Generator(device=ldm.device).manual_seed(seed)
-    noise, t_start = ldm.initial_latent(cond, sampler, g)
+    shape = (1, ldm.vae.config.latent_channels, *cond.shape[2:])
+    noise, t_start = ldm.initial_latent(shape, sampler, g)
     states: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def keep(d: dict) -> None:
@@ -69,12 +74,12 @@ def reverse_process_gif(
     states.append((final, final))
     every = max(1, len(states) // 60)  # at most ~60 frames
     picks = states[::every] + ([states[-1]] if (len(states) - 1) % every else [])
-    decoded = [(ldm.decode(x, lr)[0, 0].cpu().numpy(), ldm.decode(x0, lr)[0, 0].cpu().numpy())
+    decoded = [(ldm.decode(x, mu)[0, 0].cpu().numpy(), ldm.decode(x0, mu)[0, 0].cpu().numpy())
                for x, x0 in picks]  # fmt: skip
     win = shared_window([lr[0, 0].numpy()])
 
     def chain_slice(z: torch.Tensor) -> np.ndarray:  # channel 0, middle slice, image-sized
-        x = ldm.space.to_x(z, cond)[0, 0].float().cpu().numpy()  # chain values: unit scale
+        x = z[0, 0].float().cpu().numpy()  # scaled latent: unit scale
         return np.kron(x[x.shape[0] // 2], np.ones((ldm.factor,) * 2, np.float32))
 
     frames = []
@@ -105,8 +110,17 @@ def summary_text(
         lines.append(TABLE_NOTE)
         if params is not None:
             lines.append(tuned_text(params))
-        key = (f"LDM {means['ldm']['psnr']:.2f} dB | VAE {means['vae_result']['psnr']:.2f} | "
+        key = (f"LDM mean {means['ldm']['psnr']:.2f} dB | sample "
+               f"{means['ldm_sample']['psnr']:.2f} | restorer {means['restorer']['psnr']:.2f} | "
                f"baseline {means['baseline']['psnr']:.2f}")  # fmt: skip
+        calib = [r["uncertainty_scores"] for r in rows.values() if "uncertainty_scores" in r]
+        if calib:
+            c = {k: float(np.mean([x[k] for x in calib])) for k in calib[0]}
+            n = cfg.num_samples
+            lines.append(f"uncertainty ({n} samples): variance-to-error ratio "
+                         f"{c['var_err_ratio']:.2f} (calibrated: about {n / (n + 1):.2f}), AUSE "
+                         f"{c['ause']:.3f} (random order {c['ause_random']:.3f}; 0 = ideal)")
+            means["uncertainty"] = c
     else:
         key = f"{len(rows)} volume(s) written"
     for name, r in rows.items():
