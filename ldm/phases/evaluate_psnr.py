@@ -1,4 +1,6 @@
-"""evaluate_psnr: the VAE denoiser and classical baselines on whole test volumes or external pairs.
+"""evaluate_psnr: the first stage (restorer, and the oracle restorer + decoded HR latent: the
+most a diffusion on this latent can reach) and classical baselines on whole test volumes or
+external pairs.
 
 Every method runs on the normalised volumes; its output is mapped back to original intensity
 units (``TestCase.to_original``) and scored against the HR volume there: PSNR and SSIM with
@@ -111,11 +113,11 @@ def _window(cfg: EvaluateConfig, manifest: dict[str, Any], f: int, dims: int) ->
 def _save_png(
     path: Path, name: str, originals: dict[str, np.ndarray], scores: dict, params: dict
 ) -> Path:
-    """Rows LR, HR, VAE result, VAE ceiling, the classical baselines; PSNR in each label."""
+    """Rows LR, HR, restorer, oracle, the classical baselines; PSNR in each label."""
     detail = method_details(params)
     rows = {f"LR (input)\n{scores['baseline']['psnr']:.2f} dB": originals["baseline"]}
     rows["HR (target)"] = originals["hr"]
-    for m in ("vae_result", "vae_ceiling", "gaussian", "heat", "tv", "nlm", "bm4d"):
+    for m in ("restorer", "oracle", "gaussian", "heat", "tv", "nlm", "bm4d"):
         if m in originals:
             extra = f", {detail[m]}" if detail.get(m) else ""
             rows[f"{LABELS[m]}{extra}\n{scores[m]['psnr']:.2f} dB"] = originals[m]
@@ -140,7 +142,7 @@ def _summary(cfg: EvaluateConfig, step: int, window: tuple, metrics: dict[str, A
         format_table(metrics["cases"], mean),
         TABLE_NOTE,
         metrics["tuned_text"],
-        f"Result PSNR: {mean['vae_result']['psnr']:.2f} dB | "
+        f"Result PSNR: {mean['restorer']['psnr']:.2f} dB (restorer) | "
         f"Baseline PSNR: {mean['baseline']['psnr']:.2f} dB",
         f"wrote {cfg.out_dir}/metrics.json, metrics.csv, comparison.png, config.yaml",
     ]
@@ -164,10 +166,11 @@ def _evaluate_cases(
         outputs = method_outputs(case, vae, params, window, overlap=cfg.overlap,
                                  batch_size=cfg.batch_size, device=device)  # fmt: skip
         keep = case.name == image_case
-        per_case[case.name], originals = score_outputs(outputs, case.hr, case.to_original, keep)
+        per_case[case.name], originals = score_outputs(outputs, case.hr, case.to_original, keep,
+                                                       sharpness=True)  # fmt: skip
         log.info(
-            "%s: VAE %.2f dB, baseline %.2f dB", case.name,
-            per_case[case.name]["vae_result"]["psnr"], per_case[case.name]["baseline"]["psnr"],
+            "%s: restorer %.2f dB, baseline %.2f dB", case.name,
+            per_case[case.name]["restorer"]["psnr"], per_case[case.name]["baseline"]["psnr"],
         )  # fmt: skip
         if keep:
             _save_png(png, case.name, originals, per_case[case.name], params)
@@ -188,7 +191,7 @@ def _cases(
 def evaluate_psnr(
     cfg: EvaluateConfig, *, overwrite: bool = False, external: ExternalInputs | None = None
 ) -> PhaseResult:
-    """Score the VAE denoiser and the classical baselines on the test volumes (see module doc)."""
+    """Score the first stage and the classical baselines on the test volumes (see module doc)."""
     manifest = load_manifest(cfg.data_dir)
     device = pick_device(cfg.device)
     cases, names, image_case, ext_info = _cases(cfg, manifest, external)
@@ -199,7 +202,7 @@ def evaluate_psnr(
             f"{cfg.vae_checkpoint}: a {vae.config.spatial_dims}D VAE cannot denoise the {dims}D "
             f"dataset {cfg.data_dir}; train_vae_pair on this dataset first"
         )
-    window = _window(cfg, manifest, vae.config.downsample_factor, dims)
+    window = _window(cfg, manifest, vae.config.window_multiple, dims)
     with staged_dir(cfg.out_dir, overwrite) as tmp:
         params = tuned_baselines(cfg.data_dir, cfg.tune, device)
         per_case = _evaluate_cases(
@@ -224,10 +227,11 @@ def evaluate_psnr(
         save_json(metrics, tmp / "metrics.json")
         save_metrics_csv(per_case, tmp / "metrics.csv")  # the table, for spreadsheets
         save_config(cfg, tmp / "config.yaml")
-    result, baseline = mean["vae_result"]["psnr"], mean["baseline"]["psnr"]
+    result, baseline = mean["restorer"]["psnr"], mean["baseline"]["psnr"]
+    oracle = mean["oracle"]["psnr"]
     return PhaseResult(
         _summary(cfg, int(state["step"]), window, metrics),
-        f"VAE {result:.2f} dB vs baseline {baseline:.2f} dB",
-        {"result_psnr": result, "baseline_psnr": baseline, "mean": mean},
+        f"restorer {result:.2f} dB, oracle {oracle:.2f} dB vs baseline {baseline:.2f} dB",
+        {"result_psnr": result, "oracle_psnr": oracle, "baseline_psnr": baseline, "mean": mean},
         [cfg.out_dir / "metrics.json", cfg.out_dir / "metrics.csv", cfg.out_dir / "comparison.png"],
     )

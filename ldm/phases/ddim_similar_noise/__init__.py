@@ -195,7 +195,7 @@ def write_pictures(
     ))  # fmt: skip
     files.append(nviz.save_psnr_plot(
         out_dir / "forward_backward_psnr.png", fb.t, fb.psnr_noised, fb.psnr_denoised, refs,
-        fb.latent_noised, fb.latent_denoised, fb.latent_lr,
+        fb.latent_noised, fb.latent_denoised, fb.latent_restorer,
     ))  # fmt: skip
     return files
 
@@ -212,7 +212,7 @@ def run_experiment(
 
     Returns the metrics (JSON-ready): sweeps, determinism, forward/backward, reference PSNRs.
     """
-    with model.lr_context(_as_batch(lr)):  # an LR-aware VAE decodes every latent with this LR
+    with model.lr_context(_as_batch(lr)):  # every latent decodes to mu(LR) + D(z)
         return _run_experiment(model, lr, hr, cfg, out_dir)
 
 
@@ -220,11 +220,12 @@ def _run_experiment(
     model: LatentDiffusion, lr: np.ndarray, hr: np.ndarray, cfg: DDIMSimilarNoiseConfig,
     out_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    cond = model.encode_cond(_as_batch(lr))  # (1, C, *latent): scaled LR latent, the condition
-    z_hr = model.encode_cond(_as_batch(hr))  # scaled HR latent: x_0 of forward/backward
-    edges = check_model_ranges(cfg, cond.shape[2:], model.schedule.num_train_timesteps)
+    mu = model.default_mu  # the restorer's output of this window (lr_context)
+    cond = model.condition(_as_batch(lr), mu)  # (1, 2 f^3, *latent): (mu, LR) space-to-depth
+    z_hr = model.encode_target(_as_batch(hr), mu)  # scaled latent of HR - mu: the oracle's
+    edges = check_model_ranges(cfg, z_hr.shape[2:], model.schedule.num_train_timesteps)
     g = torch.Generator().manual_seed(cfg.seed)  # CPU draws: the same noises on every device
-    n0, n1, eps = (torch.randn(cond.shape, generator=g).to(model.device) for _ in range(3))
+    n0, n1, eps = (torch.randn(z_hr.shape, generator=g).to(model.device) for _ in range(3))
     sampler = SamplerConfig("ddim", cfg.steps, 0.0, cfg.spacing)
     paths = {"block": edges, "mixing": cfg.mix_s, "slerp": cfg.slerp_a}
     sweeps, base = run_sweeps(model, cond, n0, n1, paths, sampler, cfg.batch_size)
@@ -232,19 +233,20 @@ def _run_experiment(
     fb = forward_backward(model, cond, z_hr, hr, cfg.forward_t, sampler, eps, cfg.batch_size)
     refs = {
         "LR input": psnr(lr, hr),
-        "VAE(HR) ceiling": psnr(model.decode(z_hr)[0, 0].float().cpu().numpy(), hr),
+        "oracle mu + D(z_HR)": psnr(model.decode(z_hr)[0, 0].float().cpu().numpy(), hr),
+        "restorer (z = 0)": psnr(mu[0, 0].float().cpu().numpy(), hr),
         "sample from pure noise": psnr(base, hr),
     }
     files = write_pictures(out_dir, sweeps, n0.cpu().numpy(), base, fb, lr, hr, refs, cfg.steps)
     keys = ("symbol", "values", "noise_l2", "latent_l2", "output_l2")
     return {
-        "latent_shape": list(cond.shape[1:]),
+        "latent_shape": list(z_hr.shape[1:]),
         "steps": cfg.steps,
         "determinism_max_abs_diff": dataclasses.asdict(det),
         "sweeps": {s.name: {k: getattr(s, k) for k in keys} for s in sweeps},
         "forward_backward": {
             k: getattr(fb, k) for k in ("t", "steps", "psnr_noised", "psnr_denoised",
-                                        "latent_noised", "latent_denoised", "latent_lr")
+                                        "latent_noised", "latent_denoised", "latent_restorer")
         },  # fmt: skip
         "reference_psnr": refs,
         "files": sorted(p.name for p in files),
@@ -290,7 +292,7 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
     lines.append("forward/backward PSNR vs HR (dB): " + ", ".join(pts))
     pts = [f"t={t}: {d:.3f}" for t, d in zip(fb["t"], fb["latent_denoised"])]
     lines.append("  in latent space, RMS distance to the HR latent: " + ", ".join(pts)
-                 + f" (LR latent {fb['latent_lr']:.3f})")  # fmt: skip
+                 + f" (z = 0, the restorer: {fb['latent_restorer']:.3f})")  # fmt: skip
     lines.append("  references: " + ", ".join(f"{k} {v:.1f} dB" for k, v in refs.items()))
     return "\n".join(lines)
 
@@ -307,7 +309,7 @@ def ddim_similar_noise(cfg: DDIMSimilarNoiseConfig, *, overwrite: bool = False) 
     window = tuple(cfg.window) if cfg.window is not None else tuple(manifest["patch_size"])
     log.info("case %s, window %s of %s", case.name, window, case.lr.shape)
     region = window_slices(
-        case.lr.shape, window, model.factor * model.unet.config.downsample_factor
+        case.lr.shape, window, model.window_multiple
     )
     with staged_dir(cfg.out_dir, overwrite=overwrite) as tmp:
         metrics = run_experiment(model, case.lr[region], case.hr[region], cfg, tmp)

@@ -210,11 +210,10 @@ class ForwardBackward:
     denoised: np.ndarray
     psnr_noised: list[float]  # dB against HR
     psnr_denoised: list[float]
-    # RMS distance to the HR latent z_HR (scaled latent units): where the diffusion works, also
-    # when the decoder makes little of the latent (an LR-aware decoder)
+    # RMS distance to the HR latent z_HR (scaled latent units): where the diffusion works
     latent_noised: list[float]
     latent_denoised: list[float]
-    latent_lr: float  # the same for the LR latent (the condition)
+    latent_restorer: float  # the same for z = 0, the restorer's output
 
 
 @torch.no_grad()
@@ -234,12 +233,10 @@ def forward_backward(
     noised, denoised, steps = [], [], []
     for t in ts:
         # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (DDPM eq. 4), x_0 = z_hr
-        # (in chain space: x_0 is z_hr, or its residual from cond with a residual target)
-        x0 = model.space.to_x(z_hr, cond)
-        x_t = add_noise(model.schedule, x0, eps.to(z_hr.device), torch.tensor([t]))
+        x_t = add_noise(model.schedule, z_hr, eps.to(z_hr.device), torch.tensor([t]))
         n = forward_steps(sampler.steps, t, T)
         denoised.append(model.sample(cond, x_t, replace(sampler, steps=n), t_start=t).cpu())
-        noised.append(model.space.from_x(x_t, cond).cpu())
+        noised.append(x_t.cpu())
         steps.append(n)
     noised_img = decode_batched(model, torch.cat(noised), batch_size)  # (N, *spatial)
     denoised_img = decode_batched(model, torch.cat(denoised), batch_size)
@@ -251,5 +248,5 @@ def forward_backward(
     return ForwardBackward(
         [int(t) for t in ts], steps, noised_img, denoised_img,
         [psnr(x, hr) for x in noised_img], [psnr(x, hr) for x in denoised_img],
-        rms(noised), rms(denoised), rms([cond.cpu()])[0],
+        rms(noised), rms(denoised), rms([torch.zeros_like(z)])[0],
     )  # fmt: skip

@@ -150,14 +150,15 @@ def save_psnr_plot(
     references: Mapping[str, float],
     latent_noised: Sequence[float],
     latent_denoised: Sequence[float],
-    latent_lr: float,
+    latent_restorer: float,
 ) -> Path:
     """Left: PSNR against HR versus t, for x_t decoded and for the denoised result, dashed
-    references. Right: the same two in latent space, RMS distance to z_HR, with the LR latent's."""
+    references. Right: the same two in latent space, RMS distance to z_HR, with that of z = 0
+    (the restorer)."""
     fig, (ax, lat) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     ax.plot(ts, psnr_denoised, marker="o", label="denoised back from t (DDIM)")
     ax.plot(ts, psnr_noised, marker="s", label="x_t, decoded (no denoising)")
-    for (name, value), style in zip(references.items(), ("--", ":", "-.")):
+    for (name, value), style in zip(references.items(), ("--", ":", "-.", (0, (5, 1)))):
         ax.axhline(value, color="gray", linestyle=style, label=f"{name}: {value:.1f} dB")
     ax.set_xlabel("t (forward noise level)")
     ax.set_ylabel("PSNR against HR (dB)")
@@ -166,7 +167,8 @@ def save_psnr_plot(
     ax.legend(fontsize=8)
     lat.plot(ts, latent_denoised, marker="o", label="denoised back from t (DDIM)")
     lat.plot(ts, latent_noised, marker="s", label="x_t (no denoising)")
-    lat.axhline(latent_lr, color="gray", linestyle="--", label=f"LR latent: {latent_lr:.3f}")
+    lat.axhline(latent_restorer, color="gray", linestyle="--",
+                label=f"z = 0 (restorer): {latent_restorer:.3f}")  # fmt: skip
     lat.set_xlabel("t (forward noise level)")
     lat.set_ylabel("RMS distance to the HR latent")
     lat.set_title("latent: where the diffusion works", fontsize=10)
