@@ -1,12 +1,17 @@
 """Training steps of our VAE and UNet against MONAI's AutoencoderKL and DiffusionModelUNet.
 
-Benchmark only (the optional extra ``bench``: ``pip install -e .[bench]``). Both nets get the
-widths, residual blocks per level, latent channels, norm groups and attention of
-``configs/train_vae_pair.yaml`` / ``configs/train_diffusion.yaml`` and the same batch; they are
-not the same network: MONAI's autoencoder also has residual blocks at full resolution (ours has
-only a stem conv there and one block at the end of the decoder), and its UNet gets the condition
-concatenated on channels like ours. Our UNet is built with MONAI's middle block (res, attn, res:
-``mid_attention=1``) for equal depth; our default has one attention block more there.
+Benchmark only (the optional extra ``bench``: ``pip install -e .[bench]``). The VAE is the first
+stage's residual autoencoder (:class:`ldm.nets.VAE3d`, ``model.residual_ae`` of
+``configs/train_vae_pair.yaml``: a plain KL autoencoder of HR - mu, as MONAI's); the restorer
+has no MONAI counterpart and is left out. Both nets get the widths, residual blocks per level,
+latent channels, norm groups and attention of ``configs/train_vae_pair.yaml`` /
+``configs/train_diffusion.yaml`` and the same batch (``train.batch_size`` residual patches; the
+UNet's input, output and condition channels as train_diffusion sets them from the latents:
+:func:`model_configs`); they are not the same network: MONAI's autoencoder also has residual
+blocks at full resolution (ours has only a stem conv there and one block at the end of the
+decoder), and its UNet gets the condition concatenated on channels like ours. Our UNet is built
+with MONAI's middle block (res, attn, res: ``mid_attention=1``) for equal depth; our default has
+one attention block more there.
 
 Time: one AdamW step (forward, loss, backward, update), the two nets alternating in one process so
 that machine load hits both alike; the ratio is the median over the reps of MONAI's time over
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,8 +42,29 @@ from ldm.errors import UserError
 from ldm.optim import TrainConfig, timed_step
 
 CPU = torch.device("cpu")
-PATCH = (32, 32, 32)  # image patches of the VAE; latents of the UNet are PATCH / 4
-LATENT = (8, 8, 8)
+PATCH = (32, 32, 32)  # image patches of the VAE; latents of the UNet are PATCH / f
+
+
+def model_configs(folder: Path | None = None) -> tuple[Any, Any]:
+    """(TrainVAEConfig, TrainDiffusionConfig) of ``folder`` (default ``configs/``), the UNet's
+    in/out channels set to the residual autoencoder's latent channels and its condition channels
+    to space-to-depth of (mu, LR), 2 f^3: what train_diffusion sets from the latents."""
+    from ldm.nets.restorer import condition_channels
+    from ldm.phases.train_diffusion import TrainDiffusionConfig
+    from ldm.phases.train_vae_pair import TrainVAEConfig
+
+    folder = REPO_ROOT / "configs" if folder is None else Path(folder)
+    vae = load_config(TrainVAEConfig, folder / "train_vae_pair.yaml")
+    diffusion = load_config(TrainDiffusionConfig, folder / "train_diffusion.yaml")
+    c = vae.model.latent_channels
+    unet = dataclasses.replace(diffusion.model, in_channels=c, out_channels=c,
+                               cond_channels=condition_channels(vae.model))  # fmt: skip
+    return vae, dataclasses.replace(diffusion, model=unet)
+
+
+def latent_patch(vae_cfg: Any) -> tuple[int, ...]:
+    """The latent grid of a PATCH image patch: PATCH / f of the residual autoencoder."""
+    return tuple(s // vae_cfg.model.downsample_factor for s in PATCH)
 
 
 def _monai():
@@ -56,12 +83,14 @@ def build(
     """(net, loss(net) on a fixed batch, batch size) for kind vae|unet, which ours|monai, on
     ``device`` (the batch is drawn on the CPU, so every device gets the same one)."""
     gen = torch.Generator().manual_seed(0)
+    if kind not in ("vae", "unet"):
+        raise UserError(f"kind must be vae or unet, got {kind!r}")
+    vae_cfg, diffusion_cfg = model_configs()
     if kind == "vae":
         from ldm.nets import VAE3d
-        from ldm.phases.train_vae_pair import TrainVAEConfig
 
-        cfg = load_config(TrainVAEConfig, REPO_ROOT / "configs" / "train_vae_pair.yaml")
-        m, b = cfg.model, 2 * cfg.train.batch_size  # LR and HR halves, as in training
+        # the residual autoencoder: one residual patch per pair of the training batch
+        m, b = vae_cfg.model.residual_ae, vae_cfg.train.batch_size
         x = torch.randn(b, 1, *PATCH, generator=gen).to(device)
         if which == "ours":
             net = VAE3d(m)
@@ -73,23 +102,20 @@ def build(
                 with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
             )  # fmt: skip
 
-        def loss(net: torch.nn.Module) -> torch.Tensor:
+        def loss(net: torch.nn.Module) -> torch.Tensor:  # train_vae_pair's residual terms
             recon, mu, logvar = net(x)
-            return (recon - x).abs().mean() + 1e-4 * (mu.square() + logvar.exp() - logvar).mean()
+            return (recon - x).square().mean() + 1e-4 * (mu.square() + logvar.exp() - logvar).mean()
 
         return net.to(device), loss, b
-    if kind != "unet":
-        raise UserError(f"kind must be vae or unet, got {kind!r}")
     from ldm.nets import UNet3d
-    from ldm.phases.train_diffusion import TrainDiffusionConfig
 
-    cfg = load_config(TrainDiffusionConfig, REPO_ROOT / "configs" / "train_diffusion.yaml")
-    m, b = cfg.model, cfg.train.batch_size
+    m, b = diffusion_cfg.model, diffusion_cfg.train.batch_size
+    latent = latent_patch(vae_cfg)
     z, cond, t, target = (x.to(device) for x in (
-        torch.randn(b, m.in_channels, *LATENT, generator=gen),
-        torch.randn(b, m.cond_channels, *LATENT, generator=gen),
+        torch.randn(b, m.in_channels, *latent, generator=gen),
+        torch.randn(b, m.cond_channels, *latent, generator=gen),
         torch.randint(0, 1000, (b,), generator=gen),
-        torch.randn(b, m.out_channels, *LATENT, generator=gen),
+        torch.randn(b, m.out_channels, *latent, generator=gen),
     ))  # fmt: skip
     if which == "ours":
         net = UNet3d(dataclasses.replace(m, mid_attention=1))  # MONAI's middle block

@@ -2,7 +2,9 @@
 peak memory (RSS on CPU, max allocated on CUDA) is its own.
 
 Networks use the shapes of configs/*.yaml with random weights: timing does not depend on the
-weights. The DDIM/DDPM quality sweep needs trained checkpoints and uses them when present.
+weights. The first stage is the restorer + residual autoencoder (ldm/nets/restorer.py), the UNet
+gets the input and condition channels train_diffusion gives it (``bench_monai.model_configs``).
+The DDIM/DDPM quality sweep needs trained checkpoints and uses them when present.
 """
 
 from __future__ import annotations
@@ -21,18 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.bench_monai import latent_patch, model_configs
 from ldm.config import REPO_ROOT, load_config
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.diffusion.schedule import make_schedule, training_loss
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError
 from ldm.files import check_writable_folder
-from ldm.inference import autoencode_volume
-from ldm.nets import UNet3d, VAE3d
+from ldm.inference import first_stage_volume
+from ldm.nets import UNet3d, kl_divergence
+from ldm.nets.restorer import RestorerAE, l1_with_gradients
 from ldm.optim import precision_label, timed_step
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
-from ldm.phases.train_diffusion import TrainDiffusionConfig
-from ldm.phases.train_vae_pair import TrainVAEConfig
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -64,27 +66,31 @@ def _amp(device: torch.device):
 
 @case
 def vae_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
-    cfg = load_config(TrainVAEConfig, REPO_ROOT / "configs" / "train_vae_pair.yaml")
+    """One train_vae_pair step: restorer (L1) + residual autoencoder (MSE + KL) on pairs."""
+    cfg, _ = model_configs()
     patch = (32, 32, 32)
-    model = VAE3d(cfg.model).to(device).train()
+    model = RestorerAE(cfg.model).to(device).train()
     b = cfg.train.batch_size
-    x = torch.randn(2 * b, 1, *patch, device=device)  # LR and HR halves, as in training
+    lr, hr = torch.randn(2, b, 1, *patch, device=device)  # b (LR, HR) pairs, as in training
 
     def loss():
-        recon, mu, logvar = model(x)
-        return recon.float().abs().mean()
+        mu, r, r_hat, mean, logvar = model(lr, hr)
+        return (l1_with_gradients(mu.float(), hr, cfg.grad_weight)
+                + (r_hat.float() - r.float()).square().mean()
+                + cfg.kl_weight * kl_divergence(mean.float(), logvar.float()))  # fmt: skip
 
     sec = _timed(timed_step(model, loss, device, cfg.train), device, 2, reps)
-    vox = 2 * b * int(np.prod(patch))
+    vox = b * int(np.prod(patch))
     return {"batch_pairs": b, "patch": list(patch), "step_s": sec, "voxels_per_s": vox / sec,
-            "samples_per_s": 2 * b / sec, "channels": list(cfg.model.channels),
+            "samples_per_s": b / sec, "channels": list(cfg.model.restorer.channels),
+            "residual_channels": list(cfg.model.residual_ae.channels),
             "precision": precision_label(cfg.train, device)}  # fmt: skip
 
 
 @case
 def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
-    cfg = load_config(TrainDiffusionConfig, REPO_ROOT / "configs" / "train_diffusion.yaml")
-    latent = (8, 8, 8)  # 32^3 patches with f = 4
+    vcfg, cfg = model_configs()
+    latent = latent_patch(vcfg)  # 32^3 patches / f
     model = UNet3d(cfg.model).to(device).train()
     schedule = make_schedule(cfg.diffusion)
     b = cfg.train.batch_size
@@ -106,33 +112,47 @@ def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
 
 
 def _random_ldm(device: torch.device) -> LatentDiffusion:
-    vcfg = load_config(TrainVAEConfig, REPO_ROOT / "configs" / "train_vae_pair.yaml")
-    dcfg = load_config(TrainDiffusionConfig, REPO_ROOT / "configs" / "train_diffusion.yaml")
-    vae, unet = VAE3d(vcfg.model).to(device).eval(), UNet3d(dcfg.model).to(device).eval()
+    """The LDM of configs/train_vae_pair.yaml + configs/train_diffusion.yaml, random weights."""
+    vcfg, dcfg = model_configs()
+    vae, unet = RestorerAE(vcfg.model).to(device).eval(), UNet3d(dcfg.model).to(device).eval()
     return LatentDiffusion(vae, unet, make_schedule(dcfg.diffusion), 1.0, device, 0, 0)
 
 
+def default_num_samples() -> int:
+    """predict_ldm's default number of samples per window (PredictConfig.num_samples)."""
+    return PredictConfig.num_samples
+
+
 @case
-def predict_128(device: torch.device, steps: int = 50, size: int = 128) -> dict[str, Any]:
+def predict_128(
+    device: torch.device, steps: int = 50, size: int = 128, num_samples: int | None = None
+) -> dict[str, Any]:
+    """predict_volume on a random size^3 volume with the window, overlap and batch size of
+    configs/predict_ldm.yaml, DDIM ``steps`` and ``num_samples`` per window (None: the
+    default of PredictConfig, whatever the YAML sets)."""
     cfg = load_config(PredictConfig, REPO_ROOT / "configs" / "predict_ldm.yaml")
-    cfg = dataclasses.replace(cfg, sampler=SamplerConfig(steps=steps))
+    n = default_num_samples() if num_samples is None else num_samples
+    cfg = dataclasses.replace(cfg, sampler=SamplerConfig(steps=steps), num_samples=n)
     ldm = _random_ldm(device)
     lr = np.random.default_rng(0).random((size,) * 3, dtype=np.float32)
     window = tuple(cfg.window or (32, 32, 32))
     with _amp(device):
         sec = _timed(lambda: predict_volume(ldm, lr, cfg, window), device, 0, 1)
-    return {"size": size, "ddim_steps": steps, "window": list(window), "overlap": cfg.overlap,
-            "batch_size": cfg.batch_size, "seconds": sec}  # fmt: skip
+    return {"size": size, "ddim_steps": steps, "num_samples": n, "window": list(window),
+            "overlap": cfg.overlap, "batch_size": cfg.batch_size, "seconds": sec}  # fmt: skip
 
 
 @case
 def sliding_window(device: torch.device, size: int = 64) -> dict[str, Any]:
-    vcfg = load_config(TrainVAEConfig, REPO_ROOT / "configs" / "train_vae_pair.yaml")
-    vae = VAE3d(vcfg.model).to(device).eval()
+    """The first stage on a whole volume (first_stage_volume: the restorer mu(LR), as
+    evaluate_psnr and predict_ldm's restorer row), 32^3 windows with 0.5 overlap."""
+    vcfg, _ = model_configs()
+    vae = RestorerAE(vcfg.model).to(device).eval()
     vol = np.random.default_rng(0).random((size,) * 3, dtype=np.float32)
     with torch.no_grad(), _amp(device):
-        sec = _timed(lambda: autoencode_volume(vae, vol, (32, 32, 32), batch_size=8, device=device,
-                                               progress=False), device, 0, 1)  # fmt: skip
+        sec = _timed(lambda: first_stage_volume(vae, vol, (32, 32, 32), batch_size=8,
+                                                device=device, progress=False),
+                     device, 0, 1)  # fmt: skip
     return {"size": size, "window": [32, 32, 32], "overlap": 0.5, "seconds": sec,
             "voxels_per_s": size**3 / sec}  # fmt: skip
 
@@ -144,15 +164,22 @@ def default_steps() -> int:
 
 @case
 def predict_vs_bm4d(device: torch.device, size: int = 128, bm4d_size: int = 64) -> dict[str, Any]:
-    """predict_ldm on a size^3 volume with the default sampler, then BM4D in the same process on
-    a bm4d_size^3 volume, its time scaled by (size / bm4d_size)^3 (BM4D is about linear in the
-    voxel count; bm4d_size = size measures it directly)."""
-    from ldm.classical import bm4d_denoise
+    """predict_ldm on a size^3 volume with the default sampler and number of samples (always
+    reported), then, when the optional bm4d package is installed, BM4D in the same process on a
+    bm4d_size^3 volume, its time scaled by (size / bm4d_size)^3 (BM4D is about linear in the
+    voxel count; bm4d_size = size measures it directly). Without bm4d (or when it fails) the
+    row has ``bm4d_skipped`` instead of the ratio: the predict time still counts."""
+    from ldm.classical import bm4d_available, bm4d_denoise
 
     r = predict_128(device, steps=default_steps(), size=size)
+    if not bm4d_available():
+        return {**r, "bm4d_skipped": "bm4d not installed (pip install bm4d)"}
     vol = torch.from_numpy(np.random.default_rng(1).random((bm4d_size,) * 3, dtype=np.float32))
     t0 = time.perf_counter()
-    bm4d_denoise(vol, 0.1)
+    try:
+        bm4d_denoise(vol, 0.1)
+    except Exception as e:  # noqa: BLE001 - the predict figure is kept whatever BM4D does
+        return {**r, "bm4d_skipped": f"BM4D failed: {type(e).__name__}: {e}"}
     measured = time.perf_counter() - t0
     scaled = measured * (size / bm4d_size) ** 3
     return {**r, "bm4d_size": bm4d_size, "bm4d_measured_s": measured, "bm4d_s": scaled,
@@ -213,8 +240,9 @@ def _scored_prediction(
     from ldm.metrics import psnr, ssim
 
     t0 = time.perf_counter()
-    out, _ = predict_volume(ldm, case.lr, cfg, window)
+    out = predict_volume(ldm, case.model_lr, cfg, window)[0]  # the mean (one sample: itself)
     seconds = time.perf_counter() - t0
+    out = case.from_model(out)
     hr, vol = case.to_original(case.hr), case.to_original(out)
     return psnr(vol, hr), ssim(vol, hr), seconds
 

@@ -40,7 +40,9 @@ def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
                   "--set", "train.val_every=1", "--set", "train.device=cpu"]  # fmt: skip
     _ok(run_script(
         "train_vae_pair", "--set", f"data_dir={data}", "--set", f"out_dir={root / 'vae'}",
-        "--set", "model.channels=[8, 8, 8]", "--set", "model.norm_groups=4", *tiny_train,
+        "--set", "model.restorer.channels=[8, 8, 8]", "--set", "model.restorer.norm_groups=4",
+        "--set", "model.residual_ae.channels=[8, 8, 8]", "--set", "model.residual_ae.norm_groups=4",
+        "--set", "model.residual_ae.latent_channels=4", *tiny_train,
     ))  # fmt: skip
     vae = root / "vae" / "best.pt"
     _ok(run_script("prepare_latents", "--set", f"data_dir={data}", "--set", f"vae_checkpoint={vae}",
