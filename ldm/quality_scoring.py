@@ -1,11 +1,42 @@
 """Scoring of the quality bench: every output of a trained model pair next to the tuned classical
 filters on a dataset's test volumes, and the MRI generalisation cases (other voxel sizes, other
-intensities). Metrics: PSNR, SSIM (original units), bias and contrast (``ldm.metrics``).
+intensities).
+
+Rows of each scored volume (:func:`method_outputs`; every model row runs on the normalised
+volume, on the training grid with ``--resample``, with predict_ldm's windows):
+
+* ``Baseline`` (the LR) and the tuned classical filters (``ldm.baselines``, as evaluate_psnr);
+* ``Restorer``: mu(LR), ``first_stage_volume`` (as evaluate_psnr and predict_ldm);
+* ``Oracle``: ``first_stage_volume`` with ``hr``, mu + D(E(HR - mu)): the most any diffusion on
+  this latent can reach;
+* ``z = 0``: mu + D(0), the residual decoder on the prior's mean;
+* ``shuffled z``: mu + D(z) with z the oracle latent of the same window, its spatial positions
+  permuted (one seeded permutation per window, the same for every channel): the oracle's
+  values in the wrong places. Near the oracle, the decoder does not use where the latent puts
+  detail; near ``z = 0`` or below, it does;
+* ``LDM one sample``, ``LDM mean of 2 / 4 / 8``: ``predict_volume`` with num_samples 1, 2, 4 and
+  8, one call per N, each with the same seed: each row is what predict_ldm writes for that N
+  (the draws are not nested: every N has its own samples). :func:`sample_means`;
+* ``w = 0``, ``w = 0.5``, ``w = 1``: predict_ldm's output (the mean of 8) with detail_weight w,
+  mu + w (mean - mu) with mu the restorer in predict_volume's window layout. Exact: refine's
+  output is mu + w mean_k D(z_k), and the seed gives the same z_k for every w; ``w = 1`` is the
+  mean of 8, ``w = 0`` the restorer (in that layout).
+
+Figures per row (:func:`score`, original units): PSNR, SSIM, bias, contrast, and ESR, HFER and
+the high-band FSC (``ldm.baselines.score_volume(..., sharpness=True)``); ``seconds``: wall
+seconds of the row's call where it is a prediction (Restorer, the LDM rows; the w rows cost
+what the mean of 8 costs). The mean of 8 also has the uncertainty figures of its per-voxel std
+(``ldm.baselines.uncertainty_scores``: var_err_ratio, ause, ause_random; predict_ldm's std has
+ddof 0, so calibrated samples give var_err_ratio (N - 1) / (N + 1) = 0.78 for N = 8), and
+``LDM one sample`` the latent sensitivity S = ||D(z_HR) - D(z_sample)||^2 / ||HR - mu||^2
+(``ldm.quality_metrics.latent_sensitivity``, normalised units). A first stage without a
+diffusion model (the bench's ``regression`` variant) gets the Baseline, filter and Restorer rows.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,24 +45,34 @@ import numpy as np
 import torch
 
 from ldm import baselines
-from ldm.baselines import TuneConfig, tuned_baselines
+from ldm.baselines import TuneConfig, tuned_baselines, uncertainty_scores
 from ldm.data.dataset import iter_test_cases, load_manifest
 from ldm.data.degrade import DegradeConfig, degrade
 from ldm.data.normalize import NormalizeConfig, normalisation
-from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
+from ldm.diffusion.latent_diffusion import LatentDiffusion, load_ldm
 from ldm.errors import UserError
 from ldm.external import resize
-from ldm.inference import autoencode_volume, fit_window, sliding_window_infer
-from ldm.metrics import intensity_fit, psnr, ssim
+from ldm.inference import first_stage_volume, fit_window, sliding_window_infer
+from ldm.metrics import intensity_fit
+from ldm.nets.loading import load_vae
+from ldm.nets.restorer import RestorerAE
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
+from ldm.quality_metrics import latent_sensitivity
 
-SAMPLERS = {
-    "LDM (noise, 10 steps)": SamplerConfig(steps=10),  # predict_ldm's default
-    "LDM (z_LR t=300, 6 steps)": SamplerConfig(steps=6, init="cond", t_start=300),
-}
-OVERLAP = PredictConfig.overlap  # windows as predict_ldm: its default window, fitted to the volume
+SAMPLE_COUNTS = (1, 2, 4, 8)  # LDM rows: one sample, the means of 2, 4 and 8
+DETAIL_WEIGHTS = (0.0, 0.5, 1.0)  # w rows, on the mean of the largest count
+RESTORER, ORACLE, ZERO, SHUFFLED = "Restorer", "Oracle", "z = 0", "shuffled z"
 MRI_DEGRADE = DegradeConfig(blur_sigma=(1.0, 1.0, 1.0), downsample=(1, 1, 1),
                             noise="rician", noise_sigma=0.04)  # fmt: skip
+
+
+def ldm_label(n: int) -> str:
+    """Row label of the LDM with ``n`` samples per window."""
+    return "LDM one sample" if n == 1 else f"LDM mean of {n}"
+
+
+def weight_label(w: float) -> str:
+    return f"w = {w:g}"
 
 
 def bias_slope(out: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
@@ -41,26 +82,19 @@ def bias_slope(out: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
 
 
 def score(out: np.ndarray, hr: np.ndarray) -> dict[str, float]:
-    bias, contrast = bias_slope(out, hr)
-    return {"psnr": psnr(out, hr), "ssim": ssim(out, hr), "bias_pct": bias,
-            "contrast_pct": contrast}  # fmt: skip
-
-
-def ldm_volume(ldm: LatentDiffusion, lr: np.ndarray, sampler: SamplerConfig, window) -> np.ndarray:
-    """predict_ldm's own predict_volume (seed 0, one sample) with ``sampler``."""
-    return predict_volume(ldm, lr, replace(PredictConfig(), sampler=sampler), window)[0]
-
-
-def zero_latent_volume(vae, lr: np.ndarray, window) -> np.ndarray:
-    f = vae.config.downsample_factor
-
-    def fn(b: torch.Tensor) -> torch.Tensor:
-        z = torch.zeros(b.shape[0], vae.config.latent_channels, *(s // f for s in b.shape[2:]))
-        return vae.decode(z, b)
-
-    x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]
-    out = sliding_window_infer(x, fn, window, overlap=OVERLAP, batch_size=8, progress=False)
-    return out[0].numpy()
+    """PSNR, SSIM, bias, bias_pct, contrast, contrast_pct (contrast - 1 in %) and the sharpness
+    figures esr, hfer, fsc of ``out`` against ``hr`` (both in original units; data range = HR
+    max - min). A sharpness figure that is undefined for this HR (no edges, no energy above the
+    cutoff) is NaN."""
+    ref = torch.from_numpy(np.asarray(hr, dtype=np.float64))
+    x = torch.from_numpy(np.asarray(out, dtype=np.float64))
+    data_range = float(ref.max() - ref.min())
+    try:
+        s = baselines.score_volume(x, ref, data_range, sharpness=True)
+    except UserError:
+        s = baselines.score_volume(x, ref, data_range)
+        s |= dict.fromkeys(baselines.SHARPNESS, float("nan"))
+    return {**s, "contrast_pct": 100 * (s["contrast"] - 1.0)}
 
 
 def classical_params(data: Path, with_bm4d: bool) -> dict[str, Any]:
@@ -77,6 +111,140 @@ def classical_outputs(lr: np.ndarray, params: dict[str, Any]) -> dict[str, np.nd
     """The tuned baselines on a normalised volume, keyed by the bench's row labels."""
     out = baselines.classical_outputs(lr, params, torch.device("cpu"))
     return {_CLASSICAL[k]: v for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- model rows
+
+
+def shuffle_positions(z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``z`` (B, C, *sp) with the spatial positions of each item permuted (one permutation per
+    item, the same for all its channels): the same latent vectors in other places."""
+    b, c = z.shape[:2]
+    flat = z.reshape(b, c, -1)
+    perms = [torch.randperm(flat.shape[-1], generator=generator) for _ in range(b)]
+    return torch.stack([f[:, p.to(z.device)] for f, p in zip(flat, perms)]).reshape(z.shape)
+
+
+def latent_probe_volumes(
+    vae: RestorerAE, lr: np.ndarray, hr: np.ndarray, window: tuple[int, ...], *,
+    overlap: float = 0.0, batch_size: int = 4, seed: int = 0,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """``z = 0`` (mu + D(0)) and ``shuffled z`` (mu + D(z_HR shuffled), :func:`shuffle_positions`
+    with a generator seeded ``seed``) on a normalised volume, in first_stage_volume's window
+    layout (so they differ from its Restorer and Oracle only in the latent)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:  # (B, 2, *w): LR, HR
+        mu = vae.restore(batch[:, :1])
+        z = vae.encode(batch[:, 1:] - mu)[0]
+        shuffled = shuffle_positions(z.cpu(), g).to(z.device)
+        return torch.cat([mu + vae.decode(torch.zeros_like(z)), mu + vae.decode(shuffled)], 1)
+
+    x = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in (lr, hr)]))
+    out = sliding_window_infer(x, fn, fit_window(window, lr.shape, vae.config.window_multiple),
+                               overlap=overlap, batch_size=batch_size, out_channels=2,
+                               progress=False)  # fmt: skip
+    return {ZERO: out[0].numpy(), SHUFFLED: out[1].numpy()}
+
+
+def predict_layout_restorer(
+    ldm: LatentDiffusion, lr: np.ndarray, cfg: PredictConfig, window: tuple[int, ...]
+) -> np.ndarray:
+    """The restorer mu(LR) blended in predict_volume's window layout: the mu of its outputs."""
+    x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]
+    out = sliding_window_infer(x, ldm.restore, fit_window(window, lr.shape, ldm.window_multiple),
+                               overlap=cfg.overlap, batch_size=cfg.batch_size, device=ldm.device,
+                               out_channels=1, progress=False)  # fmt: skip
+    return out[0].numpy()
+
+
+def sample_means(
+    ldm: LatentDiffusion, lr: np.ndarray, cfg: PredictConfig, window: tuple[int, ...],
+    counts: tuple[int, ...] = SAMPLE_COUNTS,
+) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """The LDM with N samples per window for each N in ``counts``: one ``predict_volume`` call
+    per N with ``cfg``'s sampler and seed and detail_weight 1, so each is predict_ldm's output
+    for that N (independent draws per N, not the first N of one set of samples). Returns
+    {N: {"mean", "std" (None for N = 1), "sample" (the first), "seconds" (wall)}}."""
+    out = {}
+    for n in counts:
+        c = replace(cfg, num_samples=n, detail_weight=1.0)
+        t0 = time.perf_counter()
+        mean, std, sample = predict_volume(ldm, lr, c, window)
+        out[n] = {"mean": mean, "std": std, "sample": sample,
+                  "seconds": time.perf_counter() - t0}  # fmt: skip
+    return out
+
+
+def method_outputs(
+    model: LatentDiffusion | RestorerAE, x: np.ndarray, xh: np.ndarray, params: dict[str, Any],
+    cfg: PredictConfig, window: tuple[int, ...], counts: tuple[int, ...] = SAMPLE_COUNTS,
+    weights: tuple[float, ...] = DETAIL_WEIGHTS,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, np.ndarray]]:  # fmt: skip
+    """Every row's output on one normalised volume ``x`` (HR ``xh``, for the oracle and the
+    latent probes), on its grid: (outputs by row label, wall seconds by row label, extra
+    volumes: "std" of the largest count > 1, "mu" (the restorer in predict_volume's layout),
+    "sample" (the one-sample output)). ``model`` is the LDM, or a first stage alone (filters and
+    Restorer only)."""
+    vae = model.vae if isinstance(model, LatentDiffusion) else model
+    outs = classical_outputs(x, params)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    outs[RESTORER] = first_stage_volume(vae, x, window, overlap=cfg.overlap, progress=False)
+    seconds[RESTORER] = time.perf_counter() - t0
+    extra: dict[str, np.ndarray] = {}
+    if not isinstance(model, LatentDiffusion):
+        return outs, seconds, extra
+    outs[ORACLE] = first_stage_volume(vae, x, window, hr=xh, overlap=cfg.overlap, progress=False)
+    outs.update(latent_probe_volumes(vae, x, xh, window, overlap=cfg.overlap, seed=cfg.seed))
+    runs = sample_means(model, x, cfg, window, counts)
+    for n, r in runs.items():
+        outs[ldm_label(n)], seconds[ldm_label(n)] = r["mean"], r["seconds"]
+    mu = predict_layout_restorer(model, x, cfg, window)
+    extra["mu"] = mu
+    if 1 in runs:
+        extra["sample"] = runs[1]["sample"]
+    top = max(runs)
+    if runs[top]["std"] is not None:
+        extra["std"] = runs[top]["std"]
+    for w in weights:  # predict_ldm's detail_weight on the mean of the largest count
+        outs[weight_label(w)] = mu + w * (runs[top]["mean"] - mu)
+        seconds[weight_label(w)] = runs[top]["seconds"]
+    return outs, seconds, extra
+
+
+def volume_scores(
+    outs: dict[str, np.ndarray], seconds: dict[str, float], extra: dict[str, np.ndarray],
+    hr_norm: np.ndarray, to_original: Callable[[np.ndarray], np.ndarray],
+    top: int | None = None,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """The score rows of one volume (every volume on the HR's grid, normalised): :func:`score`
+    in original units, ``seconds``, the uncertainty figures on ``ldm_label(top)`` (from
+    extra["std"]) and the latent sensitivity on the one-sample row (from extra["mu"])."""
+    hr = to_original(hr_norm)
+    rows = {label: score(to_original(o), hr) for label, o in outs.items()}
+    for label, s in seconds.items():
+        if label in rows:
+            rows[label]["seconds"] = s
+    if "std" in extra and top is not None and ldm_label(top) in outs:
+        try:
+            rows[ldm_label(top)].update(uncertainty_scores(extra["std"], outs[ldm_label(top)],
+                                                           hr_norm))  # fmt: skip
+        except UserError:
+            pass  # the mean equals HR: no error to calibrate against
+    one = ldm_label(1)
+    if one in outs and ORACLE in outs and "mu" in extra:
+        # D(z_HR) = Oracle - Restorer (first-stage layout), D(z_sample) = sample - mu (predict
+        # layout): S compares the decoded latents whatever the two layouts' mu
+        restorer = outs[RESTORER]
+        decoded_sample = restorer + (outs[one] - extra["mu"])
+        try:
+            rows[one]["latent_sensitivity"] = latent_sensitivity(
+                outs[ORACLE], decoded_sample, hr_norm, restorer
+            )
+        except UserError:
+            pass  # the restorer equals HR: S is undefined
+    return rows
 
 
 def generalisation_cases(
@@ -112,41 +280,64 @@ def generalisation_cases(
     return cases
 
 
-def evaluate(data: Path, vae_ck: Path, diff_ck: Path, params: dict, general: bool | list) -> dict:
+def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over volumes of every figure (those some volume lacks: over the volumes that have
+    it; NaN figures are left out)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def evaluate(
+    data: Path, vae_ck: Path, diff_ck: Path | None, params: dict, general: bool | list,
+    predict: PredictConfig | None = None, counts: tuple[int, ...] = SAMPLE_COUNTS,
+) -> dict:  # fmt: skip
     """Mean scores over the test volumes and the generalisation settings (True: those of
-    :func:`generalisation_cases`, or a list of such cases) of every method."""
-    ldm = load_ldm(vae_ck, diff_ck, torch.device("cpu"))
-    norm = NormalizeConfig(**{k: v for k, v in load_manifest(data)["normalization"].items()
+    :func:`generalisation_cases`, or a list of such cases) of every row (module docstring).
+
+    ``diff_ck`` None scores the first stage alone (filters and Restorer). ``predict``: window,
+    overlap, sampler and seed of the model rows (default: PredictConfig's). Returns
+    {"scores": {setting: {row: figures}}, "num_test", "num_samples": counts}."""
+    cfg = PredictConfig() if predict is None else predict
+    device = torch.device("cpu")
+    manifest = load_manifest(data)
+    model: LatentDiffusion | RestorerAE
+    if diff_ck is None:
+        model = load_vae(vae_ck, device)[0]
+    else:
+        model = load_ldm(vae_ck, diff_ck, device)
+    window = tuple(cfg.window or manifest["patch_size"])
+    norm = NormalizeConfig(**{k: v for k, v in manifest["normalization"].items()
                               if k.endswith("percentile")})  # fmt: skip
     items = [("test", c.name, c.to_original(c.lr), c.to_original(c.hr), None)
              for c in iter_test_cases(data)]  # fmt: skip
     if general:
         items += generalisation_cases(data) if general is True else general
+    top = max(n for n in counts if n > 1) if any(n > 1 for n in counts) else None
     table: dict[str, dict[str, list[dict]]] = {}
-    seconds: dict[str, float] = {}
     for setting, name, lr, hr, grid in items:
         low, high = normalisation(lr, norm, name)
-        x_in = (lr - low) / (high - low)
+        x_in, xh_in = (lr - low) / (high - low), (hr - low) / (high - low)
         # --resample: every method runs on the training grid, outputs are resampled back
         x = x_in if grid is None else resize(x_in, grid)
-        xh = (hr - low) / (high - low) if grid is None else resize((hr - low) / (high - low), grid)
-        outs = {**classical_outputs(x, params)}
-        window = fit_window(PredictConfig.window, x.shape, ldm.window_multiple)
-        outs["VAE result"] = autoencode_volume(ldm.vae, x, window, overlap=OVERLAP, progress=False)
-        outs["VAE ceiling"] = autoencode_volume(ldm.vae, xh, window, overlap=OVERLAP,
-                                                progress=False, lr=x)  # fmt: skip
-        if ldm.vae.config.uses_lr:
-            outs["decode(0, LR)"] = zero_latent_volume(ldm.vae, x, window)
-        for label, sampler in SAMPLERS.items():
-            t0 = time.perf_counter()
-            outs[label] = ldm_volume(ldm, x, sampler, window)
-            seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t0
-        outs = {"Baseline": x_in, **{k: v if grid is None else resize(v, x_in.shape)
-                                     for k, v in outs.items()}}  # fmt: skip
-        for label, o in outs.items():
-            row = score(o * (high - low) + low, hr)
+        xh = xh_in if grid is None else resize(xh_in, grid)
+        outs, seconds, extra = method_outputs(model, x, xh, params, cfg, window, counts)
+
+        def back(v: np.ndarray) -> np.ndarray:
+            return v if grid is None else resize(v, x_in.shape)
+
+        outs = {"Baseline": x_in, **{k: back(v) for k, v in outs.items()}}
+        extra = {k: back(v) for k, v in extra.items()}
+        if "std" in extra:
+            extra["std"] = np.maximum(extra["std"], 0.0)  # cubic resampling can undershoot 0
+        rows = volume_scores(outs, seconds, extra, xh_in, lambda v: v * (high - low) + low, top)
+        for label, row in rows.items():
             table.setdefault(setting, {}).setdefault(label, []).append(row)
-    means = {s: {m: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-                 for m, rows in methods.items()} for s, methods in table.items()}  # fmt: skip
+    means = {s: {m: _mean_rows(rows) for m, rows in methods.items()}
+             for s, methods in table.items()}  # fmt: skip
     n_test = sum(1 for it in items if it[0] == "test")
-    return {"scores": means, "predict_seconds": seconds, "num_test": n_test}
+    return {"scores": means, "num_test": n_test,
+            "num_samples": list(counts) if diff_ck is not None else []}  # fmt: skip
