@@ -271,6 +271,10 @@ def save_volume(
     if fmt == "npy":
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, data)
+    elif fmt == "nifti" and meta.affine is None and meta.format in ("dicom", "raw") and (
+        meta.origin or meta.direction is not None
+    ):
+        _save_nifti_from_itk(path, data, meta)  # scanner geometry (LPS) -> NIfTI (RAS)
     elif fmt == "nifti":
         import nibabel as nib
 
@@ -285,6 +289,36 @@ def save_volume(
     else:
         path = _save_metaimage(path, data, meta)
     return path
+
+
+def _itk_image(data: np.ndarray, meta: VolumeMeta, path: Path):
+    """A SimpleITK image of a (z, y, x) array with the meta's spacing, origin and direction."""
+    import SimpleITK as sitk
+
+    arr = np.ascontiguousarray(data)
+    if arr.dtype.str[1:] not in _DTYPE_TO_MET:
+        raise UserError(f"{path}: dtype {arr.dtype} cannot be written by SimpleITK")
+    img = sitk.GetImageFromArray(arr.astype(arr.dtype.newbyteorder("=")))
+    if meta.spacing:
+        img.SetSpacing([float(v) for v in reversed(meta.spacing)])
+    if meta.origin:
+        img.SetOrigin([float(v) for v in reversed(meta.origin)])
+    if meta.direction is not None:
+        img.SetDirection([float(v) for v in meta.direction])
+    return img
+
+
+def _save_nifti_from_itk(path: Path, data: np.ndarray, meta: VolumeMeta) -> None:
+    """NIfTI through SimpleITK, which turns the scanner's LPS geometry (DICOM, MetaImage) into
+    the NIfTI affine (RAS), so a viewer overlays the output on the input; atomic."""
+    import SimpleITK as sitk
+
+    img = _itk_image(data, meta, path)
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("NiftiImageIO")
+    with atomic_path(path) as tmp:
+        writer.SetFileName(str(tmp))
+        writer.Execute(img)
 
 
 def _save_metaimage(path: Path, data: np.ndarray, meta: VolumeMeta) -> Path:

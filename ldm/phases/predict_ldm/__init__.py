@@ -32,6 +32,7 @@ from ldm.baselines import (
 )
 from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
+from ldm.dicom import save_dicom_series
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.distributed import pick_device
 from ldm.errors import ConfigError
@@ -41,9 +42,11 @@ from ldm.inference import fit_window, sliding_window_infer
 from ldm.io import RawSpec, save_volume
 from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
 from ldm.pipeline import PhaseResult
-from ldm.validate import check_min, check_range
+from ldm.validate import check_choice, check_min, check_range
 
 log = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("auto", "nifti", "dicom", "raw", "npy")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class PredictConfig:
     detail_weight: float = 1.0  # w in mu + w D(z): 0 = the restorer (fidelity), 1 = detail
     cases: tuple[str, ...] | None = None  # test cases to predict; null = all
     gif: bool = True  # GIF of the reverse process on the central window of the first case
+    # output volumes: auto = the input's format (NIfTI for DICOM) | nifti | dicom | raw | npy;
+    # dicom writes a new series with the input's patient/study tags and new UIDs
+    output_format: str = "auto"
     amp: bool = True  # bf16 autocast of the networks on CUDA (CPU always runs float32)
     raw: RawSpec = field(default_factory=RawSpec)  # how to read a headerless --input .raw
     tune: TuneConfig = field(default_factory=TuneConfig)  # classical baselines (where HR is known)
@@ -72,6 +78,7 @@ class PredictConfig:
         check_range("overlap", self.overlap, 0, 1, hi_open=True)
         check_min("num_samples", self.num_samples, 1)
         check_range("detail_weight", self.detail_weight, 0, 2)
+        check_choice("output_format", self.output_format, OUTPUT_FORMATS)
         check_min("batch_size", self.batch_size, 1)
 
 
@@ -113,9 +120,19 @@ def check_window(window: tuple[int, ...], ldm: LatentDiffusion) -> None:
         )
 
 
-def _write_volume(folder: Path, case: TestCase, vol: np.ndarray, suffix: str) -> Path:
-    ext = {"raw": ".raw", "nifti": ".nii.gz", "npy": ".npy"}.get(case.meta.format, ".nii.gz")
+def _write_volume(
+    folder: Path, case: TestCase, vol: np.ndarray, suffix: str, output_format: str
+) -> Path:
+    """One output volume in original units: the input's format (``auto``; NIfTI for a DICOM
+    input, the analysis format), or ``output_format``; ``dicom`` writes a new series beside the
+    input's patient and study (ldm/dicom.py)."""
+    fmt = case.meta.format if output_format == "auto" else output_format
     meta = dataclasses.replace(case.meta, dtype="float32")
+    if fmt == "dicom" and output_format == "dicom":
+        what = {"ldm": "LDM mean", "std": "uncertainty (std of samples)"}.get(suffix, suffix)
+        return save_dicom_series(folder / f"{case.name}_{suffix}", vol.astype(np.float32), meta,
+                                 description=f"ldm3d {what}")  # fmt: skip
+    ext = {"raw": ".raw", "nifti": ".nii.gz", "npy": ".npy"}.get(fmt, ".nii.gz")
     return save_volume(folder / f"{case.name}_{suffix}{ext}", vol.astype(np.float32), meta)
 
 
@@ -155,11 +172,12 @@ def _predict_case(
         if calibration:
             row["uncertainty_scores"] = calibration
         outputs = {**restorer, **outputs}
-    row["output"] = str(final / _write_volume(folder, case, ldm_vol, "ldm").name)
+    row["output"] = str(final / _write_volume(folder, case, ldm_vol, "ldm", cfg.output_format).name)
     std_vol = None
     if std is not None:
         std_vol = std * (case.high - case.low)  # original units
-        row["uncertainty"] = str(final / _write_volume(folder, case, std_vol, "std").name)
+        std_path = _write_volume(folder, case, std_vol, "std", cfg.output_format)
+        row["uncertainty"] = str(final / std_path.name)
     case_pictures(folder, case, outputs, std_vol)
     if gif:
         reverse_process_gif(

@@ -1,0 +1,59 @@
+"""predict_ldm on a DICOM series: NIfTI out by default on the input's geometry, and with
+output_format dicom a new series beside the input's patient and study."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from tests.helpers.cli import run_script
+from tests.test_dicom import PATIENT, read_series, tags_of, write_series
+
+
+def _predict(tp, out, *extra):
+    return run_script(
+        "predict_ldm", "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
+        "--set", f"diffusion_checkpoint={tp.diffusion}", "--set", f"out_dir={out}",
+        "--set", "sampler.steps=2", "--set", "num_samples=2", "--set", "device=cpu",
+        "--set", "gif=false", *extra,
+    )  # fmt: skip
+
+
+def _scan(tmp_path):
+    stored = np.random.default_rng(1).integers(0, 400, (16, 16, 16)).astype(np.int16)
+    folder = tmp_path / "scan"
+    uid = write_series(folder, stored)
+    return folder, uid
+
+
+def test_dicom_input_gives_nifti_on_the_input_geometry(tiny_pipeline, tmp_path):
+    folder, _ = _scan(tmp_path)
+    out = tmp_path / "pred"
+    result = _predict(tiny_pipeline, out, "--input", folder)
+    assert result.exit_code == 0, result.output
+    src, _ = read_series(folder)
+    (nii,) = (out / "scan").glob("scan_ldm.nii.gz")
+    img = sitk.ReadImage(str(nii))
+    assert img.GetSize() == src.GetSize()
+    np.testing.assert_allclose(img.GetSpacing(), src.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(img.GetOrigin(), src.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(img.GetDirection(), src.GetDirection(), atol=1e-5)
+
+
+def test_output_format_dicom_writes_a_new_series_of_the_same_patient(tiny_pipeline, tmp_path):
+    folder, uid = _scan(tmp_path)
+    out = tmp_path / "pred"
+    result = _predict(tiny_pipeline, out, "--input", folder, "--set", "output_format=dicom")
+    assert result.exit_code == 0, result.output
+    img, files = read_series(out / "scan" / "scan_ldm")
+    src, src_files = read_series(folder)
+    assert img.GetSize() == src.GetSize()
+    np.testing.assert_allclose(img.GetOrigin(), src.GetOrigin(), atol=1e-3)
+    new, old = tags_of(files[0]), tags_of(src_files[0])
+    for key in ("0010|0010", "0010|0020", "0020|000d"):  # patient name and id, study UID
+        assert new[key] == PATIENT[key] == old[key]
+    assert new["0020|000e"] != uid  # a new SeriesInstanceUID
+    assert "ldm3d" in new["0008|103e"]
+    assert len({tags_of(f)["0008|0018"] for f in files}) == len(files)  # new SOP UIDs
+    std, _ = read_series(out / "scan" / "scan_std")  # the uncertainty is a series too
+    assert std.GetSize() == src.GetSize()
