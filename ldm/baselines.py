@@ -241,7 +241,8 @@ def score_volume(
 
 def uncertainty_scores(std: np.ndarray, mean: np.ndarray, hr: np.ndarray) -> dict[str, float]:
     """Calibration of the per-voxel std of N samples against the error of their mean (all
-    normalised): variance-to-error ratio (about N / (N + 1) when calibrated; docs/design.md,
+    normalised): variance-to-error ratio (N / (N + 1) when calibrated, for the sample std with
+    Bessel's correction that predict_ldm writes; docs/design.md,
     "Metrics") and AUSE, with the AUSE of a random order for scale."""
     sp = sparsification(std, mean, hr)
     return {"var_err_ratio": variance_to_error_ratio(std, mean, hr), "ause": float(sp["ause"]),

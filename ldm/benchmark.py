@@ -119,19 +119,18 @@ def _random_ldm(device: torch.device) -> LatentDiffusion:
 
 
 def default_num_samples() -> int:
-    """predict_ldm's default number of samples per window (PredictConfig.num_samples)."""
-    return PredictConfig.num_samples
+    """Samples per window of the default predict_ldm config (configs/predict_ldm.yaml: 8)."""
+    return load_config(PredictConfig, REPO_ROOT / "configs" / "predict_ldm.yaml").num_samples
 
 
 @case
 def predict_128(
     device: torch.device, steps: int = 50, size: int = 128, num_samples: int | None = None
 ) -> dict[str, Any]:
-    """predict_volume on a random size^3 volume with the window, overlap and batch size of
-    configs/predict_ldm.yaml, DDIM ``steps`` and ``num_samples`` per window (None: the
-    default of PredictConfig, whatever the YAML sets)."""
+    """predict_volume on a random size^3 volume with the window, overlap, batch size and (by
+    default) number of samples per window of configs/predict_ldm.yaml, DDIM ``steps``."""
     cfg = load_config(PredictConfig, REPO_ROOT / "configs" / "predict_ldm.yaml")
-    n = default_num_samples() if num_samples is None else num_samples
+    n = cfg.num_samples if num_samples is None else num_samples
     cfg = dataclasses.replace(cfg, sampler=SamplerConfig(steps=steps), num_samples=n)
     ldm = _random_ldm(device)
     lr = np.random.default_rng(0).random((size,) * 3, dtype=np.float32)

@@ -133,7 +133,7 @@ def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -149,7 +149,7 @@ def _remove_stale(folder: Path, pattern: str) -> None:
     regex = re.compile(pattern)
     for entry in folder.glob(".*"):
         m = regex.fullmatch(entry.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -162,7 +162,7 @@ def _recover_swap(final: Path) -> None:
     regex = re.compile(rf"\.{re.escape(final.name)}\.old-(\d+)")
     for old in final.parent.glob(f".{final.name}.old-*"):
         m = regex.fullmatch(old.name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)  # the new folder is in place: drop the old one

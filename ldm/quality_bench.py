@@ -2,15 +2,18 @@
 
 For each dataset (``phantom``: the demo-sized vessel phantom; ``mri``: non-overlapping 48^3
 blocks of nilearn's MNI152 T1 template, blur 1 voxel + Rician noise 4 % of the range, split by
-block) and each variant (train_vae_pair overrides; ``diffusion.*`` ones go to train_diffusion),
-it runs prepare_data, train_vae_pair, prepare_latents and train_diffusion through their
-functions with the same CPU-time budget per network (steps calibrated from the CPU time of a
-step; wall cap 8x), then scores the test volumes with predict_ldm's windows: Baseline, tuned
-Gaussian / heat (and BM4D if installed), VAE result, VAE ceiling decode(z_HR, LR),
-decode(0, LR), and the LDM from noise and from the noised LR latent. Generalisation (MRI): the
-same test blocks resampled to 0.7 / 1.4 mm voxels (as given and with --resample) and with
-intensities x0.5 / x2 + shift. Metrics: PSNR, SSIM (original units), bias and contrast
-(ldm.metrics.intensity_fit) in % of the HR range. Writes results/benchmark/quality.json.
+block) and each variant (train_vae_pair overrides of configs/demo; ``diffusion.*`` ones go to
+train_diffusion), it runs prepare_data, train_vae_pair, prepare_latents and train_diffusion
+through their functions with the same CPU-time budget per network (steps calibrated from the CPU
+time of a step; wall cap 8x), then scores the test volumes with predict_ldm's windows
+(ldm/quality_scoring.py): Baseline, the tuned filters (BM4D if installed and asked), Restorer,
+Oracle, z = 0, shuffled z, LDM one sample, LDM mean of 2 / 4 / 8, w = 0 / 0.5 / 1, each with
+PSNR, SSIM, ESR, HFER, FSC, bias and contrast (% of the HR range) and predict seconds; the mean
+of 8's calibration and the latent sensitivity S. The ``regression`` variant is plain regression
+with the same CPU minutes: the restorer trained for both budgets (the residual autoencoder tiny,
+no diffusion), scored as its Restorer row. Generalisation (MRI): the same test blocks resampled
+to 0.7 / 1.4 mm voxels (as given and with --resample) and with intensities x0.5 / x2 + shift.
+Prints one table per dataset; writes results/benchmark/quality.json.
 """
 
 from __future__ import annotations
@@ -33,25 +36,33 @@ from ldm.errors import UserError
 from ldm.files import save_json
 from ldm.optim import TrainConfig, timed_step
 from ldm.phases.predict_ldm import PredictConfig
-from ldm.quality_scoring import MRI_DEGRADE, classical_params, evaluate, generalisation_cases
+from ldm.quality_scoring import (
+    MRI_DEGRADE,
+    classical_params,
+    evaluate,
+    generalisation_cases,
+    ldm_label,
+)
 
+DEMO = REPO_ROOT / "configs" / "demo"
+# overrides of configs/demo/train_vae_pair.yaml (``diffusion.*``: of train_diffusion.yaml;
+# SHARED_KEYS: of both). The first stage is model: {restorer, residual_ae, residual_scale}.
 VARIANTS: dict[str, list[str]] = {
-    "plain": [],
-    "lr_skip+residual": ["model.lr_skip=true", "model.residual=true"],
-    "lr_skip+residual+aug": ["model.lr_skip=true", "model.residual=true",
-                             "augment.flips=true", "augment.permute=true",
-                             "augment.scale=0.3", "augment.shift=0.1", "grad_weight=0.5"],
-    # lever 1: f = 2 and 8 latent channels (as many numbers as voxels): room for the detail
-    "lr_skip+residual+f2": ["model.lr_skip=true", "model.residual=true",
-                            "model.channels=[16, 32]", "model.latent_channels=8"],
-    # lever 3 (default: the diffusion learns the residual z_HR - z_LR); its loser, x_0 = z_HR
-    # (diffusion.* keys go to train_diffusion, SHARED_KEYS to both)
-    "lr_skip+residual+latent_diffusion": ["model.lr_skip=true", "model.residual=true",
-                                          "diffusion.target=latent"],
+    # the demo configs: restorer + residual autoencoder (f = 4, 8 latent channels) + diffusion
+    "default": [],
+    # plain regression with the same CPU minutes: the restorer alone gets both budgets (the
+    # residual autoencoder tiny, its loss does not reach the restorer; no diffusion)
+    "regression": ["model.residual_ae.channels=[8, 8, 8]", "model.residual_ae.latent_channels=1"],
+    # restorer trained on flipped / permuted / rescaled pairs with an edge term
+    "aug": ["augment.flips=true", "augment.permute=true", "augment.scale=0.3",
+            "augment.shift=0.1", "grad_weight=0.5", "residual_grad_weight=0.5"],
+    # f = 2 residual latent (8 channels: as many numbers as voxels): room for the detail
+    "f2": ["model.residual_ae.channels=[16, 32]"],
     # both networks trained in float32 on CPU: the loser of train.amp_cpu (default auto: bf16
     # autocast on CPUs with bf16 instructions, 1.3x the steps in the same CPU time)
-    "lr_skip+residual+fp32": ["model.lr_skip=true", "model.residual=true", "train.amp_cpu=none"],
+    "fp32": ["train.amp_cpu=none"],
 }  # fmt: skip
+NO_DIFFUSION = ("regression",)  # variants that train the first stage only, for both budgets
 SHARED_KEYS = ("train.amp",)  # variant overrides that go to both training phases
 # --------------------------------------------------------------------------- data
 
@@ -134,30 +145,74 @@ def _calibrated_steps(model, loss_fn, minutes: float, train: TrainConfig) -> int
 WALL_CAP = 8.0  # train.max_minutes = WALL_CAP x the CPU budget: a cap for a very loaded machine
 
 
-def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, diff_min: float):
-    from ldm.nets import UNet3d, VAE3d
-    from ldm.phases.prepare_latents import PrepareLatentsConfig, prepare_latents
-    from ldm.phases.train_diffusion import TrainDiffusionConfig, train_diffusion
-    from ldm.phases.train_vae_pair import TrainVAEConfig, train_vae_pair
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(train_vae_pair overrides, train_diffusion overrides) of a variant."""
+    diffusion = [o for o in overrides if o.startswith(("diffusion.", *SHARED_KEYS))]
+    return [o for o in overrides if not o.startswith("diffusion.")], diffusion
 
-    demo = REPO_ROOT / "configs" / "demo"
+
+def variant_configs(variant: str, data: Path | None = None, run: Path | None = None):
+    """(TrainVAEConfig, TrainDiffusionConfig) of a variant: configs/demo with its overrides
+    (and the dataset / run folders when given). Raises UserError naming the variant when an
+    override does not fit the configs."""
+    from ldm.phases.train_diffusion import TrainDiffusionConfig
+    from ldm.phases.train_vae_pair import TrainVAEConfig
+
+    vae_sets, diffusion_sets = split_overrides(VARIANTS[variant])
+    if data is not None and run is not None:
+        vae_sets = [f"data_dir={data}", f"out_dir={run / 'vae'}", *vae_sets]
+        diffusion_sets = [f"data_dir={data}", f"latents_dir={run / 'latents'}",
+                          f"vae_checkpoint={run / 'vae' / 'best.pt'}",
+                          f"out_dir={run / 'diffusion'}", *diffusion_sets]  # fmt: skip
+    try:
+        return (load_config(TrainVAEConfig, DEMO / "train_vae_pair.yaml", vae_sets),
+                load_config(TrainDiffusionConfig, DEMO / "train_diffusion.yaml",
+                            diffusion_sets))  # fmt: skip
+    except UserError as e:
+        raise UserError(f"variant {variant}: {e}") from None
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train_variant(data: Path, run: Path, variant: str, vae_min: float, diff_min: float):
+    """Train one variant into ``run``: (first-stage checkpoint, diffusion checkpoint or None
+    for a NO_DIFFUSION variant, training info)."""
+    from ldm.nets import UNet3d
+    from ldm.nets.restorer import RestorerAE, condition_channels
+    from ldm.phases.prepare_latents import PrepareLatentsConfig, prepare_latents
+    from ldm.phases.train_diffusion import train_diffusion
+    from ldm.phases.train_vae_pair import train_vae_pair
+
     vae_ck = run / "vae" / "best.pt"
-    diffusion_sets = [o for o in overrides if o.startswith(("diffusion.", *SHARED_KEYS))]
-    overrides = [o for o in overrides if not o.startswith("diffusion.")]
-    sets = [f"data_dir={data}", f"out_dir={run / 'vae'}", *overrides]
-    cfg = load_config(TrainVAEConfig, demo / "train_vae_pair.yaml", sets)
+    cfg, dcfg = variant_configs(variant, data, run)
+    diffusion = variant not in NO_DIFFUSION
+    vae_budget = vae_min if diffusion else vae_min + diff_min  # regression: both budgets
     patch = load_manifest(data)["patch_size"]
     b = cfg.train.batch_size
-    x = torch.rand(2 * b, 1, *patch)
-    steps = _calibrated_steps(VAE3d(cfg.model), lambda m: m(x, lr=x)[0].abs().mean(), vae_min,
-                              cfg.train)  # fmt: skip
+    lr, hr = torch.rand(2, b, 1, *patch)
+    first_stage = RestorerAE(cfg.model)
+
+    def first_stage_loss(m: torch.nn.Module) -> torch.Tensor:
+        mu, r, r_hat, _, _ = m(lr, hr)
+        return (mu - hr).abs().mean() + (r_hat - r).square().mean()
+
+    steps = _calibrated_steps(first_stage, first_stage_loss, vae_budget, cfg.train)
     every = max(10, steps // 4)
-    cfg = replace(cfg, train=replace(cfg.train, steps=steps, max_minutes=WALL_CAP * vae_min,
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, max_minutes=WALL_CAP * vae_budget,
                                      val_every=every, save_every=every))  # fmt: skip
     t0, c0 = time.perf_counter(), time.process_time()
     vae = train_vae_pair(cfg, overwrite=True)
     vae_s, vae_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(vae.text)
+    params = {"restorer": _params(first_stage.restorer),
+              "residual_ae": _params(first_stage.residual_ae)}  # fmt: skip
+    info: dict[str, Any] = {"vae_val": vae.metrics, "params": params,
+                            "train_minutes": vae_s / 60, "train_cpu_minutes": vae_cpu / 60,
+                            "steps": {"vae": vae.metrics["step"]}}  # fmt: skip
+    if not diffusion:
+        return vae_ck, None, info
     lat = run / "latents"
     prepare_latents(
         load_config(
@@ -167,17 +222,15 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
         ),
         overwrite=True,
     )
-    sets = [f"data_dir={data}", f"latents_dir={lat}", f"vae_checkpoint={vae_ck}",
-            f"out_dir={run / 'diffusion'}"]  # fmt: skip
-    vae_model = cfg.model
-    lc, f = vae_model.latent_channels, vae_model.downsample_factor
-    sets += [f"model.{k}={lc}" for k in ("in_channels", "out_channels", "cond_channels")]
-    sets += diffusion_sets
-    dcfg = load_config(TrainDiffusionConfig, demo / "train_diffusion.yaml", sets)
-    c = dcfg.model
-    z = torch.randn(dcfg.train.batch_size, c.in_channels, *(p // f for p in patch))
+    # the UNet's channels as train_diffusion sets them from the latents (it overrides the YAML's)
+    lc, f = cfg.model.latent_channels, cfg.model.downsample_factor
+    c = replace(dcfg.model, in_channels=lc, out_channels=lc,
+                cond_channels=condition_channels(cfg.model))  # fmt: skip
+    z = torch.randn(dcfg.train.batch_size, lc, *(p // f for p in patch))
+    cond = torch.randn(z.shape[0], c.cond_channels, *z.shape[2:])
     t = torch.zeros(z.shape[0], dtype=torch.long)
-    steps = _calibrated_steps(UNet3d(c), lambda m: m(z, t, cond=z).square().mean(), diff_min,
+    unet = UNet3d(c)
+    steps = _calibrated_steps(unet, lambda m: m(z, t, cond=cond).square().mean(), diff_min,
                               dcfg.train)  # fmt: skip
     every = max(10, steps // 3)
     dcfg = replace(dcfg, train=replace(dcfg.train, steps=steps, max_minutes=WALL_CAP * diff_min,
@@ -186,11 +239,12 @@ def train_variant(data: Path, run: Path, overrides: list[str], vae_min: float, d
     diff = train_diffusion(dcfg, overwrite=True)
     diff_s, diff_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(diff.text)
-    return vae_ck, run / "diffusion" / "best.pt", {
-        "vae_val": vae.metrics, "diffusion_val": diff.metrics,
-        "train_minutes": (vae_s + diff_s) / 60, "train_cpu_minutes": (vae_cpu + diff_cpu) / 60,
-        "steps": {"vae": vae.metrics["step"], "diffusion": diff.metrics["step"]},
-    }  # fmt: skip
+    params["unet"] = _params(unet)
+    info.update({"diffusion_val": diff.metrics, "train_minutes": (vae_s + diff_s) / 60,
+                 "train_cpu_minutes": (vae_cpu + diff_cpu) / 60,
+                 "steps": {"vae": vae.metrics["step"],
+                           "diffusion": diff.metrics["step"]}})  # fmt: skip
+    return vae_ck, run / "diffusion" / "best.pt", info
 
 
 # --------------------------------------------------------------------------- the bench
@@ -209,6 +263,8 @@ def check_choices(datasets: list[str], variants: list[str], vae_min: float,
                             f"choose from {', '.join(known)}")  # fmt: skip
     if vae_min <= 0 or diff_min <= 0:
         raise UserError(f"training budgets must be > 0 minutes, got {vae_min} and {diff_min}")
+    for v in variants:  # a stale key stops here, not after minutes of data preparation
+        variant_configs(v)
 
 
 def run(datasets: list[str], variants: list[str], work: Path, vae_min: float, diff_min: float,
@@ -223,8 +279,7 @@ def run(datasets: list[str], variants: list[str], work: Path, vae_min: float, di
         params = classical_params(data, with_bm4d and dataset == "mri")
         for variant in variants:
             run_dir = work / dataset / variant.replace("+", "_")
-            vae_ck, diff_ck, info = train_variant(data, run_dir, VARIANTS[variant], vae_min,
-                                                  diff_min)  # fmt: skip
+            vae_ck, diff_ck, info = train_variant(data, run_dir, variant, vae_min, diff_min)
             ev = evaluate(data, vae_ck, diff_ck, params, general=dataset == "mri")
             report["results"][f"{dataset}/{variant}"] = {**info, **ev, "classical": params}
             save_json(report, out)
@@ -252,52 +307,97 @@ def profile_generalisation(profile: str = "mri", out: Path | None = None) -> dic
     n = sum(1 for _ in iter_test_cases(data))
     cases = generalisation_cases(data, n, prep.degrade, data_range)
     params = classical_params(data, with_bm4d=False)
-    ev = evaluate(data, pred.vae_checkpoint, pred.diffusion_checkpoint, params, cases)
+    ev = evaluate(data, pred.vae_checkpoint, pred.diffusion_checkpoint, params, cases, pred)
     report = {"results": {f"{profile} profile model": {**ev, "classical": params}}}
     if out is not None:
         save_json(report, out)
     return report
 
 
+# (header, figure, format) of the per-dataset table
+COLUMNS = (("PSNR", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.4f}"), ("ESR", "esr", "{:.3f}"),
+           ("HFER", "hfer", "{:.3f}"), ("FSC hi", "fsc", "{:.3f}"),
+           ("bias %", "bias_pct", "{:+.2f}"), ("contrast %", "contrast_pct", "{:+.2f}"),
+           ("predict s", "seconds", "{:.1f}"))  # fmt: skip
+# rows of the compact generalisation table (PSNR), those a result has
+GENERAL_ROWS = ("Baseline", "Gaussian (tuned)", "NLM (tuned)", "BM4D (tuned)", "Restorer",
+                "Oracle", ldm_label(1), ldm_label(8))  # fmt: skip
+TABLE_NOTE = (
+    "ESR = edge gradient / HR's on HR's top 5 % edges, HFER = spectral energy / HR's above 0.25 "
+    "cycles/voxel (both ideal 1), FSC hi = Fourier shell correlation with HR there; bias and "
+    "contrast - 1 in % of the HR range; predict s = wall seconds per volume (w rows: the mean "
+    "of 8's); var/err = mean std^2 / MSE of the mean of 8 (calibrated: 8/9 = 0.89, std with "
+    "ddof 1), AUSE (0 = std ranks the errors perfectly; random order for scale); S = ||D(z_HR) "
+    "- D(z_sample)||^2 / ||HR - mu||^2 (< 1: the latent cannot fix much of the restorer's error)"
+)
+
+
+def _cell(scores: dict[str, float], key: str, fmt: str) -> str:
+    v = scores.get(key)
+    return "-" if v is None or not np.isfinite(v) else fmt.format(v)
+
+
+def _aligned(rows: list[list[str]], left: int) -> list[str]:
+    """Rows of cells as aligned text, the first ``left`` columns left-aligned, a rule under the
+    header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]  # fmt: skip
+    lines.insert(1, "-" * max(len(x) for x in lines))
+    return lines
+
+
+def _variant_notes(variant: str, r: dict[str, Any]) -> str:
+    """Training, calibration and latent sensitivity of one result, one line."""
+    parts = []
+    if r.get("steps"):
+        steps = ", ".join(f"{k} {v}" for k, v in r["steps"].items())
+        parts.append(f"train {r['train_cpu_minutes']:.1f} CPU min ({r['train_minutes']:.1f} "
+                     f"wall), steps {steps}")  # fmt: skip
+    if r.get("params"):
+        parts.append("params " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in r["params"].items()))
+    test = r["scores"].get("test", {})
+    for label, s in test.items():
+        if "var_err_ratio" in s:
+            parts.append(f"{label}: var/err {s['var_err_ratio']:.3f}, AUSE {s['ause']:.3f} "
+                         f"(random {s['ause_random']:.3f})")  # fmt: skip
+        if "latent_sensitivity" in s:
+            parts.append(f"latent sensitivity S {s['latent_sensitivity']:.3f} ({label})")
+    n = r.get("num_test", "?")
+    return f"{variant} ({n} test volume{'' if n == 1 else 's'}): " + "; ".join(parts)
+
+
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'dataset/variant':<34}{'setting':<22}{'method':<28}{'PSNR':>7}{'SSIM':>7}"
-             f"{'bias%':>7}{'contr%':>8}"]  # fmt: skip
+    """One table per dataset: the test-set rows of every variant (PSNR, SSIM, ESR, HFER, FSC,
+    bias, contrast, predict seconds), a line per variant (training, calibration of the mean of
+    8, latent sensitivity S), then the PSNR of the main rows in each generalisation setting."""
+    by_dataset: dict[str, list[tuple[str, dict]]] = {}
     for key, r in report["results"].items():
-        lines.append(
-            f"{key}: train {r['train_cpu_minutes']:.1f} CPU min ({r['train_minutes']:.1f} "
-            f"wall), steps {r['steps']}, predict s "
-            + ", ".join(f"{k} {v:.0f}" for k, v in r["predict_seconds"].items())
-        )
-        for setting, methods in r["scores"].items():
-            for m, s in methods.items():
-                lines.append(f"{'':<34}{setting:<22}{m:<28}{s['psnr']:>7.2f}{s['ssim']:>7.3f}"
-                             f"{s['bias_pct']:>7.2f}{s['contrast_pct']:>8.2f}")  # fmt: skip
-    return "\n".join(lines)
+        dataset, _, variant = key.partition("/")
+        by_dataset.setdefault(dataset, []).append((variant or dataset, r))
+    lines: list[str] = []
+    for dataset, entries in by_dataset.items():
+        rows = [["variant", "method", *(h for h, _, _ in COLUMNS)]]
+        for variant, r in entries:
+            for i, (m, s) in enumerate(r["scores"].get("test", {}).items()):
+                rows.append([variant if i == 0 else "", m,
+                             *(_cell(s, k, f) for _, k, f in COLUMNS)])  # fmt: skip
+        lines += [f"== {dataset} ==", *_aligned(rows, 2)]
+        lines += [_variant_notes(v, r) for v, r in entries]
+        general = [(v, st, sc) for v, r in entries for st, sc in r["scores"].items()
+                   if st != "test"]  # fmt: skip
+        if general:
+            cols = [m for m in GENERAL_ROWS if any(m in sc for _, _, sc in general)]
+            grows = [["variant", "setting", *cols]]
+            for v, st, sc in general:
+                grows.append([v, st, *(_cell(sc.get(m, {}), "psnr", "{:.2f}") for m in cols)])
+            lines += ["generalisation PSNR (dB):", *_aligned(grows, 2)]
+        lines.append("")
+    return "\n".join(lines + [TABLE_NOTE])
 
 
-def summary_table(report: dict[str, Any]) -> str:
-    """One line per dataset/variant: the test-set PSNR/SSIM of every method side by side, the
-    training CPU minutes and the LDM's predict seconds; then generalisation PSNRs (MRI)."""
-    lines = []
-    for key, r in report["results"].items():
-        test = r["scores"]["test"]
-        trained = (f"train {r['train_cpu_minutes']:.1f} CPU min / {r['train_minutes']:.1f} "
-                   f"wall min, steps {r['steps']}, ") if r.get("steps") else ""
-        lines.append(f"{key}  ({trained}{r['num_test']} test volumes)")
-        for m, sc in test.items():
-            sec = r["predict_seconds"].get(m)
-            extra = f"  predict {sec:.0f} s wall, every setting" if sec else ""
-            lines.append(f"    {m:<28}{sc['psnr']:7.2f} dB {sc['ssim']:6.3f}  bias "
-                         f"{sc['bias_pct']:+5.2f}%  contrast {sc['contrast_pct']:+6.2f}%"
-                         + extra)  # fmt: skip
-        others = [s for s in r["scores"] if s != "test"]
-        if others:
-            keep = [m for m in test if not m.startswith(("heat", "VAE ceiling", "decode(0"))]
-            lines.append("    generalisation PSNR: " + " | ".join(keep))
-            for st in others:
-                vals = " | ".join(f"{r['scores'][st][m]['psnr']:.2f}" for m in keep)
-                lines.append(f"      {st:<26}{vals}")
-    return "\n".join(lines)
+summary_table = format_table  # --combine and --profile-model print the same tables
 
 
 def combine(paths: list[Path], out: Path) -> dict[str, Any]:
@@ -326,10 +426,11 @@ def bench_case(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", default="phantom,mri")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--datasets", default="phantom,mri", help=f"of {', '.join(DATASETS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--work", type=Path, default=Path("results/benchmark/quality_work"))
-    p.add_argument("--vae-minutes", type=float, default=3.0, help="CPU minutes of the VAE")
+    p.add_argument("--vae-minutes", type=float, default=3.0,
+                   help="CPU minutes of the first stage (regression: + the diffusion's)")
     p.add_argument("--diffusion-minutes", type=float, default=2.0, help="CPU minutes, diffusion")
     p.add_argument("--out", type=Path, help="default results/benchmark/quality.json "
                    "(--profile-model: quality_<PROFILE>_profile.json)")

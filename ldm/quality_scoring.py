@@ -26,8 +26,8 @@ Figures per row (:func:`score`, original units): PSNR, SSIM, bias, contrast, and
 the high-band FSC (``ldm.baselines.score_volume(..., sharpness=True)``); ``seconds``: wall
 seconds of the row's call where it is a prediction (Restorer, the LDM rows; the w rows cost
 what the mean of 8 costs). The mean of 8 also has the uncertainty figures of its per-voxel std
-(``ldm.baselines.uncertainty_scores``: var_err_ratio, ause, ause_random; predict_ldm's std has
-ddof 0, so calibrated samples give var_err_ratio (N - 1) / (N + 1) = 0.78 for N = 8), and
+(``ldm.baselines.uncertainty_scores``: var_err_ratio, ause, ause_random; predict_ldm's std is the
+sample std (ddof 1), so calibrated samples give var_err_ratio N / (N + 1) = 0.89 for N = 8), and
 ``LDM one sample`` the latent sensitivity S = ||D(z_HR) - D(z_sample)||^2 / ||HR - mu||^2
 (``ldm.quality_metrics.latent_sensitivity``, normalised units). A first stage without a
 diffusion model (the bench's ``regression`` variant) gets the Baseline, filter and Restorer rows.
@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +185,8 @@ def method_outputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, np.ndarray]]:  # fmt: skip
     """Every row's output on one normalised volume ``x`` (HR ``xh``, for the oracle and the
     latent probes), on its grid: (outputs by row label, wall seconds by row label, extra
-    volumes: "std" of the largest count > 1, "mu" (the restorer in predict_volume's layout),
-    "sample" (the one-sample output)). ``model`` is the LDM, or a first stage alone (filters and
-    Restorer only)."""
+    volumes: "std" of the largest count when > 1, "mu" (the restorer in predict_volume's
+    layout)). ``model`` is the LDM, or a first stage alone (filters and Restorer only)."""
     vae = model.vae if isinstance(model, LatentDiffusion) else model
     outs = classical_outputs(x, params)
     seconds: dict[str, float] = {}
@@ -202,8 +203,6 @@ def method_outputs(
         outs[ldm_label(n)], seconds[ldm_label(n)] = r["mean"], r["seconds"]
     mu = predict_layout_restorer(model, x, cfg, window)
     extra["mu"] = mu
-    if 1 in runs:
-        extra["sample"] = runs[1]["sample"]
     top = max(runs)
     if runs[top]["std"] is not None:
         extra["std"] = runs[top]["std"]
@@ -227,23 +226,19 @@ def volume_scores(
         if label in rows:
             rows[label]["seconds"] = s
     if "std" in extra and top is not None and ldm_label(top) in outs:
-        try:
+        with suppress(UserError):  # the mean equals HR: no error to calibrate against
             rows[ldm_label(top)].update(uncertainty_scores(extra["std"], outs[ldm_label(top)],
                                                            hr_norm))  # fmt: skip
-        except UserError:
-            pass  # the mean equals HR: no error to calibrate against
     one = ldm_label(1)
     if one in outs and ORACLE in outs and "mu" in extra:
         # D(z_HR) = Oracle - Restorer (first-stage layout), D(z_sample) = sample - mu (predict
         # layout): S compares the decoded latents whatever the two layouts' mu
         restorer = outs[RESTORER]
         decoded_sample = restorer + (outs[one] - extra["mu"])
-        try:
+        with suppress(UserError):  # the restorer equals HR: S is undefined
             rows[one]["latent_sensitivity"] = latent_sensitivity(
                 outs[ORACLE], decoded_sample, hr_norm, restorer
             )
-        except UserError:
-            pass  # the restorer equals HR: S is undefined
     return rows
 
 
@@ -280,6 +275,10 @@ def generalisation_cases(
     return cases
 
 
+def _original(low: float, high: float, x: np.ndarray) -> np.ndarray:
+    return x * (high - low) + low
+
+
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     """Mean over volumes of every figure (those some volume lacks: over the volumes that have
     it; NaN figures are left out)."""
@@ -304,11 +303,9 @@ def evaluate(
     cfg = PredictConfig() if predict is None else predict
     device = torch.device("cpu")
     manifest = load_manifest(data)
-    model: LatentDiffusion | RestorerAE
-    if diff_ck is None:
-        model = load_vae(vae_ck, device)[0]
-    else:
-        model = load_ldm(vae_ck, diff_ck, device)
+    model: LatentDiffusion | RestorerAE = (
+        load_vae(vae_ck, device)[0] if diff_ck is None else load_ldm(vae_ck, diff_ck, device)
+    )
     window = tuple(cfg.window or manifest["patch_size"])
     norm = NormalizeConfig(**{k: v for k, v in manifest["normalization"].items()
                               if k.endswith("percentile")})  # fmt: skip
@@ -325,15 +322,13 @@ def evaluate(
         x = x_in if grid is None else resize(x_in, grid)
         xh = xh_in if grid is None else resize(xh_in, grid)
         outs, seconds, extra = method_outputs(model, x, xh, params, cfg, window, counts)
-
-        def back(v: np.ndarray) -> np.ndarray:
-            return v if grid is None else resize(v, x_in.shape)
-
-        outs = {"Baseline": x_in, **{k: back(v) for k, v in outs.items()}}
-        extra = {k: back(v) for k, v in extra.items()}
+        if grid is not None:
+            outs = {k: resize(v, x_in.shape) for k, v in outs.items()}
+            extra = {k: resize(v, x_in.shape) for k, v in extra.items()}
         if "std" in extra:
             extra["std"] = np.maximum(extra["std"], 0.0)  # cubic resampling can undershoot 0
-        rows = volume_scores(outs, seconds, extra, xh_in, lambda v: v * (high - low) + low, top)
+        outs = {"Baseline": x_in, **outs}
+        rows = volume_scores(outs, seconds, extra, xh_in, partial(_original, low, high), top)
         for label, row in rows.items():
             table.setdefault(setting, {}).setdefault(label, []).append(row)
     means = {s: {m: _mean_rows(rows) for m, rows in methods.items()}

@@ -72,3 +72,21 @@ def test_a_failing_case_reports_its_last_error_line() -> None:
         "error": "needs monai"}  # fmt: skip
     assert child_result("raise RuntimeError('boom')") == {"error": "RuntimeError: boom"}
     assert child_result("print('RESULT {\"x\": 1}')") == {"x": 1}
+
+
+def test_predict_time_counts_without_bm4d() -> None:
+    # predict_vs_bm4d always reports the predict time; the BM4D ratio only with bm4d installed
+    from ldm.bench_targets import describe
+
+    row = {"case": "predict_vs_bm4d", "size": 128, "bm4d_size": 32, "ddim_steps": 10,
+           "num_samples": 8, "seconds": 12.0, "bm4d_skipped": "bm4d not installed"}  # fmt: skip
+    got = _by_figure([row])
+    predict = got["predict_ldm 128^3, default sampler and N"]
+    assert predict["value"] == 12.0 and predict["met"] is True and predict["target"] == "<= 15"
+    assert got["BM4D time / predict_ldm time (128^3)"]["met"] is None  # not run
+    line = describe("predict_vs_bm4d", row)
+    assert "8 samples per window: 12.0 s" in line and "BM4D skipped: bm4d not installed" in line
+    ratio = {**row, "bm4d_measured_s": 0.5, "bm4d_s": 32.0, "bm4d_ratio": 32.0 / 12.0}
+    del ratio["bm4d_skipped"]
+    assert _by_figure([ratio])["BM4D time / predict_ldm time (128^3)"]["met"] is False
+    assert "~32 s: 2.7x" in describe("predict_vs_bm4d", ratio)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from ldm.external import ExternalInputs, external_cases
 from ldm.files import save_json, staged_dir
 from ldm.inference import fit_window, sliding_window_infer
 from ldm.io import RawSpec, save_volume
+from ldm.phases.predict_ldm.cohort import predict_cohort
 from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
 from ldm.pipeline import PhaseResult
 from ldm.validate import check_choice, check_min, check_range
@@ -204,6 +206,9 @@ def predict_ldm(
     external: ExternalInputs | None = None,
 ) -> PhaseResult:
     manifest = load_manifest(cfg.data_dir)
+    folder_run = external is not None and external.folder is not None
+    if folder_run or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded, resumable per case
+        return predict_cohort(cfg, manifest, external, overwrite, _predict_case, summary_text)
     cases, ext_info = _cases(cfg, manifest, external)
     device = pick_device(cfg.device)
     ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)

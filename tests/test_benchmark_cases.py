@@ -1,0 +1,68 @@
+"""The benchmark's cases (ldm/benchmark.py, ldm/bench_monai.py) build the predict-and-refine
+networks with the channels train_diffusion gives them, on the demo-sized configs (fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ldm.bench_monai as bench_monai
+import ldm.benchmark as benchmark
+from ldm.config import REPO_ROOT
+
+DEMO = REPO_ROOT / "configs" / "demo"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def demo_configs(monkeypatch):
+    """The cases read configs/*.yaml; here the demo ones (same keys, smaller and faster)."""
+    configs = bench_monai.model_configs
+
+    monkeypatch.setattr(benchmark, "model_configs", lambda folder=None: configs(DEMO))
+    monkeypatch.setattr(bench_monai, "model_configs", lambda folder=None: configs(DEMO))
+
+
+def test_model_configs_give_the_unet_the_latent_and_condition_channels():
+    bench_monai.model_configs()  # configs/*.yaml, what the benchmark reads, load
+    vae, diffusion = bench_monai.model_configs(DEMO)
+    f, c = vae.model.downsample_factor, vae.model.latent_channels
+    unet = diffusion.model
+    assert (unet.in_channels, unet.out_channels, unet.cond_channels) == (c, c, 2 * f**3)
+    assert bench_monai.latent_patch(vae) == tuple(s // f for s in bench_monai.PATCH)
+
+
+def test_cases_run_on_the_restorer_design(demo_configs):
+    from ldm.diffusion.latent_diffusion import SamplerConfig
+
+    ldm = benchmark._random_ldm(CPU)
+    out = ldm.refine(torch.rand(1, 1, 32, 32, 32), SamplerConfig(steps=1), num_samples=2)
+    assert out.shape == (1, 3, 32, 32, 32)
+    r = benchmark.vae_train(CPU, reps=1)
+    assert r["step_s"] > 0 and r["batch_pairs"] >= 1
+    assert benchmark.unet_train(CPU, reps=1)["step_s"] > 0
+    r = benchmark.sliding_window(CPU, size=32)
+    assert r["seconds"] > 0
+    r = benchmark.predict_128(CPU, steps=1, size=32)
+    assert r["num_samples"] == benchmark.default_num_samples() and r["seconds"] > 0
+
+
+def test_predict_vs_bm4d_reports_the_predict_time_without_bm4d(monkeypatch):
+    import ldm.classical
+
+    monkeypatch.setattr(benchmark, "predict_128",
+                        lambda device, steps, size: {"size": size, "seconds": 3.0})  # fmt: skip
+    monkeypatch.setattr(ldm.classical, "bm4d_available", lambda: False)
+    r = benchmark.predict_vs_bm4d(CPU, size=128, bm4d_size=32)
+    assert r["seconds"] == 3.0 and "not installed" in r["bm4d_skipped"]
+    assert "bm4d_ratio" not in r
+
+
+def test_our_vae_and_unet_of_the_monai_comparison(demo_configs):
+    vae, diffusion = bench_monai.model_configs(DEMO)
+    net, loss, b = bench_monai.build("vae", "ours")
+    assert net.config == vae.model.residual_ae and b == vae.train.batch_size
+    assert torch.isfinite(loss(net))
+    net, loss, b = bench_monai.build("unet", "ours")
+    assert net.config.cond_channels == diffusion.model.cond_channels
+    assert torch.isfinite(loss(net))

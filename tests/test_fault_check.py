@@ -1,0 +1,25 @@
+"""fault_check (ldm/fault_check.py) drives the phases with the demo configs and --set
+arguments: every argument it passes must fit the phases' configs (a stale key would only show
+after minutes of a run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldm.config import REPO_ROOT, load_config
+from ldm.fault_check import NEXT_ARGS, PHASES
+from ldm.pipeline import get_phase
+
+
+def _values(args: list[str]) -> list[str]:
+    assert args[::2] == ["--set"] * (len(args) // 2)
+    return args[1::2]
+
+
+def test_every_phase_and_probe_argument_fits_the_demo_configs(tmp_path: Path) -> None:
+    runs = [(spec.name, spec.args(tmp_path, tmp_path / spec.output)) for spec in PHASES]
+    runs += [(name, make(tmp_path)) for name, make in NEXT_ARGS.items()]
+    for name, args in runs:
+        cls = get_phase(name).config_cls()
+        load_config(cls, REPO_ROOT / "configs" / "demo" / f"{name}.yaml", _values(args))
+    assert {spec.next_phase for spec in PHASES if spec.next_phase} <= set(NEXT_ARGS)
