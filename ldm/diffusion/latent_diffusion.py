@@ -138,7 +138,8 @@ class LatentDiffusion:
         as one batch; the restorer runs once."""
         lr = lr.to(self.device)
         b, n = lr.shape[0], num_samples
-        mu = self.restore(lr).float()
+        with torch.autocast(self.device.type, enabled=False):  # mu in float32 under any autocast:
+            mu = self.restore(lr.float()).float()  # w = 0 is the restorer exactly
         cond = condition(mu, lr.float(), self.factor)  # (B, 2 f^3, *sp / f)
         cond = cond.repeat_interleave(n, dim=0)  # (B N, ...): sample k of window i at i N + k
         shape = (b * n, self.vae.config.latent_channels, *cond.shape[2:])
