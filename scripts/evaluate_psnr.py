@@ -1,4 +1,4 @@
-"""evaluate_psnr: PSNR/SSIM of the VAE against tuned classical filters on the test volumes.
+"""evaluate_psnr: the restorer and the oracle against tuned classical filters on the test volumes.
 
 Same as `ldm3d evaluate_psnr`; `--help` lists the options.
 """

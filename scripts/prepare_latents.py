@@ -1,4 +1,4 @@
-"""prepare_latents: encode every patch to VAE latents + one scale factor.
+"""prepare_latents: restorer output and residual latent of every patch + one scale factor.
 
 Same as `ldm3d prepare_latents`; `--help` lists the options.
 """

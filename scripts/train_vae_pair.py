@@ -1,4 +1,4 @@
-"""train_vae_pair: train the paired 3D VAE (LR -> HR denoiser, HR -> HR).
+"""train_vae_pair: train the first stage (restorer mu(LR) + autoencoder of HR - mu).
 
 Same as `ldm3d train_vae_pair`; `--help` lists the options.
 """

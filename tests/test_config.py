@@ -105,15 +105,25 @@ def test_save_config_round_trip(tmp_path):
     assert yaml.safe_load(out.read_text()) == config_to_dict(cfg)
 
 
-def test_every_shipped_config_loads():
-    """configs/*.yaml and configs/demo/*.yaml must load with their phase's dataclass."""
+def _shipped_configs() -> list:
     from ldm.pipeline import PHASES
+    from ldm.run_all import PROFILE_DIRS
 
-    for phase in PHASES:
-        for folder in (REPO_ROOT / "configs", REPO_ROOT / "configs" / "demo"):
-            path = folder / f"{phase.name}.yaml"
-            assert path.is_file(), path
-            load_config(phase.config_cls(), path)
+    return [pytest.param(profile, phase, id=f"{profile}-{phase.name}")
+            for profile in PROFILE_DIRS for phase in PHASES]  # fmt: skip
+
+
+@pytest.mark.parametrize(("profile", "phase"), _shipped_configs())
+def test_every_shipped_config_loads(profile, phase):
+    """configs/, configs/demo/ and configs/mri/ hold a YAML for every phase that loads with its
+    phase's dataclass (run_all --profile reads them)."""
+    from ldm.run_all import config_path
+
+    path = config_path(profile, phase)
+    assert path.is_file(), path
+    cfg = load_config(phase.config_cls(), path)
+    if phase.name == "train_vae_pair":  # the restorer + residual autoencoder design
+        assert cfg.model.restorer.uses_lr and not cfg.model.residual_ae.uses_lr
 
 
 def test_relative_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
@@ -123,13 +133,23 @@ def test_relative_paths_resolve_against_the_current_folder(tmp_path, monkeypatch
 
 
 def test_a_bad_choice_in_a_real_config_names_the_full_key() -> None:
+    from ldm.phases.predict_ldm import PredictConfig
     from ldm.phases.train_diffusion import TrainDiffusionConfig
 
     path = REPO_ROOT / "configs" / "demo" / "train_diffusion.yaml"
     with pytest.raises(ConfigError) as e:
-        load_config(TrainDiffusionConfig, path, ["diffusion.target=residul"])
+        load_config(TrainDiffusionConfig, path, ["diffusion.prediction_type=vv"])
     msg = str(e.value)
-    assert "train_diffusion.yaml: diffusion.target must be one of: latent, residual" in msg
-    assert "'residul'" in msg
+    assert "train_diffusion.yaml: diffusion.prediction_type must be one of: epsilon, v" in msg
+    assert "'vv'" in msg
     with pytest.raises(ConfigError, match=r"diffusion\.beta_start and beta_end must satisfy"):
         load_config(TrainDiffusionConfig, path, ["diffusion.beta_start=0.5"])
+    # keys of the earlier design are unknown keys, named in full
+    stale = r"train_diffusion\.yaml: unknown key 'diffusion\.target'"
+    with pytest.raises(ConfigError, match=stale):
+        load_config(TrainDiffusionConfig, path, ["diffusion.target=residual"])
+    predict = REPO_ROOT / "configs" / "demo" / "predict_ldm.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(PredictConfig, predict, ["sampler.init=cond", "sampler.t_start=300"])
+    msg = str(e.value)
+    assert "predict_ldm.yaml: sampler.init must be one of noise, restorer, got 'cond'" in msg

@@ -13,7 +13,7 @@ from PIL import Image
 
 import ldm.baselines as baselines
 import ldm.curves as curves
-from ldm.baselines import LABELS, SCORES, mean_scores, save_metrics_csv
+from ldm.baselines import LABELS, SCORES, SHARPNESS, mean_scores, save_metrics_csv
 from ldm.config import load_config
 from ldm.curves import best_step, plot_training_curves, read_rows, running_mean, val_keys
 from ldm.errors import DataError
@@ -223,7 +223,7 @@ def test_evaluate_psnr_writes_metrics_csv(tiny_pipeline, tmp_path, monkeypatch):
     assert out / "metrics.csv" in result.outputs and "metrics.csv" in result.text
     metrics = json.loads((out / "metrics.json").read_text())
     fields, rows = _read_csv(out / "metrics.csv")
-    assert fields == ["method", "case", *SCORES, "label"]
+    assert fields == ["method", "case", *SCORES, *SHARPNESS, "label"]  # evaluate adds sharpness
     cases = list(metrics["cases"])
     methods = list(metrics["mean"])
     assert [(r["case"], r["method"]) for r in rows] == [
@@ -233,5 +233,8 @@ def test_evaluate_psnr_writes_metrics_csv(tiny_pipeline, tmp_path, monkeypatch):
     tables = {**metrics["cases"], "mean": metrics["mean"]}
     for r in rows:
         want = tables[r["case"]][r["method"]]
-        assert [float(r[k]) for k in SCORES] == [want[k] for k in SCORES]
+        assert [float(r[k]) for k in (*SCORES, *SHARPNESS)] == [
+            want[k] for k in (*SCORES, *SHARPNESS)]  # fmt: skip
+        assert r["label"] == LABELS[r["method"]]
+    assert {"restorer", "oracle"} <= set(methods)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]

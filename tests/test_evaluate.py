@@ -1,4 +1,5 @@
-"""evaluate_psnr on a tiny phantom dataset and a tiny trained VAE: report, files, user errors."""
+"""evaluate_psnr on a tiny phantom dataset and a tiny trained first stage (restorer + residual
+autoencoder): report, files, user errors."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import ldm.phases.evaluate_psnr as evaluate
 from ldm.baselines import format_table, mean_scores, tuning_pairs
 from ldm.config import load_config
 from ldm.data.dataset import iter_test_cases
+from ldm.inference import first_stage_volume
+from ldm.metrics import psnr
+from ldm.nets.loading import load_vae
 from ldm.phases.evaluate_psnr import EvaluateConfig
 from tests.helpers.cli import error_line, run_script
 
@@ -26,7 +30,7 @@ STEPS = [0, 2, 4]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(dataset dir, checkpoint) of a 24^3 phantom dataset and a 2-step VAE with f = 2."""
+    """(dataset dir, checkpoint) of a 24^3 phantom dataset and a 2-step first stage, f = 2."""
     root = tmp_path_factory.mktemp("evaluate")
     data, run = root / "ds", root / "vae"
     result = run_script(
@@ -37,9 +41,11 @@ def trained(tmp_path_factory):
     assert result.exit_code == 0, result.output
     result = run_script(
         "train_vae_pair", "--set", f"data_dir={data}", "--set", f"out_dir={run}",
-        "--set", "model.channels=[8, 8]", "--set", "model.norm_groups=4",
-        "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.val_every=2",
-        "--set", "train.save_every=2", "--set", "train.device=cpu", "--set", "val_patches=2",
+        "--set", "model.restorer.channels=[8, 8]", "--set", "model.restorer.norm_groups=4",
+        "--set", "model.residual_ae.channels=[8, 8]", "--set", "model.residual_ae.norm_groups=4",
+        "--set", "model.residual_ae.latent_channels=4", "--set", "train.steps=2",
+        "--set", "train.batch_size=2", "--set", "train.val_every=2", "--set", "train.save_every=2",
+        "--set", "train.device=cpu", "--set", "val_patches=2",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return data, run / "best.pt"
@@ -67,19 +73,25 @@ def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     text = result.output
     assert "BM4D: skipped (pip install bm4d to include it" in text
-    for label in ("Baseline (LR)", "VAE result", "VAE ceiling", "Gaussian filter", "Heat diff",
-                  "TV (Chambolle)", "Non-local means"):  # fmt: skip
+    for label in ("Baseline (LR)", "Restorer", "Oracle (HR latent)", "Gaussian filter",
+                  "Heat diff", "TV (Chambolle)", "Non-local means"):  # fmt: skip
         assert re.search(rf"^{re.escape(label)}.*\d+\.\d\d\s+-?\d\.\d{{4}}", text, re.M), label
-    assert re.search(r"^method\s+PSNR \(dB\)\s+SSIM\s+bias\s+bias %\s+contrast", text, re.M)
+    assert re.search(r"^method\s+PSNR \(dB\)\s+SSIM\s+bias\s+bias %\s+contrast\s+ESR\s+HFER"
+                     r"\s+FSC hi", text, re.M)  # fmt: skip
     assert all(f"{name} PSNR" in text for name in TEST_CASES)  # 2 cases: per-case columns
-    line = re.search(r"^Result PSNR: (\S+) dB \| Baseline PSNR: (\S+) dB$", text, re.M)
+    line = re.search(r"^Result PSNR: (\S+) dB \(restorer\) \| Baseline PSNR: (\S+) dB$", text,
+                     re.M)  # fmt: skip
     assert line, text
 
     metrics = json.loads((out / "metrics.json").read_text())
     mean = metrics["mean"]
     assert list(metrics["cases"]) == TEST_CASES
-    assert set(mean) == {"baseline", "vae_result", "vae_ceiling", "gaussian", "heat", "tv", "nlm"}
-    assert line.groups() == (f"{mean['vae_result']['psnr']:.2f}", f"{mean['baseline']['psnr']:.2f}")
+    assert set(mean) == {"baseline", "restorer", "oracle", "gaussian", "heat", "tv", "nlm"}
+    assert line.groups() == (f"{mean['restorer']['psnr']:.2f}", f"{mean['baseline']['psnr']:.2f}")
+    assert metrics["methods"]["oracle"] == "Oracle (HR latent)"
+    for m in ("restorer", "oracle"):  # the sharpness scores of every row
+        assert {"esr", "hfer", "fsc"} <= set(mean[m]) and np.isfinite(mean[m]["esr"])
+    assert (out / "metrics.csv").read_text().startswith("method,case,psnr,ssim")
     base = [metrics["cases"][c]["baseline"]["psnr"] for c in TEST_CASES]
     assert mean["baseline"]["psnr"] == pytest.approx(np.mean(base))
     assert metrics["checkpoint"] == {"path": str(trained[1]), "step": 2}
@@ -106,6 +118,15 @@ def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypa
         assert got["bias_pct"] == pytest.approx(100 * got["bias"] / r)
         slope = np.polyfit(lr.ravel(), hr.ravel(), 1)[0]  # HR regressed on the output
         assert got["contrast"] == pytest.approx(1 / slope, rel=1e-6)
+    # the restorer and oracle rows are the first stage's volumes (ldm.inference)
+    vae, _ = load_vae(trained[1])
+    case = next(iter_test_cases(trained[0], TEST_CASES[:1]))
+    hr = torch.from_numpy(case.to_original(case.hr.astype(np.float64)))
+    r = float(hr.max() - hr.min())
+    for m, kw in (("restorer", {}), ("oracle", {"hr": case.hr})):
+        vol = first_stage_volume(vae, case.lr, (64, 64, 64), progress=False, **kw)
+        got = psnr(torch.from_numpy(case.to_original(vol.astype(np.float64))), hr, r)
+        assert metrics["cases"][case.name][m]["psnr"] == pytest.approx(got, abs=1e-4), m
     assert Image.open(out / "comparison.png").size[1] > 800  # 8 rows of views
     assert "tune:" in (out / "config.yaml").read_text()
 
@@ -137,13 +158,13 @@ def test_format_table_and_mean():
     def sc(p, s, b=0.0):
         return {"psnr": p, "ssim": s, "bias": b, "bias_pct": 10 * b, "contrast": 1.0 + b}
 
-    case_a = {"vae_result": sc(30.0, 0.9, 0.1), "baseline": sc(20.0, 0.5)}
-    case_b = {"vae_result": sc(26.0, 0.7, 0.3), "baseline": sc(22.0, 0.7)}
+    case_a = {"restorer": sc(30.0, 0.9, 0.1), "baseline": sc(20.0, 0.5)}
+    case_b = {"restorer": sc(26.0, 0.7, 0.3), "baseline": sc(22.0, 0.7)}
     per_case = {"a": case_a, "b": case_b}
     mean = mean_scores(per_case)
-    assert list(mean) == ["baseline", "vae_result"]  # table order
+    assert list(mean) == ["baseline", "restorer"]  # table order
     assert mean["baseline"] == sc(21.0, 0.6)
-    assert mean["vae_result"] == pytest.approx(sc(28.0, 0.8, 0.2))
+    assert mean["restorer"] == pytest.approx(sc(28.0, 0.8, 0.2))
     lines = format_table(per_case, mean).splitlines()
     assert lines[0].split() == [
         "method", "PSNR", "(dB)", "SSIM", "bias", "bias", "%", "contrast",
@@ -153,10 +174,18 @@ def test_format_table_and_mean():
         "Baseline", "(LR)", "21.00", "0.6000", "0", "+0.00", "1.000",
         "20.00", "0.5000", "22.00", "0.7000",
     ]  # fmt: skip
-    assert lines[3].split()[2:7] == ["28.00", "0.8000", "0.2", "+2.00", "1.200"]
+    assert lines[3].split()[:6] == ["Restorer", "28.00", "0.8000", "0.2", "+2.00", "1.200"]
     assert len({len(line) for line in lines}) == 1  # aligned
     one = format_table({"a": case_a}, mean_scores({"a": case_a})).splitlines()
-    assert one[3].split() == ["VAE", "result", "30.00", "0.9000", "0.1", "+1.00", "1.100"]
+    assert one[3].split() == ["Restorer", "30.00", "0.9000", "0.1", "+1.00", "1.100"]
+    # the LDM rows in LABELS order whatever the dict order; sharpness columns when scored
+    rows = {"ldm": {**sc(31.0, 0.9), "esr": 0.9, "hfer": 0.8, "fsc": 0.7},
+            "oracle": sc(33.0, 0.95), "ldm_sample": sc(30.5, 0.85), **case_a}  # fmt: skip
+    table = format_table({"a": rows}, mean_scores({"a": rows})).splitlines()
+    assert table[0].split()[-4:] == ["ESR", "HFER", "FSC", "hi"]
+    assert [r.split()[0] for r in table[2:]] == ["Baseline", "Restorer", "LDM", "LDM", "Oracle"]
+    assert table[4].startswith("LDM one sample") and table[5].startswith("LDM mean")
+    assert table[5].split()[-3:] == ["0.900", "0.800", "0.700"]
 
 
 def test_tuning_pairs_are_evenly_spaced_train_patches(trained):
@@ -205,12 +234,15 @@ def test_corrupt_checkpoint(trained, tmp_path):
     ("change", "message"),
     [
         ({"attention": True}, "incompatible checkpoint"),  # a key this version does not know
-        ({"channels": [8, 16]}, "weights do not fit the stored model config"),
+        ({"residual_ae": {"channels": [8, 16]}}, "weights do not fit the stored model config"),
+        ({"restorer": {"channels": [8, 8], "lr_skip": False}}, "incompatible checkpoint"),
     ],
 )
 def test_checkpoint_of_an_incompatible_model(trained, tmp_path, change, message):
     state = torch.load(trained[1], weights_only=True)
-    state["model_config"] = {**state["model_config"], **change}
+    cfg = state["model_config"]
+    state["model_config"] = {**cfg, **{k: {**cfg[k], **v} if isinstance(v, dict) else v
+                                       for k, v in change.items()}}  # fmt: skip
     path = tmp_path / "other.pt"
     torch.save(state, path)
     line = error_line(evaluate_cli(trained, tmp_path / "r", "--set", f"vae_checkpoint={path}"))

@@ -19,7 +19,8 @@ from tests.helpers.cli import error_line, run_script
 
 SCALE, OFFSET = 3.0, 100.0  # the external copy: another intensity scale and offset
 ROWS = ("Baseline (LR)", "Gaussian filter", "Heat diffusion", "TV (Chambolle)",
-        "Non-local means", "VAE result", "VAE ceiling (HR->HR)")  # fmt: skip
+        "Non-local means", "Restorer", "Oracle (HR latent)")  # fmt: skip
+SCORE_COLUMNS = 8  # PSNR, SSIM, bias, bias %, contrast, ESR, HFER, FSC hi
 FAST_TUNE = ["--set", "tune.max_patches=4", "--set", "tune.filter_max_patches=2",
              "--set", "tune.tv_weights=[0.05, 0.2]", "--set", "tune.nlm_hs=[0.05, 0.15]",
              "--set", "tune.bm4d=false"]  # fmt: skip
@@ -74,9 +75,11 @@ def test_evaluate_external_pair_matches_the_test_case(tiny_pipeline, pair, tmp_p
     result = _evaluate(tiny_pipeline, out, "--input", lr, "--target", hr)
     assert result.exit_code == 0, result.output
     text = result.output
-    assert re.search(r"^method\s+PSNR \(dB\)\s+SSIM\s+bias\s+bias %\s+contrast$", text, re.M)
+    assert re.search(r"^method\s+PSNR \(dB\)\s+SSIM\s+bias\s+bias %\s+contrast\s+ESR\s+HFER"
+                     r"\s+FSC hi$", text, re.M)  # fmt: skip
     for label in ROWS:
-        assert re.search(rf"^{re.escape(label)}(\s+-?[\d.+e-]+){{5}}$", text, re.M), label
+        assert re.search(rf"^{re.escape(label)}(\s+-?[\d.+e-]+){{{SCORE_COLUMNS}}}$", text,
+                         re.M), label  # fmt: skip
     assert "warning" not in text  # 1 mm like the training data
     got = json.loads((out / "metrics.json").read_text())
     assert list(got["cases"]) == ["a_lr"] and got["external"]["training_spacing"] == [1, 1, 1]
@@ -88,6 +91,8 @@ def test_evaluate_external_pair_matches_the_test_case(tiny_pipeline, pair, tmp_p
         assert s["contrast"] == pytest.approx(w["contrast"], abs=1e-4), method
         assert s["bias"] == pytest.approx(SCALE * w["bias"], abs=1e-3 * SCALE), method
         assert s["bias_pct"] == pytest.approx(w["bias_pct"], abs=1e-3), method
+        for k in ("esr", "hfer", "fsc"):  # ratios and correlations: scale-invariant too
+            assert s[k] == pytest.approx(w[k], abs=1e-3), (method, k)
     # sane numbers: the baseline against scikit-image on the files themselves
     lr_vol, hr_vol = load_volume(lr)[0].astype(np.float64), load_volume(hr)[0]
     r = float(hr_vol.max() - hr_vol.min())
@@ -105,10 +110,13 @@ def test_predict_external_pair_has_the_ldm_row(tiny_pipeline, pair, tmp_path):
     out = tmp_path / "pred"
     result = _predict(tiny_pipeline, out, "--input", lr, "--target", hr)
     assert result.exit_code == 0, result.output
-    for label in (*ROWS, "LDM"):
-        assert re.search(rf"^{re.escape(label)}(\s+-?[\d.+e-]+){{5}}$", result.output, re.M), label
+    for label in (*ROWS, "LDM one sample", "LDM mean"):
+        assert re.search(rf"^{re.escape(label)}(\s+-?[\d.+e-]+){{{SCORE_COLUMNS}}}$",
+                         result.output, re.M), label  # fmt: skip
     m = json.loads((out / "a_lr" / "metrics.json").read_text())["metrics"]
-    assert np.isfinite([m["ldm"][k] for k in ("psnr", "ssim", "bias", "contrast")]).all()
+    for method in ("ldm", "ldm_sample"):
+        scores = [m[method][k] for k in ("psnr", "ssim", "bias", "contrast", "esr", "hfer", "fsc")]
+        assert np.isfinite(scores).all(), method
     assert m["baseline"]["psnr"] == pytest.approx(
         json.loads((out / "metrics.json").read_text())["mean"]["baseline"]["psnr"]
     )
@@ -132,7 +140,8 @@ def test_folder_and_globs_pair_by_name(tiny_pipeline, pair, tmp_path):
     assert list(got["cases"]) == ["p1", "p2"]
     assert got["external"]["pairs"]["p2"]["target"] == str(folder / "p2_hr.nii.gz")
     p1, p2 = got["cases"]["p1"], got["cases"]["p2"]
-    assert p1["vae_result"]["psnr"] == pytest.approx(p2["vae_result"]["psnr"], abs=1e-3)
+    for method in ("restorer", "oracle"):  # the same normalised volumes
+        assert p1[method]["psnr"] == pytest.approx(p2[method]["psnr"], abs=1e-3), method
     assert p1["baseline"]["bias"] == pytest.approx(2 * p2["baseline"]["bias"], rel=1e-4)
     assert "p1 PSNR" in result.output and "p2 PSNR" in result.output  # per-case columns
 

@@ -10,7 +10,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.inference import (
-    autoencode_volume,
+    first_stage_volume,
     fit_window,
     gaussian_importance_map,
     sliding_window_infer,
@@ -140,20 +140,31 @@ def test_fit_window_shrinks_to_the_volume_rounded_up() -> None:
         fit_window((8,), (8,), 0)
 
 
-def test_autoencode_volume_runs_a_small_volume_as_one_window_of_its_size() -> None:
+def test_first_stage_volume_runs_a_small_volume_as_one_window_of_its_size() -> None:
     seen = []
 
-    class FakeVAE:
-        config = SimpleNamespace(downsample_factor=4)
+    class FakeFirstStage:
+        config = SimpleNamespace(window_multiple=4)
 
-        def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            seen.append(tuple(x.shape[2:]))
-            return x[:, :, ::4, ::4, ::4], x
-
-        def decode(self, z: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        def restore(self, lr: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(lr.shape[2:]))
             return lr + 1
 
-    vol = np.random.default_rng(0).random((20, 18, 24), dtype=np.float32)
-    out = autoencode_volume(FakeVAE(), vol, (64, 64, 64), progress=False)
-    assert seen == [(20, 20, 24)]  # one window, the volume rounded up to the VAE factor
-    np.testing.assert_allclose(out, vol + 1, atol=1e-6)
+        def encode(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return 2 * residual, residual  # (mean, logvar): the mean is used
+
+        def decode(self, z: torch.Tensor) -> torch.Tensor:  # no LR input
+            return 0.25 * z
+
+    rng = np.random.default_rng(0)
+    lr = rng.random((20, 18, 24), dtype=np.float32)
+    hr = rng.random((20, 18, 24), dtype=np.float32)
+    out = first_stage_volume(FakeFirstStage(), lr, (64, 64, 64), progress=False)
+    assert seen == [(20, 20, 24)]  # one window, the volume rounded up to the factor
+    assert out.shape == lr.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, lr + 1, atol=1e-6)  # the restorer mu(LR)
+    # with the HR: the oracle mu + D(E(HR - mu)) = mu + 0.5 (HR - mu)
+    oracle = first_stage_volume(FakeFirstStage(), lr, (64, 64, 64), hr=hr, progress=False)
+    np.testing.assert_allclose(oracle, (lr + 1) + 0.5 * (hr - (lr + 1)), atol=1e-6)
+    with pytest.raises(UserError, match="hr shape"):
+        first_stage_volume(FakeFirstStage(), lr, (64, 64, 64), hr=hr[:8], progress=False)

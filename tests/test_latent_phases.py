@@ -1,26 +1,66 @@
+"""prepare_latents and train_diffusion on the tiny pipeline: the latents folder (mu, z, meta),
+the checks between phases, and the chain the diffusion samples."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from ldm.checkpoint import load_checkpoint
-from ldm.data.latents import LatentPairs, load_latents_meta
-from ldm.diffusion.latent_diffusion import load_ldm
+from ldm.data.dataset import PatchPairs
+from ldm.data.latents import LATENTS_VERSION, LatentPairs, load_latents_meta
+from ldm.diffusion.latent_diffusion import SamplerConfig, load_ldm
 from ldm.errors import CheckpointError, DataError
+from ldm.nets.loading import load_vae
+from ldm.nets.restorer import condition
 from tests.helpers.cli import error_line, run_script
 
 
 def test_latents_meta_and_shapes(tiny_pipeline):
+    """prepare_latents writes mu(LR) and the mean latent of HR - mu per patch; LatentPairs gives
+    the diffusion (space-to-depth of (mu, LR), scale * z)."""
     lat = tiny_pipeline.data_dir / "latents"
     meta = json.loads((lat / "meta.json").read_text())
-    assert meta["latent_shape"] == [4, 4, 4, 4]  # 16^3 patches, f = 4
-    hr = np.load(lat / "train" / "hr.npy")
-    assert meta["scale_factor"] == pytest.approx(1 / hr.std(), rel=1e-5)
-    pairs = LatentPairs(lat, "train", meta["scale_factor"])
-    assert float(pairs[0][1].std()) > 0 and len(pairs) == meta["counts"]["train"]
+    assert meta["format_version"] == LATENTS_VERSION == 2
+    assert meta["latent_shape"] == [4, 4, 4, 4] and meta["factor"] == 4  # 16^3 patches, f = 4
+    mu, z = np.load(lat / "train" / "mu.npy"), np.load(lat / "train" / "z.npy")
+    assert mu.shape == (meta["counts"]["train"], 1, 16, 16, 16) and z.shape[1:] == (4, 4, 4, 4)
+    assert meta["scale_factor"] == pytest.approx(1 / z.std(), rel=1e-5)
     assert meta["vae"]["step"] == load_checkpoint(tiny_pipeline.vae, "vae")["step"]
+    # the stored arrays are the first stage's: restorer output and mean latent of HR - mu
+    vae, _ = load_vae(tiny_pipeline.vae)
+    patches = PatchPairs(tiny_pipeline.data_dir, "train")
+    lr, hr = (torch.stack([patches[i][k] for i in range(2)]) for k in (0, 1))
+    with torch.no_grad():
+        want_mu = vae.restore(lr)
+        want_z = vae.encode(hr - want_mu)[0]
+    torch.testing.assert_close(torch.from_numpy(mu[:2]), want_mu, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(z[:2]), want_z, atol=1e-5, rtol=1e-4)
+    pairs = LatentPairs(lat, "train", meta["scale_factor"], tiny_pipeline.data_dir, 4)
+    assert len(pairs) == meta["counts"]["train"]
+    cond, scaled = pairs[1]
+    assert cond.shape == (2 * 4**3, 4, 4, 4) and float(scaled.std()) > 0
+    torch.testing.assert_close(cond, condition(torch.from_numpy(mu[1:2]), lr[1:2], 4)[0])
+    torch.testing.assert_close(scaled, torch.from_numpy(z[1]) * meta["scale_factor"])
+
+
+def test_latents_of_the_earlier_format_are_refused(tiny_pipeline, tmp_path):
+    old = tmp_path / "latents"
+    old.mkdir()
+    meta = json.loads((tiny_pipeline.data_dir / "latents" / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))  # lr/hr latents
+    with pytest.raises(DataError, match="unsupported latents format; rerun prepare_latents"):
+        load_latents_meta(old, tiny_pipeline.vae)
+    line = error_line(run_script(
+        "train_diffusion", "--set", f"data_dir={tiny_pipeline.data_dir}",
+        "--set", f"latents_dir={old}", "--set", f"vae_checkpoint={tiny_pipeline.vae}",
+        "--set", f"out_dir={tmp_path / 'd'}",
+    ))  # fmt: skip
+    assert "unsupported latents format" in line and str(old) in line
+    assert not (tmp_path / "d").exists()
 
 
 def test_latents_of_another_vae_are_refused(tiny_pipeline, tmp_path):
@@ -62,8 +102,6 @@ def test_ldm_refuses_a_vae_it_was_not_trained_on(tiny_pipeline, tmp_path):
     other.write_bytes(tiny_pipeline.vae.read_bytes())
     state = load_checkpoint(other, "vae")
     state["step"] += 1
-    import torch
-
     torch.save(state, other)
     with pytest.raises(CheckpointError, match="trained on latents of another VAE checkpoint"):
         load_ldm(other, tiny_pipeline.diffusion, "cpu")
@@ -80,29 +118,12 @@ def _tiny_diffusion(tiny_pipeline, out, *overrides: str):
     return out / "best.pt"
 
 
-def _residual_diffusion(tiny_pipeline, tmp_path):
-    out = tmp_path / "diffusion_residual"
-    return _tiny_diffusion(tiny_pipeline, out, "diffusion.target=residual")
-
-
-def test_residual_target_chain_ends_at_the_lr_latent_when_no_residual_is_predicted(
-    tiny_pipeline, tmp_path
-):
-    """diffusion.target residual: x_0 is (z_HR - z_LR) / rms, so a network that predicts no
-    residual samples exactly the LR latent, i.e. the LDM gives the VAE result."""
-    import torch
-
-    from ldm.diffusion.latent_diffusion import SamplerConfig
-
-    ckpt = _residual_diffusion(tiny_pipeline, tmp_path)
-    lat = tiny_pipeline.data_dir / "latents"
-    meta = json.loads((lat / "meta.json").read_text())
-    lr, hr = np.load(lat / "train" / "lr.npy"), np.load(lat / "train" / "hr.npy")
-    rms = float(np.sqrt(((hr.astype(np.float64) - lr) ** 2).mean())) * meta["scale_factor"]
-    extra = load_checkpoint(ckpt, "diffusion")["extra"]
-    assert extra["residual_scale"] == pytest.approx(1 / rms, rel=1e-5)
-    ldm = load_ldm(tiny_pipeline.vae, ckpt, "cpu")
-    assert ldm.space.target == "residual"
+def test_a_unet_predicting_no_residual_samples_z_0_and_outputs_mu_plus_d_0(tiny_pipeline):
+    """x_0 of the chain is the scaled residual latent: a network that predicts x_0 = 0 samples
+    z = 0 from noise and from the restorer start (z = 0 noised to t_start), and refine's output
+    is then mu + w D(0) for every sample (std 0)."""
+    ldm = load_ldm(tiny_pipeline.vae, tiny_pipeline.diffusion, "cpu")
+    assert ldm.schedule.prediction_type == "v"
     abar = ldm.schedule.alphas_cumprod.float()
 
     def no_residual(x, t, cond):  # v of x_0 = 0: x_t = sqrt(1 - abar) eps, v = sqrt(abar) eps
@@ -111,31 +132,44 @@ def test_residual_target_chain_ends_at_the_lr_latent_when_no_residual_is_predict
 
     ldm.unet = no_residual
     g = torch.Generator().manual_seed(0)
-    cond = torch.randn(2, 4, 4, 4, 4, generator=g)
-    noise = torch.randn(cond.shape, generator=g)
-    for sampler in (SamplerConfig(steps=5), SamplerConfig(steps=3, init="cond", t_start=300)):
-        x, t_start = ldm.initial_latent(cond, sampler, g)
-        z = ldm.sample(cond, x if t_start else noise, sampler, t_start=t_start)
-        torch.testing.assert_close(z, cond, atol=1e-4, rtol=1e-4)
-    seen = []
-    ldm.sample(cond, noise, SamplerConfig(steps=2), callback=lambda d: seen.append(d))
-    torch.testing.assert_close(seen[-1]["pred_original_sample"], cond, atol=1e-4, rtol=1e-4)
+    cond = torch.randn(2, 2 * 4**3, 4, 4, 4, generator=g)
+    shape = (2, 4, 4, 4, 4)
+    for sampler in (SamplerConfig(steps=5), SamplerConfig(steps=3, init="restorer", t_start=300)):
+        x, t_start = ldm.initial_latent(shape, sampler, torch.Generator().manual_seed(1))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        if t_start is None:  # x_T ~ N(0, I)
+            assert torch.equal(x, noise)
+        else:  # z = 0 noised to t_start
+            assert t_start == 300
+            torch.testing.assert_close(x, (1 - abar[300]).sqrt() * noise)
+        seen: list[int] = []
+        z = ldm.sample(cond, x, sampler, callback=lambda d, seen=seen: seen.append(int(d["t"])),
+                       t_start=t_start)  # fmt: skip
+        torch.testing.assert_close(z, torch.zeros(shape), atol=1e-4, rtol=0)
+        assert len(seen) == sampler.steps and (t_start is None or seen[0] == t_start)
+    lr = torch.from_numpy(PatchPairs(tiny_pipeline.data_dir, "test").lr[:1].copy()).float()
+    lr = lr.reshape(1, 1, 16, 16, 16)
+    out = ldm.refine(lr, SamplerConfig(steps=3), torch.Generator().manual_seed(0), 3, w=0.5)
+    with torch.no_grad():
+        mu = ldm.vae.restore(lr)
+        want = mu + 0.5 * ldm.vae.decode(torch.zeros(1, 4, 4, 4, 4))
+    torch.testing.assert_close(out[:, 0:1], want, atol=1e-4, rtol=1e-4)  # the mean
+    torch.testing.assert_close(out[:, 2:3], want, atol=1e-4, rtol=1e-4)  # the first sample
+    assert float(out[:, 1].abs().max()) < 1e-4  # every sample the same: std 0
 
 
-def test_residual_checkpoint_without_its_scale_is_refused(tiny_pipeline, tmp_path):
-    import torch
-
-    ckpt = _residual_diffusion(tiny_pipeline, tmp_path)
-    state = load_checkpoint(ckpt, "diffusion")
-    del state["extra"]["residual_scale"]
+def test_diffusion_checkpoint_without_its_scale_is_refused(tiny_pipeline, tmp_path):
+    state = load_checkpoint(tiny_pipeline.diffusion, "diffusion")
+    del state["extra"]["scale_factor"]
+    ckpt = tmp_path / "best.pt"
     torch.save(state, ckpt)
-    with pytest.raises(CheckpointError, match="residual target without its scale"):
+    with pytest.raises(CheckpointError, match="lacks the latent scale"):
         load_ldm(tiny_pipeline.vae, ckpt, "cpu")
 
 
 def test_best_diffusion_checkpoint_has_the_closest_samples(tiny_pipeline, tmp_path):
     """best.pt of train_diffusion is the validation with the lowest latent MSE (not the decoded
-    PSNR, which is flat when the decoder ignores its latent)."""
+    PSNR of one sample, which rewards blur over detail)."""
     out = tmp_path / "d"
     _tiny_diffusion(tiny_pipeline, out, "train.steps=5", "train.val_every=1", "train.lr=0.01")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

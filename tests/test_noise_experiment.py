@@ -11,7 +11,8 @@ from PIL import Image
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule
 from ldm.errors import ConfigError
-from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig
+from ldm.nets import UNet3d, UNetConfig, VAEConfig
+from ldm.nets.restorer import RestorerAE, RestorerAEConfig, condition_channels
 from ldm.phases.ddim_similar_noise import DDIMSimilarNoiseConfig, run_experiment, window_slices
 from ldm.phases.ddim_similar_noise.sweeps import (
     check_determinism,
@@ -33,11 +34,13 @@ def _noises(shape=(1, 4, 4, 4, 4)):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_pipeline):
-    """The tiny real LDM, one condition latent (1, 4, 4, 4, 4) and two noises."""
+    """The tiny real LDM, the condition (1, 2 f^3, 4, 4, 4) of one LR window and two noises."""
     model = load_ldm(tiny_pipeline.vae, tiny_pipeline.diffusion, torch.device("cpu"))
     lr = torch.rand((1, 1, 16, 16, 16), generator=torch.Generator().manual_seed(1))
-    with model.lr_context(lr):  # the tiny VAE is LR-aware (lr_skip + residual): decode needs it
-        yield model, model.encode_cond(lr), *_noises()
+    with model.lr_context(lr) as mu:  # decode(z) = mu(LR) + D(z) of this window
+        cond = model.condition(lr, mu)
+        assert cond.shape == (1, 2 * 4**3, 4, 4, 4)
+        yield model, cond, *_noises()
 
 
 def test_noise_paths_known_values():
@@ -86,9 +89,16 @@ def test_window_is_centred_and_checked():
 
 def test_experiment_works_for_2d_models(tmp_path):
     torch.manual_seed(0)
-    vae = VAE3d(VAEConfig(spatial_dims=2, channels=(8, 8, 8), norm_groups=4)).eval()
+    cfg2d = RestorerAEConfig(
+        restorer=VAEConfig(spatial_dims=2, channels=(8, 8), norm_groups=4, lr_skip=True,
+                           residual=True),
+        residual_ae=VAEConfig(spatial_dims=2, channels=(8, 8, 8), norm_groups=4),
+    )  # fmt: skip
+    vae = RestorerAE(cfg2d).eval()
     unet = UNet3d(UNetConfig(spatial_dims=2, channels=(8, 16), num_res_blocks=1, attention=False,
-                             norm_groups=4)).eval()  # fmt: skip
+                             norm_groups=4, cond_channels=condition_channels(cfg2d)))  # fmt: skip
+    unet = unet.eval()
+    assert condition_channels(cfg2d) == 2 * 4**2  # (mu, LR), f = 4 in 2D
     schedule = make_schedule(DiffusionConfig(num_train_timesteps=100, prediction_type="v"))
     model = LatentDiffusion(vae, unet, schedule, 1.0, torch.device("cpu"), 0, 0)
     rng = np.random.default_rng(0)
@@ -126,7 +136,9 @@ def test_cli_writes_the_files(tiny_pipeline, tmp_path):
     assert len(m["forward_backward"]["psnr_denoised"]) == 2
     fb = m["forward_backward"]  # the latent-space view: noising moves x_t away from z_HR
     assert 0 <= fb["latent_noised"][0] < 0.1 * fb["latent_noised"][1]
-    assert len(fb["latent_denoised"]) == 2 and fb["latent_lr"] > 0
+    assert len(fb["latent_denoised"]) == 2 and fb["latent_restorer"] > 0  # z = 0 vs z_HR
+    assert set(m["reference_psnr"]) == {"LR input", "oracle mu + D(z_HR)", "restorer (z = 0)",
+                                        "sample from pure noise"}  # fmt: skip
     assert "in latent space, RMS distance to the HR latent: t=0:" in result.output
     assert Image.open(out / "noise_mixing.gif").n_frames == 3
 

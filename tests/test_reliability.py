@@ -37,6 +37,14 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+# the first stage of tests/conftest.py's tiny pipeline
+TINY_FIRST_STAGE = ["--set", "model.restorer.channels=[8, 8, 8]",
+                    "--set", "model.restorer.norm_groups=4",
+                    "--set", "model.residual_ae.channels=[8, 8, 8]",
+                    "--set", "model.residual_ae.norm_groups=4",
+                    "--set", "model.residual_ae.latent_channels=4"]  # fmt: skip
+
+
 def _malicious(path: Path, marker: Path, zip_format: bool) -> Path:
     state = {"format_version": 1, "kind": "vae", "model_config": {}, "x": _Payload(marker)}
     if zip_format:
@@ -70,8 +78,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_pipeline, tmp_path, zi
         bad = run_dir / "last.pt"
         result = run_script(
             "train_vae_pair", "--set", f"data_dir={tiny_pipeline.data_dir}",
-            "--set", f"out_dir={run_dir}", "--set", "model.channels=[8, 8, 8]",
-            "--set", "model.norm_groups=4", "--set", "train.steps=2",
+            "--set", f"out_dir={run_dir}", *TINY_FIRST_STAGE, "--set", "train.steps=2",
             "--set", "train.batch_size=2", "--set", "train.device=cpu",
         )  # fmt: skip
     line = error_line(result)
@@ -302,8 +309,8 @@ def test_noop_rerun_leaves_config_yaml_alone(tiny_pipeline):
     before = (cfg.read_bytes(), cfg.stat().st_mtime_ns)
     result = run_script(
         "train_vae_pair", "--set", f"data_dir={tiny_pipeline.data_dir}",
-        "--set", f"out_dir={tiny_pipeline.vae.parent}", "--set", "model.channels=[8, 8, 8]",
-        "--set", "model.norm_groups=4", "--set", "train.steps=2", "--set", "train.batch_size=2",
+        "--set", f"out_dir={tiny_pipeline.vae.parent}", *TINY_FIRST_STAGE,
+        "--set", "train.steps=2", "--set", "train.batch_size=2",
         "--set", "train.val_every=1", "--set", "train.device=cpu",
     )  # fmt: skip
     assert result.exit_code == 0 and "already trained" in result.output

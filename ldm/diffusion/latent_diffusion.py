@@ -34,8 +34,8 @@ class SamplerConfig:
     steps: int = 10  # DDIM steps (ignored by ddpm)
     eta: float = 0.0  # DDIM eta: 0 = deterministic given the start noise
     spacing: str = "trailing"  # trailing | leading | linspace
-    # Where the reverse process starts: 'noise' = x_T ~ N(0, I); 'restorer' = z = 0 (the
-    # restorer's output) noised to t_start, x_t = sqrt(1 - abar) eps (SDEdit-like refinement)
+    # Where the reverse process starts: 'noise' = x_T ~ N(0, I); 'restorer' = z = 0 (about the
+    # restorer's output: mu + D(0)) noised to t_start, x_t = sqrt(1 - abar) eps (SDEdit-like refinement)
     init: str = "noise"
     t_start: int | None = None  # init 'restorer' only: the timestep z = 0 is noised to
 
@@ -62,6 +62,9 @@ class LatentDiffusion:
     unet_step: int
     # restorer output (1, 1, *sp) that decode() adds when called without one (lr_context)
     default_mu: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)  # "cpu" works too
 
     @property
     def factor(self) -> int:
@@ -134,8 +137,9 @@ class LatentDiffusion:
         num_samples: int = 1, w: float = 1.0,
     ) -> torch.Tensor:  # fmt: skip
         """LR window batch (B, 1, *sp) -> (B, 3, *sp): the mean of ``num_samples`` outputs
-        mu + w D(z_k), their per-voxel std, and the first sample. The samples of one window run
-        as one batch; the restorer runs once."""
+        mu + w D(z_k), their per-voxel sample std (Bessel-corrected, ddof 1: calibrated samples
+        give a variance-to-error ratio of N / (N + 1)), and the first sample. The samples of one
+        window run as one batch; the restorer runs once."""
         lr = lr.to(self.device)
         b, n = lr.shape[0], num_samples
         with torch.autocast(self.device.type, enabled=False):  # mu in float32 under any autocast:
@@ -147,7 +151,7 @@ class LatentDiffusion:
         z = self.sample(cond, x, sampler, generator=generator, t_start=t_start)
         detail = (w * self.vae.decode(z / self.scale).float()).reshape(b, n, *lr.shape[2:])
         mean = mu[:, 0] + detail.mean(1)
-        std = detail.std(1, correction=0) if n > 1 else torch.zeros_like(mean)
+        std = detail.std(1, correction=1) if n > 1 else torch.zeros_like(mean)
         return torch.stack([mean, std, mu[:, 0] + detail[:, 0]], dim=1)
 
     @torch.no_grad()

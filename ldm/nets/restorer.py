@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.errors import UserError
 from ldm.nets.vae import VAE3d, VAEConfig, _Decoder, _LRFeatures
 
 
@@ -47,13 +48,13 @@ class RestorerAEConfig:
             if isinstance(value, dict):
                 object.__setattr__(self, name, VAEConfig(**value))
         if not (self.restorer.lr_skip and self.restorer.residual):
-            raise ValueError("RestorerAEConfig.restorer needs lr_skip and residual")
+            raise UserError("restorer needs lr_skip and residual (the LR-aware path)")
         if self.residual_ae.uses_lr:
-            raise ValueError("RestorerAEConfig.residual_ae must not see the LR (lr_skip/residual)")
+            raise UserError("residual_ae must not see the LR: set lr_skip and residual false")
         if self.restorer.spatial_dims != self.residual_ae.spatial_dims:
-            raise ValueError("restorer and residual_ae must have the same spatial_dims")
+            raise UserError("restorer and residual_ae must have the same spatial_dims")
         if self.residual_scale is not None and not self.residual_scale > 0:
-            raise ValueError(f"residual_scale must be > 0, got {self.residual_scale}")
+            raise UserError(f"residual_scale must be > 0, got {self.residual_scale}")
 
     @property
     def spatial_dims(self) -> int:

@@ -1,0 +1,374 @@
+"""The predict-and-refine first stage and its LDM: the restorer mu(LR), the residual autoencoder
+of HR - mu (its decoder never sees the LR), space-to-depth of the condition, refine's mean / std /
+first sample and detail weight w, sampler starts, and the refusal of first-stage checkpoints of
+the earlier design."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.checkpoint import save_checkpoint
+from ldm.config import config_from_dict
+from ldm.data.dataset import AugmentConfig, PatchPairs, augment_pair
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
+from ldm.diffusion.schedule import DiffusionConfig, make_schedule
+from ldm.errors import ConfigError, UserError
+from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig
+from ldm.nets.restorer import (
+    RestorerAE,
+    RestorerAEConfig,
+    condition,
+    condition_channels,
+    space_to_depth,
+)
+from ldm.phases.train_vae_pair import TrainVAEConfig, VAEPairTask, residual_scale
+from ldm.quality_metrics import latent_sensitivity
+from tests.helpers.cli import error_line, run_script
+
+
+def tiny_config(**kw) -> RestorerAEConfig:
+    return RestorerAEConfig(
+        restorer=VAEConfig(channels=(4, 4), norm_groups=2, lr_skip=True, residual=True),
+        residual_ae=VAEConfig(channels=(4, 4, 4), norm_groups=2), **kw,
+    )  # fmt: skip
+
+
+def tiny_first_stage(**kw) -> RestorerAE:
+    torch.manual_seed(0)
+    return RestorerAE(tiny_config(**kw)).eval()
+
+
+@pytest.fixture(scope="module")
+def ldm(tiny_pipeline) -> LatentDiffusion:
+    return load_ldm(tiny_pipeline.vae, tiny_pipeline.diffusion, torch.device("cpu"))
+
+
+def _lr(n: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 1, 16, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# the first stage
+
+
+def test_the_residual_decoder_has_no_lr_input():
+    params = list(inspect.signature(RestorerAE.decode).parameters)
+    assert params == ["self", "z"]  # decode(z) -> residual: the latent is its only input
+    model = tiny_first_stage()
+    assert not model.config.residual_ae.uses_lr
+    assert not any(k.startswith(("residual_ae.lr_encoder", "residual_ae.decoder.fuse"))
+                   for k in model.state_dict())  # fmt: skip
+    assert any(k.startswith("restorer.lr_encoder") for k in model.state_dict())
+    for bad in ({"lr_skip": True}, {"residual": True}, {"lr_skip": True, "residual": True}):
+        with pytest.raises(ValueError, match="residual_ae must not see the LR"):
+            RestorerAEConfig(residual_ae=VAEConfig(**bad))
+    with pytest.raises(ValueError, match="restorer needs lr_skip and residual"):
+        RestorerAEConfig(restorer=VAEConfig(lr_skip=True))
+    with pytest.raises(ValueError, match="same spatial_dims"):
+        RestorerAEConfig(residual_ae=VAEConfig(spatial_dims=2))
+    with pytest.raises(ValueError, match="residual_scale must be > 0"):
+        tiny_config(residual_scale=0.0)
+
+
+def test_config_round_trips_through_a_checkpoint_dict():
+    cfg = tiny_config(residual_scale=2.5)
+    assert config_from_dict(RestorerAEConfig, asdict(cfg), "checkpoint") == cfg
+    assert cfg.downsample_factor == 4 and cfg.window_multiple == 4 and cfg.latent_channels == 4
+    assert condition_channels(cfg) == 2 * 4**3
+    # a plain residual autoencoder written without the lr keys still parses as plain
+    old = {k: v for k, v in asdict(cfg.residual_ae).items() if k not in ("lr_skip", "residual")}
+    parsed = config_from_dict(RestorerAEConfig, {**asdict(cfg), "residual_ae": old}, "ckpt")
+    assert parsed.residual_ae == cfg.residual_ae
+    with pytest.raises(UserError, match="lr_skip"):
+        VAEConfig(lr_skip="yes")
+
+
+def test_encode_decode_work_at_the_residual_scale_and_shapes():
+    model = tiny_first_stage(residual_scale=4.0)
+    lr, hr = _lr(2), _lr(2, seed=1)
+    with torch.no_grad():
+        mu = model.restore(lr)
+        mean, logvar = model.encode(hr - mu)
+        assert mu.shape == lr.shape and mean.shape == logvar.shape == (2, 4, 4, 4, 4)
+        torch.testing.assert_close(mean, model.residual_ae.encode(4.0 * (hr - mu))[0])
+        torch.testing.assert_close(model.decode(mean), model.residual_ae.decode(mean) / 4.0)
+        # the training pass: r = s (HR - mu) with mu detached
+        mu2, r, r_hat, mean2, _ = model.train()(lr, hr, generator=torch.Generator())
+    torch.testing.assert_close(mu2, mu)
+    torch.testing.assert_close(r, 4.0 * (hr - mu))
+    assert r_hat.shape == hr.shape and mean2.shape == mean.shape
+
+
+def test_the_restorer_adds_its_output_to_the_lr():
+    model = tiny_first_stage()
+    torch.nn.init.zeros_(model.restorer.decoder.conv_out.weight)
+    torch.nn.init.zeros_(model.restorer.decoder.conv_out.bias)
+    lr = _lr()
+    with torch.no_grad():
+        assert torch.equal(model.restore(lr), lr)
+        model.restorer.decoder.conv_out.bias.fill_(0.25)
+        torch.testing.assert_close(model.restore(lr), lr + 0.25)
+
+
+def test_training_loss_reaches_both_paths_and_the_residual_ignores_restorer_gradients():
+    model = tiny_first_stage().train()
+    lr, hr = _lr(2), _lr(2, seed=1)
+    task = VAEPairTask(TrainVAEConfig(grad_weight=0.5, residual_grad_weight=0.5),
+                       [(lr[i], hr[i]) for i in range(2)], torch.device("cpu"))  # fmt: skip
+    _, r, *_ = model(lr, hr)
+    assert not r.requires_grad  # HR - mu with mu detached: no gradient into the restorer
+    loss, logs = task.loss(model, (lr, hr), torch.Generator().manual_seed(0))
+    assert set(logs) == {"l1_restorer", "mse_residual", "kl"}
+    loss.backward()
+    for name in ("restorer.lr_encoder", "restorer.decoder", "residual_ae.encoder",
+                 "residual_ae.decoder"):  # fmt: skip
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(name)]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), name
+    v = task.validate(model.eval())
+    assert {"psnr", "oracle_psnr", "zero_latent_psnr", "headroom_db", "baseline_psnr"} <= set(v)
+    assert v["headroom_db"] == pytest.approx(v["oracle_psnr"] - v["psnr"])
+
+
+def test_augmentation_is_the_same_on_lr_and_hr_and_seeded():
+    lr = torch.rand(4, 1, 6, 6, 6)
+    cfg = AugmentConfig(flips=True, permute=True, scale=0.5, shift=0.2)
+    a_lr, a_hr = augment_pair(lr, lr.clone(), cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a_lr, a_hr) and not torch.allclose(a_lr, lr)
+    b_lr, _ = augment_pair(lr, lr.clone(), cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a_lr, b_lr)
+    f_lr, _ = augment_pair(lr, lr, AugmentConfig(flips=True, permute=True),
+                           torch.Generator().manual_seed(3))  # fmt: skip
+    assert torch.equal(f_lr.flatten(1).sort(1).values, lr.flatten(1).sort(1).values)
+    assert augment_pair(lr, lr, AugmentConfig(), torch.Generator())[0] is lr
+
+
+def test_latent_sensitivity_of_a_trained_tiny_first_stage_is_positive(tiny_pipeline):
+    """After 30 steps on 4 patches the residual latent moves the output:
+    S = ||D(z_HR) - D(0)||^2 / ||HR - mu||^2 > 0, and mu + D(z_HR) is closer to HR than mu."""
+    train = PatchPairs(tiny_pipeline.data_dir, "train")
+    pairs = [train[i] for i in range(4)]
+    lr, hr = (torch.stack([p[k] for p in pairs]) for k in (0, 1))
+    cfg = RestorerAEConfig(
+        restorer=VAEConfig(channels=(8, 8), norm_groups=4, lr_skip=True, residual=True),
+        residual_ae=VAEConfig(channels=(8, 8, 8), norm_groups=4),
+        residual_scale=residual_scale(train),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = RestorerAE(cfg)
+    task = VAEPairTask(TrainVAEConfig(model=cfg), pairs, torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for _ in range(30):
+        loss, _ = task.loss(model, (lr, hr), g)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first  # it trained
+    model.eval()
+    with torch.no_grad():
+        mu = model.restore(lr)
+        z_hr = model.encode(hr - mu)[0]
+        oracle, zero = mu + model.decode(z_hr), mu + model.decode(torch.zeros_like(z_hr))
+    s = latent_sensitivity(oracle.numpy(), zero.numpy(), hr.numpy(), mu.numpy())
+    want = float(((oracle - zero) ** 2).sum() / ((hr - mu) ** 2).sum())
+    assert s == pytest.approx(want, rel=1e-5) and s > 1e-4
+    assert float(((oracle - hr) ** 2).mean()) < float(((mu - hr) ** 2).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# space-to-depth: how (mu, LR) reach the latent grid
+
+
+def test_space_to_depth_known_small_example():
+    x = torch.arange(8.0).reshape(1, 1, 2, 2, 2)  # value = 4 d + 2 h + w
+    y = space_to_depth(x, 2)
+    assert y.shape == (1, 8, 1, 1, 1)
+    assert y.flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # channel = 4 i_d + 2 i_h + i_w
+    # two channels, a 2 x 2 x 4 volume: channel c f^3 + 4 i_d + 2 i_h + i_w at block (0, 0, j)
+    x = torch.arange(32.0).reshape(1, 2, 2, 2, 4)
+    y = space_to_depth(x, 2)
+    assert y.shape == (1, 16, 1, 1, 2)
+    assert y[0, :, 0, 0, 0].tolist() == [0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29]
+    assert y[0, :, 0, 0, 1].tolist() == [2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                         31]  # fmt: skip
+    assert torch.equal(space_to_depth(x, 1), x)
+
+
+@pytest.mark.parametrize("f", [2, 4])
+def test_space_to_depth_is_lossless_and_inverted_by_a_reshape(f):
+    x = torch.randn(2, 3, 8, 12, 16, generator=torch.Generator().manual_seed(0))
+    y = space_to_depth(x, f)
+    b, c, d, h, w = x.shape
+    assert y.shape == (b, c * f**3, d // f, h // f, w // f)
+    back = (y.reshape(b, c, f, f, f, d // f, h // f, w // f)
+            .permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(x.shape))  # fmt: skip
+    assert torch.equal(back, x)
+    assert torch.equal(y.flatten().sort().values, x.flatten().sort().values)  # values kept
+    x2 = x[:, :, 0]  # 2D: the same as pixel_unshuffle
+    assert torch.equal(space_to_depth(x2, f), F.pixel_unshuffle(x2, f))
+
+
+def test_condition_is_mu_then_lr_on_the_latent_grid():
+    mu, lr = _lr(2), _lr(2, seed=1)
+    c = condition(mu, lr, 4)
+    assert c.shape == (2, 2 * 4**3, 4, 4, 4) and c.is_contiguous()
+    assert torch.equal(c[:, : 4**3], space_to_depth(mu, 4))
+    assert torch.equal(c[:, 4**3 :], space_to_depth(lr, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# refine: mean, std and one sample of N; the detail weight w
+
+
+def test_w_0_gives_the_restorer_exactly(ldm):
+    lr = _lr(2)
+    out = ldm.refine(lr, SamplerConfig(steps=2), torch.Generator().manual_seed(0), 3, w=0.0)
+    mu = ldm.restore(lr)[:, 0]
+    assert out.shape == (2, 3, 16, 16, 16)
+    assert torch.equal(out[:, 0], mu) and torch.equal(out[:, 2], mu)  # mean and the sample
+    assert torch.equal(out[:, 1], torch.zeros_like(mu))  # std
+    z = torch.randn(2, 4, 4, 4, 4)
+    assert torch.equal(ldm.decode(z, ldm.restore(lr), w=0.0), ldm.restore(lr))
+    # w = 1 adds the decoded detail
+    one = ldm.refine(lr, SamplerConfig(steps=2), torch.Generator().manual_seed(0), 3, w=1.0)
+    assert not torch.allclose(one[:, 0], mu)
+
+
+def test_n_samples_with_eta_0_and_one_seed_are_reproducible(ldm):
+    lr, s = _lr(2), SamplerConfig(steps=2)
+    a = ldm.refine(lr, s, torch.Generator().manual_seed(3), 4)
+    b = ldm.refine(lr, s, torch.Generator().manual_seed(3), 4)
+    assert torch.equal(a, b)
+    c = ldm.refine(lr, s, torch.Generator().manual_seed(4), 4)
+    assert not torch.allclose(c[:, 0], a[:, 0]) and not torch.allclose(c[:, 2], a[:, 2])
+    assert (a[:, 1] > 0).any() and (a[:, 1] >= 0).all()
+    # the first sample of N is the single sample of the same generator: its start noise is the
+    # first draw (the CPU generator fills the (B N, ...) noise in order)
+    one = ldm.refine(lr[:1], s, torch.Generator().manual_seed(3), 1)
+    many = ldm.refine(lr[:1], s, torch.Generator().manual_seed(3), 4)
+    torch.testing.assert_close(many[:, 2], one[:, 2], atol=1e-4, rtol=1e-4)
+    assert torch.equal(one[:, 0], one[:, 2]) and torch.equal(one[:, 1], torch.zeros_like(one[:, 1]))
+
+
+def test_the_mean_and_std_are_those_of_the_samples_of_each_window(ldm, monkeypatch):
+    """Fix the start noises: refine(B = 2 windows, N = 3) gives per window the mean, the sample
+    std (ddof 1) and the first of the 3 single-sample refines of its own noises."""
+    s = SamplerConfig(steps=2)
+    lr = _lr(2)
+    noise = torch.randn(6, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ldm, "initial_latent", lambda shape, sampler, g: (noise, None))
+    both = ldm.refine(lr, s, None, 3, w=0.7)
+    for i in range(2):  # sample k of window i starts from noise i N + k
+        singles = []
+        for k in range(3):
+            monkeypatch.setattr(ldm, "initial_latent",
+                                lambda shape, sampler, g, j=3 * i + k: (noise[j : j + 1], None))
+            singles.append(ldm.refine(lr[i : i + 1], s, None, 1, w=0.7)[0, 2])
+        stack = torch.stack(singles)
+        torch.testing.assert_close(both[i, 0], stack.mean(0), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(both[i, 1], stack.std(0, correction=1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(both[i, 2], singles[0], atol=1e-4, rtol=1e-4)
+
+
+def test_decode_needs_mu_and_lr_context_supplies_it(ldm):
+    z = torch.zeros(3, 4, 4, 4, 4)
+    with pytest.raises(ValueError, match="needs the restorer output mu"):
+        ldm.decode(z)
+    lr = _lr()
+    with ldm.lr_context(lr) as mu:  # one window, many latents (ddim_similar_noise)
+        torch.testing.assert_close(mu, ldm.restore(lr))
+        out = ldm.decode(z)
+        assert out.shape == (3, 1, 16, 16, 16)
+        torch.testing.assert_close(out, mu + ldm.vae.decode(z / ldm.scale))
+    assert ldm.default_mu is None
+    hr = _lr(seed=1)
+    z_hr = ldm.encode_target(hr, ldm.restore(lr))
+    torch.testing.assert_close(z_hr, ldm.vae.encode(hr - ldm.restore(lr))[0] * ldm.scale)
+
+
+def test_predict_window_fn_goes_through_refine(ldm, monkeypatch):
+    from ldm.phases.predict_ldm import PredictConfig, ldm_window_fn
+
+    seen = []
+
+    def spy(self, lr, sampler, generator, num_samples, w):
+        seen.append((lr, sampler, num_samples, w))
+        return lr.repeat(1, 3, 1, 1, 1)
+
+    monkeypatch.setattr(LatentDiffusion, "refine", spy)
+    cfg = PredictConfig(sampler=SamplerConfig(steps=2), num_samples=5, detail_weight=0.3)
+    lr = _lr()
+    out = ldm_window_fn(ldm, cfg, torch.Generator())(lr)
+    assert out.shape == (1, 3, 16, 16, 16) and len(seen) == 1
+    assert torch.equal(seen[0][0], lr) and seen[0][1:] == (cfg.sampler, 5, 0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# where sampling starts
+
+
+def _tiny_ldm() -> LatentDiffusion:
+    vae = tiny_first_stage()
+    torch.manual_seed(0)
+    unet = UNet3d(UNetConfig(channels=(8, 8), num_res_blocks=1, num_heads=2, norm_groups=4,
+                             cond_channels=condition_channels(vae.config))).eval()  # fmt: skip
+    schedule = make_schedule(DiffusionConfig(num_train_timesteps=100))
+    return LatentDiffusion(vae, unet, schedule, 1.0, torch.device("cpu"), 0, 0)
+
+
+def test_start_from_the_noised_restorer_latent():
+    ldm = _tiny_ldm()
+    shape = (1, 4, 4, 4, 4)
+    s = SamplerConfig(steps=3, init="restorer", t_start=20)
+    x, t = ldm.initial_latent(shape, s, torch.Generator().manual_seed(0))
+    abar = float(ldm.schedule.alphas_cumprod[20])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert t == 20
+    torch.testing.assert_close(x, (1 - abar) ** 0.5 * noise)  # z = 0 noised to t_start
+    seen = []
+    cond = ldm.condition(_lr())
+    ldm.sample(cond, x, s, callback=lambda d: seen.append(int(d["t"])), t_start=t)
+    assert seen[0] == 20 and len(seen) == 3
+    x, t = ldm.initial_latent(shape, SamplerConfig(steps=3), torch.Generator().manual_seed(0))
+    assert t is None and torch.equal(x, noise)  # init noise: x_T ~ N(0, I)
+    with pytest.raises(ConfigError, match="init must be one of noise, restorer"):
+        SamplerConfig(init="cond", t_start=20)  # the earlier design's start
+    with pytest.raises(ConfigError, match="t_start"):
+        SamplerConfig(init="restorer")
+    with pytest.raises(ConfigError, match="t_start"):
+        SamplerConfig(t_start=20)
+    with pytest.raises(ConfigError, match="t_start"):
+        ldm.initial_latent(shape, SamplerConfig(init="restorer", t_start=100), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# first-stage checkpoints of the earlier design
+
+
+def _old_first_stage_checkpoint(path) -> None:
+    """What train_vae_pair saved before the restorer: one LR-aware VAE, its VAEConfig."""
+    cfg = VAEConfig(channels=(8, 8, 8), norm_groups=4, lr_skip=True, residual=True)
+    weights = VAE3d(cfg).state_dict()
+    save_checkpoint({"kind": "vae", "model_config": asdict(cfg), "model": weights,
+                     "ema": {f"module.{k}": v for k, v in weights.items()}, "step": 2,
+                     "extra": {}}, path)  # fmt: skip
+
+
+@pytest.mark.parametrize("phase", ["predict_ldm", "evaluate_psnr", "prepare_latents"])
+def test_an_old_first_stage_checkpoint_is_refused_with_one_line(tiny_pipeline, tmp_path, phase):
+    old = tmp_path / "old_vae.pt"
+    _old_first_stage_checkpoint(old)
+    args = ["--set", f"data_dir={tiny_pipeline.data_dir}", "--set", f"vae_checkpoint={old}",
+            "--set", f"out_dir={tmp_path / 'out'}", "--set", "device=cpu"]  # fmt: skip
+    if phase == "predict_ldm":
+        args += ["--set", f"diffusion_checkpoint={tiny_pipeline.diffusion}"]
+    line = error_line(run_script(phase, *args))
+    assert str(old) in line and "train_vae_pair --overwrite" in line
+    assert not (tmp_path / "out").exists()
