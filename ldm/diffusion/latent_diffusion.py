@@ -35,7 +35,7 @@ class SamplerConfig:
     eta: float = 0.0  # DDIM eta: 0 = deterministic given the start noise
     spacing: str = "trailing"  # trailing | leading | linspace
     # Where the reverse process starts: 'noise' = x_T ~ N(0, I); 'restorer' = z = 0 (about the
-    # restorer's output: mu + D(0)) noised to t_start, x_t = sqrt(1 - abar) eps (SDEdit-like refinement)
+    # restorer's output: mu + D(0)) noised to t_start, x_t = sqrt(1 - abar) eps (SDEdit-like)
     init: str = "noise"
     t_start: int | None = None  # init 'restorer' only: the timestep z = 0 is noised to
 
