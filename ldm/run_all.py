@@ -97,12 +97,16 @@ def _pictures(result: PhaseResult) -> list[Path]:
 
 
 def summary_table(report: RunAllReport) -> str:
-    """Closing summary: quality table (Baseline / VAE / LDM / classical), particles, pictures."""
+    """Closing summary: quality table (Baseline, classical, restorer, LDM sample and mean,
+    oracle), the calibration of the LDM's std, particles, pictures."""
     results = {name: result for name, _, result in report.rows}
     lines: list[str] = []
     rows: list[tuple[str, dict]] = []
+    calibration = None
     if "predict_ldm" in results and results["predict_ldm"].metrics.get("mean"):
-        rows += [(LABELS.get(k, k), v) for k, v in results["predict_ldm"].metrics["mean"].items()]
+        mean = results["predict_ldm"].metrics["mean"]
+        rows += [(LABELS.get(k, k), v) for k, v in mean.items() if "psnr" in v]
+        calibration = mean.get("uncertainty")
     if "evaluate_psnr" in results:
         mean = results["evaluate_psnr"].metrics["mean"]
         have = {name for name, _ in rows}
@@ -113,6 +117,9 @@ def summary_table(report: RunAllReport) -> str:
     if rows:
         lines.append(f"{'test volumes (original units)':<34}{'PSNR dB':>9}{'SSIM':>8}")
         lines += [f"{label:<34}{s['psnr']:>9.2f}{s['ssim']:>8.3f}" for label, s in rows]
+    if calibration:
+        lines.append(f"LDM uncertainty: variance-to-error {calibration['var_err_ratio']:.2f}, AUSE "
+                     f"{calibration['ause']:.3f} (random order {calibration['ause_random']:.3f})")
     if "particles_gif" in results:
         m = results["particles_gif"].metrics
         lines.append(f"particles: final render vs blurred source PSNR {m['psnr_db']:.2f} dB, "

@@ -58,7 +58,8 @@ def test_phase_selection_keeps_pipeline_order_and_rejects_unknown_names():
 def test_summary_table_joins_ldm_and_classical_rows(tmp_path):
     png = tmp_path / "a.png"
     png.write_bytes(b"")
-    ldm_means = {"Baseline": {"psnr": 20.0, "ssim": 0.3}, "LDM": {"psnr": 25.0, "ssim": 0.8}}
+    ldm_means = {"Baseline": {"psnr": 20.0, "ssim": 0.3}, "LDM": {"psnr": 25.0, "ssim": 0.8},
+                 "uncertainty": {"var_err_ratio": 0.5, "ause": 0.25, "ause_random": 0.9}}
     classical = {"baseline": {"psnr": 20.0, "ssim": 0.3}, "gaussian": {"psnr": 22.0, "ssim": 0.7}}
     predict = PhaseResult("", "", {"mean": ldm_means}, [tmp_path])
     evaluate = PhaseResult("", "", {"mean": classical})
@@ -66,3 +67,4 @@ def test_summary_table_joins_ldm_and_classical_rows(tmp_path):
     table = summary_table(report)
     assert "LDM" in table and "25.00" in table and "Gaussian filter" in table
     assert table.count("Baseline") == 1 and str(png) in table
+    assert "variance-to-error 0.50, AUSE 0.250 (random order 0.900)" in table
