@@ -31,7 +31,7 @@ INITS = ("noise", "restorer")
 @dataclass(frozen=True)
 class SamplerConfig:
     sampler: str = "ddim"  # ddim | ddpm (ancestral over all T steps)
-    steps: int = 10  # DDIM steps (ignored by ddpm)
+    steps: int = 5  # DDIM steps (ignored by ddpm)
     eta: float = 0.0  # DDIM eta: 0 = deterministic given the start noise
     spacing: str = "trailing"  # trailing | leading | linspace
     # Where the reverse process starts: 'noise' = x_T ~ N(0, I); 'restorer' = z = 0 (about the
