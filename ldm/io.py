@@ -297,7 +297,7 @@ def _itk_image(data: np.ndarray, meta: VolumeMeta, path: Path):
 
     arr = np.ascontiguousarray(data)
     if arr.dtype.str[1:] not in _DTYPE_TO_MET:
-        raise UserError(f"{path}: dtype {arr.dtype} cannot be written by SimpleITK")
+        raise UserError(f"{path}: dtype {arr.dtype} cannot be written as MetaImage or NIfTI")
     img = sitk.GetImageFromArray(arr.astype(arr.dtype.newbyteorder("=")))
     if meta.spacing:
         img.SetSpacing([float(v) for v in reversed(meta.spacing)])
@@ -330,16 +330,7 @@ def _save_metaimage(path: Path, data: np.ndarray, meta: VolumeMeta) -> Path:
     import SimpleITK as sitk
 
     raw_path, mhd_path = path.with_suffix(".raw"), path.with_suffix(".mhd")
-    arr = np.ascontiguousarray(data)
-    if arr.dtype.str[1:] not in _DTYPE_TO_MET:
-        raise UserError(f"{path}: dtype {arr.dtype} cannot be written as MetaImage")
-    img = sitk.GetImageFromArray(arr.astype(arr.dtype.newbyteorder("=")))
-    if meta.spacing:
-        img.SetSpacing([float(v) for v in reversed(meta.spacing)])
-    if meta.origin:
-        img.SetOrigin([float(v) for v in reversed(meta.origin)])
-    if meta.direction is not None:
-        img.SetDirection([float(v) for v in meta.direction])
+    img = _itk_image(data, meta, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.stem}-", dir=path.parent))
     try:

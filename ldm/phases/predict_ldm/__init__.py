@@ -26,12 +26,10 @@ from ldm.baselines import (
     LABELS,
     TuneConfig,
     method_outputs,
-    save_metrics_csv,
     score_outputs,
     tuned_baselines,
     uncertainty_scores,
 )
-from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
 from ldm.dicom import save_dicom_series
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
@@ -43,7 +41,11 @@ from ldm.inference import fit_window, sliding_window_infer
 from ldm.io import RawSpec, save_volume
 from ldm.optim import cpu_has_bf16
 from ldm.phases.predict_ldm.cohort import predict_cohort
-from ldm.phases.predict_ldm.report import case_pictures, reverse_process_gif, summary_text
+from ldm.phases.predict_ldm.report import (
+    case_pictures,
+    reverse_process_gif,
+    write_summary,
+)
 from ldm.pipeline import PhaseResult
 from ldm.validate import check_choice, check_min, check_range
 
@@ -212,7 +214,7 @@ def predict_ldm(
     manifest = load_manifest(cfg.data_dir)
     folder_run = external is not None and external.folder is not None
     if folder_run or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded, resumable per case
-        return predict_cohort(cfg, manifest, external, overwrite, _predict_case, summary_text)
+        return predict_cohort(cfg, manifest, external, overwrite, _predict_case)
     cases, ext_info = _cases(cfg, manifest, external)
     device = pick_device(cfg.device)
     ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
@@ -232,18 +234,6 @@ def predict_ldm(
             rows[case.name] = _predict_case(ldm, case, cfg, window, out,
                                             gif=cfg.gif and i == 0, params=get_params)  # fmt: skip
         params = tuned or None  # None: no case had HR
-        summary = {"cases": rows, "window": list(window), "sampler": cfg.sampler.__dict__,
-                   "num_samples": cfg.num_samples,
-                   "detail_weight": cfg.detail_weight, "vae_step": ldm.vae_step,
-                   "diffusion_step": ldm.unet_step, "device": str(device),
-                   "tuned": params}  # fmt: skip
-        if ext_info is not None:
-            summary["external"] = ext_info
-        text, key, means = summary_text(rows, cfg, params, ext_info)
-        summary["mean"] = means
-        save_json(summary, out / "metrics.json")
-        scored = {k: r["metrics"] for k, r in rows.items() if "metrics" in r}
-        if scored:
-            save_metrics_csv(scored, out / "metrics.csv")
-        save_config(cfg, out / "config.yaml")
+        text, key, summary = write_summary(out, rows, cfg, ldm, params, ext_info,
+                                           window=list(window))  # fmt: skip
     return PhaseResult(text, key, summary, [cfg.out_dir])

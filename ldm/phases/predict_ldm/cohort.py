@@ -24,15 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ldm.baselines import save_metrics_csv, tuned_baselines
+from ldm.baselines import tuned_baselines
 from ldm.checkpoint import file_digest
-from ldm.config import save_config
 from ldm.data.dataset import TestCase, iter_test_cases
 from ldm.diffusion.latent_diffusion import load_ldm
 from ldm.distributed import DistInfo, barrier, init_distributed
 from ldm.errors import UserError
 from ldm.external import ExternalInputs, external_cases, load_external_case
 from ldm.files import load_json, pid_alive, save_json
+from ldm.phases.predict_ldm.report import write_summary
 from ldm.pipeline import PhaseResult
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,10 @@ def _my_cases(
 
 
 def predict_cohort(
-    cfg: Any, manifest: dict, external: ExternalInputs | None, overwrite: bool,
-    predict_case, summary_text,
-) -> PhaseResult:  # fmt: skip
-    """The phase for a cohort (see the module doc); ``predict_case`` and ``summary_text`` are
-    the single-case writer and the report of predict_ldm."""
+    cfg: Any, manifest: dict, external: ExternalInputs | None, overwrite: bool, predict_case
+) -> PhaseResult:
+    """The phase for a cohort (see the module doc); ``predict_case`` is predict_ldm's writer of
+    one case."""
     from ldm.phases.predict_ldm import check_window  # the package imports this module
 
     info, device = init_distributed(cfg.device)
@@ -158,20 +157,8 @@ def predict_cohort(
     if not info.is_main:
         return PhaseResult(f"predict_ldm rank {info.rank}: done", "", {}, [out])
     rows = {n: load_json(out / n / "metrics.json") for n in names}
-    params = tuned or None
-    summary = {"cases": rows, "window": list(window), "sampler": cfg.sampler.__dict__,
-               "num_samples": cfg.num_samples, "detail_weight": cfg.detail_weight,
-               "vae_step": ldm.vae_step, "diffusion_step": ldm.unet_step,
-               "device": str(device), "world_size": info.world_size, "tuned": params}  # fmt: skip
-    if ext_info is not None:
-        summary["external"] = ext_info
-    text, key, means = summary_text(rows, cfg, params, ext_info)
+    text, key, summary = write_summary(out, rows, cfg, ldm, tuned or None, ext_info,
+                                       window=list(window), world_size=info.world_size)
     if skipped:
         text += f"\n{skipped} case(s) of rank 0 were done in an earlier run and kept"
-    summary["mean"] = means
-    save_json(summary, out / "metrics.json")
-    scored = {k: r["metrics"] for k, r in rows.items() if "metrics" in r}
-    if scored:
-        save_metrics_csv(scored, out / "metrics.csv")
-    save_config(cfg, out / "config.yaml")
     return PhaseResult(text, key, summary, [out])

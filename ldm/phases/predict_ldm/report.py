@@ -126,3 +126,29 @@ def summary_text(
     for name, r in rows.items():
         lines.append(f"{name}: LDM in {r['seconds']:.1f} s -> {r['output']}")
     return "\n".join(lines), key, means
+
+
+def write_summary(
+    out: Path, rows: dict[str, dict], cfg: Any, ldm: LatentDiffusion, params: dict | None,
+    external: dict | None, **extra: Any,
+) -> tuple[str, str, dict[str, Any]]:  # fmt: skip
+    """metrics.json (settings, per-case rows, means), metrics.csv and config.yaml into ``out``;
+    returns (printed text, headline, summary)."""
+    from ldm.baselines import save_metrics_csv
+    from ldm.config import save_config
+    from ldm.files import save_json
+
+    summary = {"cases": rows, "sampler": cfg.sampler.__dict__,
+               "num_samples": cfg.num_samples, "detail_weight": cfg.detail_weight,
+               "vae_step": ldm.vae_step, "diffusion_step": ldm.unet_step,
+               "device": str(ldm.device), **extra, "tuned": params}  # fmt: skip
+    if external is not None:
+        summary["external"] = external
+    text, key, means = summary_text(rows, cfg, params, external)
+    summary["mean"] = means
+    save_json(summary, out / "metrics.json")
+    scored = {k: r["metrics"] for k, r in rows.items() if "metrics" in r}
+    if scored:
+        save_metrics_csv(scored, out / "metrics.csv")
+    save_config(cfg, out / "config.yaml")
+    return text, key, summary
