@@ -248,10 +248,11 @@ def generalisation_cases(
 ) -> list[tuple[str, str, np.ndarray, np.ndarray, tuple[int, ...] | None]]:  # fmt: skip
     """(setting, case, LR, HR, model grid) in original units: the first ``max_cases`` MRI test
     blocks at 0.7 / 1.4 mm voxels (HR resampled, then degraded as in training), run as given and
-    as with ``--resample`` (model grid = the 1 mm training spacing, outputs resampled back), and
-    with intensities a x + b (LR and HR)."""
+    as with ``--resample`` (model grid = the 1 mm training spacing, outputs resampled back), with
+    the anatomy 1.5x larger and smoother on the training grid (a brain unlike the training one,
+    that no resampling undoes), and with intensities a x + b (LR and HR)."""
     try:
-        from scipy.ndimage import zoom  # scipy comes with the dev extra (scikit-image)
+        from scipy.ndimage import gaussian_filter, zoom  # scipy comes with scikit-image
     except ImportError as e:
         raise UserError(f"the generalisation cases need scipy ({e}): pip install scipy") from None
 
@@ -268,6 +269,14 @@ def generalisation_cases(
             cases.append((f"voxel {voxel} mm", case.name, lr_v, hr_v, None))
             grid = tuple(int(round(s * voxel)) for s in hr_v.shape)
             cases.append((f"voxel {voxel} mm --resample", case.name, lr_v, hr_v, grid))
+        # larger and smoother anatomy (another species' brain, a child's): structures 1.5x
+        # larger in voxels and blurred (sigma 1 voxel) before the same degradation; the grid
+        # and the voxel size stay the training ones, so --resample cannot undo it
+        big = gaussian_filter(zoom(hr, 1.5, order=3), 1.0).astype(np.float32)
+        c = [(s - s0) // 2 for s, s0 in zip(big.shape, hr.shape)]
+        big = np.ascontiguousarray(big[tuple(slice(a, a + s0) for a, s0 in zip(c, hr.shape))])
+        lr_big = degrade(big, deg, seed=200 + i, data_range=data_range)
+        cases.append(("anatomy x1.5, smoother", case.name, lr_big, big, None))
         shift = 0.1 * float(hr.max())
         for a in (0.5, 2.0):
             setting = f"intensity x{a} + 10% max"

@@ -287,3 +287,19 @@ def test_evaluate_scores_the_trained_pipeline(tiny_pipeline):
     assert set(ev["scores"]) == {"test", "voxel 1.4 mm --resample"}
     alone = evaluate(tiny_pipeline.data_dir, tiny_pipeline.vae, None, params, False, cfg)
     assert list(alone["scores"]["test"])[-1] == RESTORER and alone["num_samples"] == []
+
+
+def test_larger_smoother_anatomy_case_keeps_the_grid_and_blurs_the_structures(tiny_pipeline):
+    """The generalisation case of another anatomy: the test block's shape and voxel grid (so
+    --resample cannot undo it), structures smoother (less energy above 0.25 cycles/voxel)."""
+    from ldm.data.dataset import iter_test_cases
+    from ldm.quality_metrics import high_frequency_energy_ratio
+    from ldm.quality_scoring import generalisation_cases
+
+    (big,) = [c for c in generalisation_cases(tiny_pipeline.data_dir, 1)
+              if c[0] == "anatomy x1.5, smoother"]  # fmt: skip
+    _, name, lr, hr, grid = big
+    case = next(iter(iter_test_cases(tiny_pipeline.data_dir)))
+    assert name == case.name and grid is None and hr.shape == lr.shape == case.hr.shape
+    assert np.isfinite(lr).all() and not np.allclose(lr, hr)  # degraded as in training
+    assert high_frequency_energy_ratio(hr, case.to_original(case.hr), 0.25) < 0.5
