@@ -273,7 +273,8 @@ def test_the_mean_and_std_are_those_of_the_samples_of_each_window(ldm, monkeypat
             singles.append(ldm.refine(lr[i : i + 1], s, None, 1, w=0.7)[0, 2])
         stack = torch.stack(singles)
         torch.testing.assert_close(both[i, 0], stack.mean(0), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(both[i, 1], stack.std(0, correction=1), atol=1e-4, rtol=1e-4)
+        std = stack.std(0, correction=1) * ldm.std_scale  # the sample std, sigma-scaled
+        torch.testing.assert_close(both[i, 1], std, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(both[i, 2], singles[0], atol=1e-4, rtol=1e-4)
 
 
@@ -372,3 +373,45 @@ def test_an_old_first_stage_checkpoint_is_refused_with_one_line(tiny_pipeline, t
     line = error_line(run_script(phase, *args))
     assert str(old) in line and "train_vae_pair --overwrite" in line
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# sigma scaling of the std (calibration.json of train_diffusion)
+
+
+def test_train_diffusion_fits_a_std_scale_that_load_ldm_applies(tiny_pipeline, ldm):
+    import json
+
+
+    cal = json.loads((tiny_pipeline.diffusion.parent / "calibration.json").read_text())
+    assert cal["checkpoint"] == "best.pt" and cal["std_scale"] > 0 and cal["num_samples"] == 8
+    # the fitted factor maps the raw ratio to n / (n + 1) on the calibration patches
+    assert cal["ratio_before"] * cal["std_scale"] ** 2 == pytest.approx(8 / 9)
+    assert ldm.std_scale == pytest.approx(cal["std_scale"])
+    lr, s = _lr(1), SamplerConfig(steps=2)
+    scaled = ldm.refine(lr, s, torch.Generator().manual_seed(0), 3)
+    ldm.std_scale, before = 1.0, ldm.std_scale
+    try:
+        raw = ldm.refine(lr, s, torch.Generator().manual_seed(0), 3)
+    finally:
+        ldm.std_scale = before
+    torch.testing.assert_close(scaled[:, 1], raw[:, 1] * before)
+    assert torch.equal(scaled[:, 0], raw[:, 0])  # the mean and the sample do not change
+
+
+def test_a_calibration_of_another_checkpoint_is_ignored(tiny_pipeline, tmp_path):
+    import json
+    import shutil
+
+    from ldm.diffusion.latent_diffusion import load_std_scale
+
+    ck = tmp_path / "best.pt"
+    shutil.copy(tiny_pipeline.diffusion, ck)
+    assert load_std_scale(ck) == 1.0  # none beside it
+    cal = json.loads((tiny_pipeline.diffusion.parent / "calibration.json").read_text())
+    (tmp_path / "calibration.json").write_text(json.dumps({**cal, "digest": "0" * 16}))
+    assert load_std_scale(ck) == 1.0  # fitted for another file
+    (tmp_path / "calibration.json").write_text(json.dumps(cal))
+    assert load_std_scale(ck) == pytest.approx(cal["std_scale"])
+    (tmp_path / "calibration.json").write_text("{not json")
+    assert load_std_scale(ck) == 1.0

@@ -8,6 +8,7 @@ Used by predict_ldm, the quality bench and the ddim_similar_noise experiment.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class LatentDiffusion:
     unet_step: int
     # restorer output (1, 1, *sp) that decode() adds when called without one (lr_context)
     default_mu: torch.Tensor | None = None
+    # sigma scaling of the samples' std (Laves et al. 2021), fitted by train_diffusion on
+    # validation patches (calibration.json beside the checkpoint); 1 = the raw sample std
+    std_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)  # "cpu" works too
@@ -151,7 +155,7 @@ class LatentDiffusion:
         z = self.sample(cond, x, sampler, generator=generator, t_start=t_start)
         detail = (w * self.vae.decode(z / self.scale).float()).reshape(b, n, *lr.shape[2:])
         mean = mu[:, 0] + detail.mean(1)
-        std = detail.std(1, correction=1) if n > 1 else torch.zeros_like(mean)
+        std = detail.std(1, correction=1) * self.std_scale if n > 1 else torch.zeros_like(mean)
         return torch.stack([mean, std, mu[:, 0] + detail[:, 0]], dim=1)
 
     @torch.no_grad()
@@ -198,4 +202,24 @@ def load_ldm(
         )
     cfg = config_from_dict(DiffusionConfig, extra["diffusion"], f"{diffusion_checkpoint}")
     return LatentDiffusion(vae, unet, make_schedule(cfg), float(extra["scale_factor"]), device,
-                           int(vae_state["step"]), int(state["step"]))  # fmt: skip
+                           int(vae_state["step"]), int(state["step"]),
+                           std_scale=load_std_scale(Path(diffusion_checkpoint)))  # fmt: skip
+
+
+CALIBRATION = "calibration.json"
+
+
+def load_std_scale(checkpoint: Path) -> float:
+    """The sigma-scaling factor fitted for ``checkpoint`` (calibration.json beside it, written
+    by train_diffusion for best.pt), or 1 when there is none or it belongs to another file."""
+    path = checkpoint.parent / CALIBRATION
+    if not path.is_file():
+        return 1.0
+    try:
+        cal = json.loads(path.read_text())
+        if (cal.get("checkpoint"), cal.get("digest")) == (checkpoint.name,
+                                                          file_digest(checkpoint)):  # fmt: skip
+            return float(cal["std_scale"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return 1.0
