@@ -500,6 +500,7 @@ def save_dicom_series(
     meta: VolumeMeta,
     description: str = "ldm3d",
     series_number: int | None = None,
+    series_offset: int = 1000,
 ) -> Path:
     """Write ``data`` as a new DICOM series into the new folder ``folder``; returns it.
 
@@ -508,7 +509,8 @@ def save_dicom_series(
     origin, direction; a NIfTI array with its affine; else 1 mm, identity). When ``meta``
     names a source series, its patient/study tags and FrameOfReferenceUID are copied; the
     series gets new UIDs, SeriesDescription ``description`` and SeriesNumber
-    ``series_number`` (default: the source's + 1000). An existing ``folder`` is a UserError.
+    ``series_number`` (default: the source's + ``series_offset``). An existing ``folder`` is
+    a UserError.
     """
     import SimpleITK as sitk
 
@@ -532,7 +534,7 @@ def save_dicom_series(
 
     source = _source_tags(meta)
     if series_number is None:
-        series_number = int(source.pop("_series_number", "") or 0) + 1000
+        series_number = int(source.pop("_series_number", "") or 0) + series_offset
     source.pop("_series_number", None)
     modality = source.get("0008|0060", "OT")
     date, now = time.strftime("%Y%m%d"), time.strftime("%H%M%S")

@@ -55,5 +55,7 @@ def test_output_format_dicom_writes_a_new_series_of_the_same_patient(tiny_pipeli
     assert new["0020|000e"] != uid  # a new SeriesInstanceUID
     assert "ldm3d" in new["0008|103e"]
     assert len({tags_of(f)["0008|0018"] for f in files}) == len(files)  # new SOP UIDs
-    std, _ = read_series(out / "scan" / "scan_std")  # the uncertainty is a series too
+    std, std_files = read_series(out / "scan" / "scan_std")  # the uncertainty is a series too
     assert std.GetSize() == src.GetSize()
+    numbers = {tags_of(f)["0020|0011"] for f in (files[0], std_files[0], src_files[0])}
+    assert len(numbers) == 3  # mean, std and source: three series numbers in the viewer

@@ -139,7 +139,8 @@ def _write_volume(
     if fmt == "dicom" and output_format == "dicom":
         what = {"ldm": "LDM mean", "std": "uncertainty (std of samples)"}.get(suffix, suffix)
         return save_dicom_series(folder / f"{case.name}_{suffix}", vol.astype(np.float32), meta,
-                                 description=f"ldm3d {what}")  # fmt: skip
+                                 description=f"ldm3d {what}",
+                                 series_offset=1001 if suffix == "std" else 1000)  # fmt: skip
     ext = {"raw": ".raw", "nifti": ".nii.gz", "npy": ".npy"}.get(fmt, ".nii.gz")
     return save_volume(folder / f"{case.name}_{suffix}{ext}", vol.astype(np.float32), meta)
 
