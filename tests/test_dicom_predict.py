@@ -59,3 +59,28 @@ def test_output_format_dicom_writes_a_new_series_of_the_same_patient(tiny_pipeli
     assert std.GetSize() == src.GetSize()
     numbers = {tags_of(f)["0020|0011"] for f in (files[0], std_files[0], src_files[0])}
     assert len(numbers) == 3  # mean, std and source: three series numbers in the viewer
+
+
+def test_prepare_data_takes_dicom_series_folders_as_pairs(tmp_path):
+    """source: pairs with a folder of DICOM series (lr_glob / hr_glob matching folders)."""
+    import json
+
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        hr = rng.integers(0, 400, (16, 16, 16)).astype(np.int16)
+        noisy = np.clip(hr + rng.integers(-40, 40, hr.shape), -500, 1500).astype(np.int16)
+        write_series(tmp_path / "scans" / f"c{i}_hr", hr)
+        write_series(tmp_path / "scans" / f"c{i}_lr", noisy)
+    result = run_script(
+        "prepare_data", "--set", f"out_dir={tmp_path / 'ds'}", "--set", "source=pairs",
+        "--set", f"pairs.folder={tmp_path / 'scans'}", "--set", "pairs.lr_glob=*_lr",
+        "--set", "pairs.hr_glob=*_hr", "--set", "patches.size=[8, 8, 8]",
+        "--set", "patches.stride=[8, 8, 8]", "--set", "split.val_fraction=0.34",
+        "--set", "split.test_fraction=0.34",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert sorted(manifest["cases"]) == ["c0_hr", "c1_hr", "c2_hr"]
+    meta = next(iter(manifest["cases"].values()))["meta"]
+    assert meta["format"] == "dicom"
+    np.testing.assert_allclose(meta["spacing"], [2.5, 0.9, 0.8], rtol=1e-5)  # (z, y, x)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ldm.data.degrade import DegradeConfig, degrade, resample_to
 from ldm.data.phantom import PhantomConfig, make_phantom
+from ldm.dicom import is_series_path, series_name
 from ldm.errors import ConfigError, DataError
 from ldm.io import RawSpec, VolumeMeta, load_volume
 
@@ -84,6 +85,8 @@ def _glob(folder: Path, pattern: str, what: str) -> list[Path]:
 
 
 def case_name(path: Path) -> str:
+    if is_series_path(path):
+        return series_name(path)
     name = path.name
     for suffix in (".nii.gz", ".nii", ".raw", ".mhd", ".npy"):
         if name.lower().endswith(suffix):
@@ -111,6 +114,8 @@ def list_pairs(src: PairsSource) -> list[tuple[Path, Path]]:
 def _check_exist(paths: list[Path]) -> None:
     """Fail fast, before any processing, on the first missing input file."""
     for p in paths:
+        if is_series_path(p):  # a DICOM series folder: read (and checked) by load_volume
+            continue
         if not Path(p).is_file() and not Path(p).with_suffix(".mhd").is_file():
             raise DataError(f"volume file not found: {p} (check the path in your config)")
 
