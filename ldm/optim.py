@@ -58,6 +58,9 @@ class TrainConfig:
         check_choice("train.amp", self.amp, AMP_MODES)
         check_choice("train.amp_cpu", self.amp_cpu, AMP_CPU_MODES)
         check_range("train.ema_decay", self.ema_decay, 0, 1, hi_open=True)
+        check_min("train.grad_clip", self.grad_clip, 0, exclusive=True)  # < 0 flips gradients
+        check_min("train.warmup_steps", self.warmup_steps, 0)
+        check_min("train.max_minutes", self.max_minutes, 0)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

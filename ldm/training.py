@@ -140,6 +140,10 @@ class _Run:
     def resume(self, path: Path) -> None:
         ck = load_checkpoint(path, self.task.kind, map_location=self.device)
         diff = config_diff(ck["model_config"], self.model_config)
+        # what the weights mean beyond the net: the diffusion's schedule and target
+        old, new = ck.get("extra", {}).get("diffusion"), self.extra.get("diffusion")
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff += config_diff(old, new, "diffusion.")
         if diff:
             raise CheckpointError(
                 f"{path} was trained with a different model config ({'; '.join(diff[:3])}); "

@@ -58,6 +58,27 @@ def test_changed_model_config_is_a_clear_error(tmp_path):
         train(model, {"width": 16}, ds, task, cfg, tmp_path, progress=False)
 
 
+def test_resume_with_another_diffusion_objective_is_refused(tmp_path):
+    """A changed prediction type or schedule changes what the weights mean: a resume that kept
+    training them on the new objective would be silently wrong."""
+    model, ds, task = make()
+    cfg = TrainConfig(steps=5, batch_size=4, device="cpu")
+    extra = {"diffusion": {"prediction_type": "v", "beta_schedule": "linear"}}
+    train(model, {"width": 8}, ds, task, cfg, tmp_path, extra=extra, progress=False)
+    model, ds, task = make()
+    changed = {"diffusion": {"prediction_type": "epsilon", "beta_schedule": "linear"}}
+    with pytest.raises(CheckpointError, match="diffusion.prediction_type: 'v' -> 'epsilon'"):
+        train(model, {"width": 8}, ds, task, TrainConfig(steps=10, batch_size=4, device="cpu"),
+              tmp_path, extra=changed, progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("key, value", [("grad_clip", -1.0), ("grad_clip", 0.0),
+                                        ("warmup_steps", -5), ("max_minutes", -1.0)])
+def test_train_settings_that_would_silently_misbehave_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key} must be"):
+        TrainConfig(**{key: value})
+
+
 def test_corrupt_or_foreign_checkpoint(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"garbage")
     with pytest.raises(
