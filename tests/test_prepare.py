@@ -170,3 +170,57 @@ def test_errors_name_the_file(tmp_path):
     assert f"{tmp_path / 'brain.npy'}: case name 'brain' is already taken by " in line
     assert str(tmp_path / "a" / "brain.npy") in line and "rename one" in line
     assert not (tmp_path / "ds").exists()
+
+
+def test_dataset_keeps_volumes_once_and_crops_patches_on_access(tmp_path):
+    """Disk grows with the volumes, not with volume / stride^3: stride 4 on 24^3 cases gives
+    many overlapping 8^3 patches, yet the folder stays within 2x the normalised volumes."""
+    from ldm.data.dataset import PatchPairs, load_manifest
+
+    out = tmp_path / "ds"
+    result = run_script(
+        "prepare_data", "--set", f"out_dir={out}", "--set", "phantom.num_cases=3",
+        "--set", "phantom.shape=[24, 24, 24]", "--set", "patches.size=[8, 8, 8]",
+        "--set", "patches.stride=[4, 4, 4]", "--set", "patches.background_keep=1.0",
+        "--set", "split.val_fraction=0.34", "--set", "split.test_fraction=0.34",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    pairs = PatchPairs(out, "train")
+    assert len(pairs) == 125  # (24 - 8) / 4 + 1 = 5 positions per axis
+    volumes = 3 * 2 * 24**3 * 4  # bytes of the normalised LR and HR volumes
+    patches = len(pairs) * 2 * 8**3 * 4
+    used = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert patches > volumes / 3 and used < 2 * volumes  # the old layout added `patches`
+    index = json.loads((out / "train" / "patches.json").read_text())
+    case = manifest["cases"][index[7]["case"]]
+    z, y, x = index[7]["start"]
+    lr_vol = np.load(out / case["volume"]["lr"])
+    lr, hr = pairs[7]
+    np.testing.assert_array_equal(lr[0].numpy(), lr_vol[z : z + 8, y : y + 8, x : x + 8])
+    assert pairs.lr[2:4].shape == (2, 8, 8, 8)
+
+
+def test_a_dataset_of_the_earlier_patch_array_layout_still_reads(tmp_path):
+    from ldm.data.dataset import PatchPairs, load_manifest
+    from ldm.files import save_json
+
+    out = tmp_path / "ds"
+    assert run_script(
+        "prepare_data", "--set", f"out_dir={out}", "--set", "phantom.num_cases=3",
+        "--set", "phantom.shape=[16, 16, 16]", "--set", "patches.size=[8, 8, 8]",
+        "--set", "patches.stride=[8, 8, 8]", "--set", "split.val_fraction=0.34",
+        "--set", "split.test_fraction=0.34",
+    ).exit_code == 0  # fmt: skip
+    new = PatchPairs(out, "train")
+    arrays = {k: np.stack([a[i] for i in range(len(new))]) for k, a in
+              (("lr", new.lr), ("hr", new.hr))}  # fmt: skip
+    manifest = load_manifest(out)
+    for k, arr in arrays.items():  # rewrite the split as the earlier layout had it
+        np.save(out / "train" / f"{k}.npy", arr)
+        manifest["splits"]["train"][k] = f"train/{k}.npy"
+    save_json(manifest, out / "manifest.json")
+    old = PatchPairs(out, "train")
+    assert isinstance(old.lr, np.ndarray) and len(old) == len(new)
+    for i in range(len(new)):
+        assert all(np.array_equal(a, b) for a, b in zip(old[i], new[i]))

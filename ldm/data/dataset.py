@@ -54,8 +54,47 @@ def _load_array(path: Path) -> np.ndarray:
         raise DataError(f"{path}: corrupt array ({e}); rerun prepare_data --overwrite") from None
 
 
+class PatchArray:
+    """The patches of one split and side (lr or hr), cropped on access from the memory-mapped
+    whole volumes of their cases: indexes like the (N, *size) array it stands for, with ints.
+
+    prepare_data keeps each normalised volume once plus the patch positions (patches.json), so
+    the dataset grows with the volumes, not with volume / stride^3 (docs/design.md, "Formats").
+    """
+
+    def __init__(self, dataset_dir: Path, manifest: dict, index: list[dict], side: str) -> None:
+        self.dir, self.index, self.side = Path(dataset_dir), index, side
+        self.size = tuple(manifest["patch_size"])
+        self.cases = manifest["cases"]
+        self._vols: dict[str, np.ndarray] = {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.size)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _volume(self, case: str) -> np.ndarray:
+        if case not in self._vols:
+            info = self.cases.get(case, {}).get("volume")
+            if info is None:
+                raise DataError(f"{self.dir}: case {case!r} has no volume in the manifest; "
+                                "rerun prepare_data --overwrite")  # fmt: skip
+            self._vols[case] = _load_array(self.dir / info[self.side])
+        return self._vols[case]
+
+    def __getitem__(self, i: int | slice) -> np.ndarray:
+        if isinstance(i, slice):  # a stacked copy, as the array would give
+            return np.stack([self[j] for j in range(*i.indices(len(self)))])
+        entry = self.index[int(i)]
+        region = tuple(slice(a, a + s) for a, s in zip(entry["start"], self.size))
+        return self._volume(entry["case"])[region]
+
+
 class PatchPairs(Dataset):
-    """(lr, hr) patch pairs of one split as float tensors (1, *patch); memory-mapped."""
+    """(lr, hr) patch pairs of one split as float tensors (1, *patch): cropped from the
+    memory-mapped volumes (or, in datasets written before that, memory-mapped patch arrays)."""
 
     def __init__(self, dataset_dir: Path, split: str) -> None:
         dataset_dir = Path(dataset_dir)
@@ -63,8 +102,14 @@ class PatchPairs(Dataset):
         if split not in manifest["splits"]:
             raise DataError(f"{dataset_dir}: no split {split!r} in the manifest")
         info = manifest["splits"][split]
-        self.lr = _load_array(dataset_dir / info["lr"])
-        self.hr = _load_array(dataset_dir / info["hr"])
+        if "lr" in info:  # patch arrays of the earlier layout
+            self.lr = _load_array(dataset_dir / info["lr"])
+            self.hr = _load_array(dataset_dir / info["hr"])
+        else:
+            index = load_json(dataset_dir / info["index"], "patch index",
+                              "rerun prepare_data --overwrite")  # fmt: skip
+            self.lr = PatchArray(dataset_dir, manifest, index, "lr")
+            self.hr = PatchArray(dataset_dir, manifest, index, "hr")
         if self.lr.shape != self.hr.shape:
             raise DataError(
                 f"{dataset_dir}/{split}: LR patches {self.lr.shape} != HR {self.hr.shape}"

@@ -1,11 +1,11 @@
-"""prepare_data: cases -> normalised LR/HR patches split by case, plus whole test volumes.
+"""prepare_data: cases -> normalised LR/HR volumes split by case, and the patch positions.
 
 Layout written under ``out_dir`` (see README "Data formats"):
   manifest.json                       everything needed to read the rest back
   config.yaml                         the resolved config of this run
-  {train,val,test}/lr.npy, hr.npy     (N, D, H, W) float32 patches, normalised
-  {train,val,test}/patches.json       [{"case": name, "start": [z, y, x]}, ...] one per patch
-  test/volumes/<case>_{lr,hr}.npy     whole normalised test volumes
+  {train,val,test}/patches.json       [{"case": name, "start": [z, y, x]}, ...] one per patch:
+                                      the patches are crops of the volumes below, read on access
+  {train,val,test}/volumes/<case>_{lr,hr}.npy  whole normalised volumes, float32
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
     )
     which = split_cases(n, cfg.split, cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
-    patches = {s: {"lr": [], "hr": [], "index": [], "fg": 0} for s in SPLITS}
+    patches = {s: {"index": [], "fg": 0} for s in SPLITS}
     case_info: dict[str, dict] = {}
     baseline: dict[str, list[float]] = {s: [] for s in SPLITS}
     replaced_latents = overwrite and (cfg.out_dir / "latents").is_dir()
@@ -219,9 +219,7 @@ def _add_case(case: Case, split: str, cfg: PrepareDataConfig, rng, bucket: dict,
     low, high = normalisation(case.lr, cfg.normalize, _source_of(case))
     lr = (case.lr - low) / (high - low)
     hr = (case.hr - low) / (high - low)
-    lr_p, hr_p, starts, n_fg = _select_patches(lr, hr, cfg.patches, rng)
-    bucket["lr"] += lr_p
-    bucket["hr"] += hr_p
+    _, _, starts, n_fg = _select_patches(lr, hr, cfg.patches, rng)
     bucket["index"] += [{"case": case.name, "start": list(s)} for s in starts]
     bucket["fg"] += n_fg
     info = {
@@ -233,31 +231,21 @@ def _add_case(case: Case, split: str, cfg: PrepareDataConfig, rng, bucket: dict,
         "num_patches": len(starts),
         "baseline_psnr": psnr(case.lr, case.hr),
     }
-    if split == "test":
-        np.save(out / "test" / "volumes" / f"{case.name}_lr.npy", lr.astype(np.float32))
-        np.save(out / "test" / "volumes" / f"{case.name}_hr.npy", hr.astype(np.float32))
-        info["volume"] = {
-            "lr": f"test/volumes/{case.name}_lr.npy",
-            "hr": f"test/volumes/{case.name}_hr.npy",
-        }
+    # every case kept once, normalised; the patches are crops of it (dataset.PatchArray)
+    (out / split / "volumes").mkdir(parents=True, exist_ok=True)
+    info["volume"] = {}
+    for side, vol in (("lr", lr), ("hr", hr)):
+        np.save(out / split / "volumes" / f"{case.name}_{side}.npy", vol.astype(np.float32))
+        info["volume"][side] = f"{split}/volumes/{case.name}_{side}.npy"
     return info
 
 
 def _write_split(folder: Path, name: str, bucket: dict, size: tuple[int, ...]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    shape = (len(bucket["lr"]), *size)
-    for key in ("lr", "hr"):
-        arr = (
-            np.stack(bucket[key]).astype(np.float32) if bucket[key] else np.zeros(shape, np.float32)
-        )
-        np.save(folder / f"{key}.npy", arr)
-        bucket[key] = []  # free memory as soon as written
     save_json(bucket["index"], folder / "patches.json")
     return {
-        "num_patches": shape[0],
+        "num_patches": len(bucket["index"]),
         "num_foreground": bucket["fg"],
-        "lr": f"{name}/lr.npy",
-        "hr": f"{name}/hr.npy",
         "index": f"{name}/patches.json",
     }
 
