@@ -392,8 +392,9 @@ def latent_sensitivity(
     """Latent sensitivity S = sum (a - b)^2 / sum (target - restorer)^2.
 
     a = the decoded oracle latent z_HR = E(HR - mu) (restorer + D(z_HR)) and b = the decoded
-    latent to compare (a sample, or z = 0), both added to the same restorer output. The numerator is how much the
-    output can change if the diffusion moved the latent all the way to z_HR, the denominator
+    latent to compare (a sample, or z = 0), both added to the same restorer output. The
+    numerator is how much the output can change if the diffusion moved the latent all the way
+    to z_HR, the denominator
     the squared error the restorer (the output being judged) still has. S << 1: even a perfect
     latent changes the output by far less than the remaining error, so the latent path (and
     diffusion in it) cannot fix much; the decoder's other inputs dominate. Any shape is
