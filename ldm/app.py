@@ -65,7 +65,8 @@ def _plain(name: str) -> Callable[..., None]:
 
 InputOption = Annotated[
     Optional[Path],  # noqa: UP045  (typer needs Optional on Python 3.10)
-    typer.Option("--input", help="a 3D LR volume (.nii.gz, .raw+.mhd, .npy), not the test set"),
+    typer.Option("--input", help="a 3D LR volume (.nii.gz, .raw+.mhd, .npy, or a DICOM series "
+                 "folder, folder@SeriesInstanceUID), not the test set"),  # fmt: skip
 ]
 TargetOption = Annotated[
     Optional[Path],  # noqa: UP045
@@ -73,7 +74,8 @@ TargetOption = Annotated[
 ]
 FolderOption = Annotated[
     Optional[Path],  # noqa: UP045
-    typer.Option("--folder", help="a folder of external volumes (with --input-glob)"),
+    typer.Option("--folder", help="a folder of external volumes (with --input-glob); "
+                 "predict_ldm: sharded over torchrun ranks, finished cases kept on a rerun"),  # fmt: skip
 ]
 InputGlobOption = Annotated[
     Optional[str],  # noqa: UP045
