@@ -75,7 +75,8 @@ TargetOption = Annotated[
 FolderOption = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option("--folder", help="a folder of external volumes (with --input-glob); "
-                 "predict_ldm: sharded over torchrun ranks, finished cases kept on a rerun"),  # fmt: skip
+                 "predict_ldm: sharded over torchrun ranks, finished cases kept on a rerun"),
+    # fmt: skip
 ]
 InputGlobOption = Annotated[
     Optional[str],  # noqa: UP045
