@@ -31,10 +31,11 @@ from ldm.distributed import pick_device
 from ldm.errors import ConfigError
 from ldm.files import check_writable_folder
 from ldm.inference import first_stage_volume
-from ldm.nets import UNet3d, kl_divergence
-from ldm.nets.restorer import RestorerAE, l1_with_gradients
+from ldm.nets import UNet3d
+from ldm.nets.restorer import RestorerAE
 from ldm.optim import precision_label, timed_step
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
+from ldm.phases.train_vae_pair import first_stage_loss
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -74,10 +75,7 @@ def vae_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
     lr, hr = torch.randn(2, b, 1, *patch, device=device)  # b (LR, HR) pairs, as in training
 
     def loss():
-        mu, r, r_hat, mean, logvar = model(lr, hr)
-        return (l1_with_gradients(mu.float(), hr, cfg.grad_weight)
-                + (r_hat.float() - r.float()).square().mean()
-                + cfg.kl_weight * kl_divergence(mean.float(), logvar.float()))  # fmt: skip
+        return first_stage_loss(model, lr, hr, cfg)[0]  # the training loss itself
 
     sec = _timed(timed_step(model, loss, device, cfg.train), device, 2, reps)
     vox = b * int(np.prod(patch))

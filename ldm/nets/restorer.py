@@ -152,9 +152,12 @@ def condition_channels(cfg: RestorerAEConfig) -> int:
     return 2 * cfg.downsample_factor**cfg.spatial_dims
 
 
+def gradient_l1(x: Tensor, target: Tensor) -> Tensor:
+    """Sum over the spatial axes of the L1 between the finite differences of x and target."""
+    return sum(F.l1_loss(x.diff(dim=d), target.diff(dim=d)) for d in range(2, x.ndim))
+
+
 def l1_with_gradients(x: Tensor, target: Tensor, grad_weight: float) -> Tensor:
     """L1 plus ``grad_weight`` x L1 of the finite differences along each spatial axis (edges)."""
     loss = F.l1_loss(x, target)
-    for d in range(2, x.ndim) if grad_weight > 0 else ():
-        loss = loss + grad_weight * F.l1_loss(x.diff(dim=d), target.diff(dim=d))
-    return loss
+    return loss + grad_weight * gradient_l1(x, target) if grad_weight > 0 else loss

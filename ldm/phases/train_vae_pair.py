@@ -31,7 +31,7 @@ from ldm.distributed import pick_device
 from ldm.errors import ConfigError, DataError
 from ldm.metrics import psnr
 from ldm.nets import kl_divergence
-from ldm.nets.restorer import RestorerAE, RestorerAEConfig, l1_with_gradients
+from ldm.nets.restorer import RestorerAE, RestorerAEConfig, gradient_l1, l1_with_gradients
 from ldm.pipeline import PhaseResult
 from ldm.training import TrainConfig, train, training_summary
 
@@ -75,6 +75,23 @@ def first_stage_scores(
     return v
 
 
+def first_stage_loss(
+    model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, cfg: TrainVAEConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """The loss of one (LR, HR) batch (module doc) and its parts for the log."""
+    mu, r, r_hat, mean, logvar = model(lr, hr, generator=generator)
+    l1_restorer = l1_with_gradients(mu.float(), hr, cfg.grad_weight)
+    r_hat, r = r_hat.float(), r.float()
+    mse_residual = (r_hat - r).square().mean()
+    if cfg.residual_grad_weight > 0:
+        mse_residual = mse_residual + cfg.residual_grad_weight * gradient_l1(r_hat, r)
+    kl = kl_divergence(mean.float(), logvar.float())
+    loss = l1_restorer + mse_residual + cfg.kl_weight * kl
+    return loss, {"l1_restorer": l1_restorer.item(), "mse_residual": mse_residual.item(),
+                  "kl": kl.item()}  # fmt: skip
+
+
 class VAEPairTask:
     """The first stage's loss on (LR, HR) patch batches and its validation scores."""
 
@@ -90,17 +107,7 @@ class VAEPairTask:
 
     def loss(self, model: nn.Module, batch, generator: torch.Generator):
         lr, hr = augment_pair(*batch, self.cfg.augment, generator)  # (B, 1, D, H, W) each
-        mu, r, r_hat, mean, logvar = model(lr, hr, generator=generator)
-        l1_restorer = l1_with_gradients(mu.float(), hr, self.cfg.grad_weight)
-        r_hat, r = r_hat.float(), r.float()
-        mse_residual = (r_hat - r).square().mean()
-        if self.cfg.residual_grad_weight > 0:
-            edges = l1_with_gradients(r_hat, r, 1.0) - (r_hat - r).abs().mean()
-            mse_residual = mse_residual + self.cfg.residual_grad_weight * edges
-        kl = kl_divergence(mean.float(), logvar.float())
-        loss = l1_restorer + mse_residual + self.cfg.kl_weight * kl
-        return loss, {"l1_restorer": l1_restorer.item(), "mse_residual": mse_residual.item(),
-                      "kl": kl.item()}  # fmt: skip
+        return first_stage_loss(model, lr, hr, self.cfg, generator)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         v = first_stage_scores(model, self.val_lr, self.val_hr, self.device)

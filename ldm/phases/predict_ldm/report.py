@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm.baselines import TABLE_NOTE, format_table, mean_scores, tuned_text
+from ldm.baselines import TABLE_NOTE, format_table, mean_scores, save_metrics_csv, tuned_text
+from ldm.config import save_config
 from ldm.data.dataset import TestCase
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
+from ldm.files import save_json
 from ldm.viz import save_comparison_png, save_gif, save_views_png, shared_window, to_uint8, views
 
 
@@ -134,10 +136,6 @@ def write_summary(
 ) -> tuple[str, str, dict[str, Any]]:  # fmt: skip
     """metrics.json (settings, per-case rows, means), metrics.csv and config.yaml into ``out``;
     returns (printed text, headline, summary)."""
-    from ldm.baselines import save_metrics_csv
-    from ldm.config import save_config
-    from ldm.files import save_json
-
     summary = {"cases": rows, "sampler": cfg.sampler.__dict__,
                "num_samples": cfg.num_samples, "detail_weight": cfg.detail_weight,
                "vae_step": ldm.vae_step, "diffusion_step": ldm.unet_step,
