@@ -1,5 +1,5 @@
 """``python -m ldm <phase> ...``: the same commands as ``ldm3d``."""
 
-from ldm.app import main
+from ldm.cli.app import main
 
 main()

@@ -3,7 +3,7 @@
 Same as `ldm3d ddim_similar_noise`; `--help` lists the options.
 """
 
-from ldm.app import script_app
+from ldm.cli.app import script_app
 
 app = script_app("ddim_similar_noise")
 

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from ldm.cli import make_app, one_line_errors
-from ldm.fault_check import fault_check, fault_table
+from ldm.cli.common import make_app, one_line_errors
+from ldm.tools.fault_check import fault_check, fault_table
 
 app = make_app(__doc__)
 

@@ -7,8 +7,8 @@ import sys
 
 from typer.testing import CliRunner
 
-from ldm.app import app
-from ldm.pipeline import PHASES
+from ldm.cli.app import app
+from ldm.core.pipeline import PHASES
 from tests.helpers.cli import ROOT, run_script
 
 
@@ -53,11 +53,11 @@ def test_no_phase_module_imports_another_phase():
 
 def test_benchmark_bad_input_is_one_error_line_before_any_case(tmp_path, monkeypatch):
     # each case runs for seconds to minutes: a typo or an unusable option must stop it at once
-    import ldm.benchmark
+    import ldm.tools.benchmark
     from tests.helpers.cli import error_line
 
     ran: list[str] = []
-    monkeypatch.setattr(ldm.benchmark, "run_in_child", lambda name, *a, **k: ran.append(name))
+    monkeypatch.setattr(ldm.tools.benchmark, "run_in_child", lambda name, *a, **k: ran.append(name))
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     out = tmp_path / "b.json"
     line = error_line(CliRunner().invoke(app, ["benchmark", "--only", "partcles", "--out", out]))

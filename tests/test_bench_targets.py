@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ldm.bench_targets import check_targets, format_targets
+from ldm.tools.bench_targets import check_targets, format_targets
 
 
 def _by_figure(rows: list[dict]) -> dict[str, dict]:
@@ -42,8 +42,8 @@ def test_benchmark_children_find_the_repo_and_the_callers_packages() -> None:
     # packages the caller reaches through PYTHONPATH (e.g. installed with --target) stay found
     import os
 
-    from ldm.benchmark import child_env
-    from ldm.config import REPO_ROOT
+    from ldm.core.config import REPO_ROOT
+    from ldm.tools.benchmark import child_env
 
     env = child_env({"PYTHONPATH": os.pathsep.join(["/opt/site", "/x"]), "HOME": "/h"})
     assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/opt/site", "/x"]
@@ -52,7 +52,7 @@ def test_benchmark_children_find_the_repo_and_the_callers_packages() -> None:
 
 
 def test_each_case_gets_one_readable_line() -> None:
-    from ldm.bench_targets import describe
+    from ldm.tools.bench_targets import describe
 
     row = {"ours_s": 0.35, "monai_s": 0.44, "speedup": 1.2, "speedup_range": [1.05, 1.3],
            "precision": "float32", "ours_train_mb": 320.0, "monai_train_mb": 330.0,
@@ -66,17 +66,17 @@ def test_each_case_gets_one_readable_line() -> None:
 def test_a_failing_case_reports_its_last_error_line() -> None:
     # each case runs in a child; its error becomes the row's text: a user error (e.g. "needs
     # monai") reads as its message, anything else keeps its exception type
-    from ldm.bench_monai import child_result
+    from ldm.tools.bench_monai import child_result
 
-    assert child_result("from ldm.errors import UserError; raise UserError('needs monai')") == {
-        "error": "needs monai"}  # fmt: skip
+    code = "from ldm.core.errors import UserError; raise UserError('needs monai')"
+    assert child_result(code) == {"error": "needs monai"}
     assert child_result("raise RuntimeError('boom')") == {"error": "RuntimeError: boom"}
     assert child_result("print('RESULT {\"x\": 1}')") == {"x": 1}
 
 
 def test_predict_time_counts_without_bm4d() -> None:
     # predict_vs_bm4d always reports the predict time; the BM4D ratio only with bm4d installed
-    from ldm.bench_targets import describe
+    from ldm.tools.bench_targets import describe
 
     row = {"case": "predict_vs_bm4d", "size": 128, "bm4d_size": 32, "ddim_steps": 10,
            "num_samples": 8, "seconds": 12.0, "bm4d_skipped": "bm4d not installed"}  # fmt: skip

@@ -1,14 +1,15 @@
-"""The benchmark's cases (ldm/benchmark.py, ldm/bench_monai.py) build the predict-and-refine
-networks with the channels train_diffusion gives them, on the demo-sized configs (fast)."""
+"""The benchmark's cases (ldm/tools/benchmark.py, ldm/tools/bench_monai.py) build the
+predict-and-refine networks with the channels train_diffusion gives them, on the demo-sized configs
+(fast)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import ldm.bench_monai as bench_monai
-import ldm.benchmark as benchmark
-from ldm.config import REPO_ROOT
+import ldm.tools.bench_monai as bench_monai
+import ldm.tools.benchmark as benchmark
+from ldm.core.config import REPO_ROOT
 
 DEMO = REPO_ROOT / "configs" / "demo"
 CPU = torch.device("cpu")
@@ -48,11 +49,11 @@ def test_cases_run_on_the_restorer_design(demo_configs):
 
 
 def test_predict_vs_bm4d_reports_the_predict_time_without_bm4d(monkeypatch):
-    import ldm.classical
+    import ldm.evaluate.classical
 
     monkeypatch.setattr(benchmark, "predict_128",
                         lambda device, steps, size: {"size": size, "seconds": 3.0})  # fmt: skip
-    monkeypatch.setattr(ldm.classical, "bm4d_available", lambda: False)
+    monkeypatch.setattr(ldm.evaluate.classical, "bm4d_available", lambda: False)
     r = benchmark.predict_vs_bm4d(CPU, size=128, bm4d_size=32)
     assert r["seconds"] == 3.0 and "not installed" in r["bm4d_skipped"]
     assert "bm4d_ratio" not in r

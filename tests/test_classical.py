@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from ldm.classical import (
+from ldm.core.errors import UserError
+from ldm.evaluate.classical import (
     bm4d_available,
     bm4d_denoise,
     gaussian_denoise,
@@ -19,8 +20,7 @@ from ldm.classical import (
     tune_gaussian,
     tune_heat,
 )
-from ldm.errors import UserError
-from ldm.metrics import psnr
+from ldm.evaluate.metrics import psnr
 
 
 def _smooth_pair(shape: tuple[int, ...], noise: float, seed: int) -> tuple[torch.Tensor, ...]:
@@ -154,7 +154,7 @@ def _noisy_cube(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_tv_and_nlm_match_scikit_image_and_denoise():
     from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
-    from ldm.classical import nlm_denoise, tv_denoise
+    from ldm.evaluate.classical import nlm_denoise, tv_denoise
 
     noisy, clean = _noisy_cube()
     tv = tv_denoise(noisy, 0.1)
@@ -174,7 +174,7 @@ def test_tv_and_nlm_match_scikit_image_and_denoise():
 
 
 def test_tune_tv_and_nlm_pick_a_denoising_value_from_the_grid():
-    from ldm.classical import tune_nlm, tune_tv
+    from ldm.evaluate.classical import tune_nlm, tune_tv
 
     pairs = [_noisy_cube(s) for s in range(2)]
     weight, score = tune_tv(pairs, [0.0, 0.1, 5.0])
@@ -185,16 +185,16 @@ def test_tune_tv_and_nlm_pick_a_denoising_value_from_the_grid():
 
 def test_best_value_at_a_grid_edge_is_a_warning(caplog):
     """A tuned baseline whose best parameter is the grid's last value may be under-tuned: say so."""
-    from ldm.classical import tune_gaussian
+    from ldm.evaluate.classical import tune_gaussian
 
     rng = torch.Generator().manual_seed(0)
     hr = torch.zeros(12, 12, 12)
     hr[4:8, 4:8, 4:8] = 1.0
     pairs = [(hr + 0.3 * torch.randn(hr.shape, generator=rng), hr)]
-    with caplog.at_level("WARNING", logger="ldm.classical"):
+    with caplog.at_level("WARNING", logger="ldm.evaluate.classical"):
         tune_gaussian(pairs, [0.1, 0.2])  # far too little smoothing: the best is the last value
     assert "at the edge of the grid [0.1, 0.2]" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="ldm.classical"):
+    with caplog.at_level("WARNING", logger="ldm.evaluate.classical"):
         tune_gaussian(pairs, [0.1, 1.0, 8.0])  # an interior optimum: no warning
     assert "edge of the grid" not in caplog.text

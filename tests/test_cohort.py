@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.io import load_volume, save_volume
+from ldm.data.io import load_volume, save_volume
 from tests.helpers.cli import run_script
 
 ROOT = Path(__file__).resolve().parents[1]

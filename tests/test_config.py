@@ -7,8 +7,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from ldm.config import REPO_ROOT, config_to_dict, load_config, save_config
-from ldm.errors import ConfigError
+from ldm.core.config import REPO_ROOT, config_to_dict, load_config, save_config
+from ldm.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def test_save_config_round_trip(tmp_path):
 
 
 def _shipped_configs() -> list:
-    from ldm.pipeline import PHASES
-    from ldm.run_all import PROFILE_DIRS
+    from ldm.cli.run_all import PROFILE_DIRS
+    from ldm.core.pipeline import PHASES
 
     return [pytest.param(profile, phase, id=f"{profile}-{phase.name}")
             for profile in PROFILE_DIRS for phase in PHASES]  # fmt: skip
@@ -117,7 +117,7 @@ def _shipped_configs() -> list:
 def test_every_shipped_config_loads(profile, phase):
     """configs/, configs/demo/ and configs/mri/ hold a YAML for every phase that loads with its
     phase's dataclass (run_all --profile reads them)."""
-    from ldm.run_all import config_path
+    from ldm.cli.run_all import config_path
 
     path = config_path(profile, phase)
     assert path.is_file(), path

@@ -1,4 +1,5 @@
-"""curves.png of training runs (ldm.curves) and metrics.csv of the score table (ldm.baselines)."""
+"""curves.png of training runs (ldm.evaluate.curves) and metrics.csv of the score table
+(ldm.evaluate.baselines)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import pytest
 from matplotlib.axes import Axes
 from PIL import Image
 
-import ldm.baselines as baselines
-import ldm.curves as curves
-from ldm.baselines import LABELS, SCORES, SHARPNESS, mean_scores, save_metrics_csv
-from ldm.config import load_config
-from ldm.curves import best_step, plot_training_curves, read_rows, running_mean, val_keys
-from ldm.errors import DataError
+import ldm.evaluate.baselines as baselines
+import ldm.evaluate.curves as curves
+from ldm.core.config import load_config
+from ldm.core.errors import DataError
+from ldm.evaluate.baselines import LABELS, SCORES, SHARPNESS, mean_scores, save_metrics_csv
+from ldm.evaluate.curves import best_step, plot_training_curves, read_rows, running_mean, val_keys
 from ldm.phases.evaluate_psnr import EvaluateConfig, evaluate_psnr
-from ldm.run_dir import STAGING, Interrupted
+from ldm.train.run_dir import STAGING, Interrupted
 from tests.helpers.tiny_train import run
 
 # a VAE run: psnr is the score; the best score (31.0) comes twice: best.pt is the first (step 20)
@@ -158,7 +159,7 @@ def test_a_failure_to_draw_is_only_a_warning(tmp_path, monkeypatch, caplog):
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr(curves, "plot_training_curves", broken)
-    with caplog.at_level(logging.WARNING, logger="ldm.training"):
+    with caplog.at_level(logging.WARNING, logger="ldm.train.training"):
         run(tmp_path, steps=5)
     assert (tmp_path / "last.pt").is_file() and not (tmp_path / "curves.png").exists()
     assert "curves.png not drawn (RuntimeError: no fonts)" in caplog.text

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
+from ldm.core.errors import UserError
 from ldm.data.degrade import DegradeConfig, degrade, resample_to
-from ldm.errors import UserError
 
 NOISE_ONLY = {"blur_sigma": (0.0, 0.0, 0.0), "downsample": (1, 1, 1)}
 
@@ -175,7 +175,7 @@ def test_presets_fill_the_fields_and_explicit_fields_override() -> None:
 
 
 def test_a_saved_preset_config_loads_back_the_same(tmp_path) -> None:
-    from ldm.config import load_config, save_config
+    from ldm.core.config import load_config, save_config
 
     cfg = DegradeConfig(preset="thick_slices", noise="none")
     save_config(cfg, tmp_path / "d.yaml")  # lists the preset and every resolved field

@@ -1,5 +1,5 @@
-"""DICOM series in and out (ldm.dicom through ldm.io and ldm.external): geometry and values
-round trip, patient/study tags copied into a new series, series choice, bad series (one
+"""DICOM series in and out (ldm.data.dicom through ldm.data.io and ldm.data.external): geometry
+and values round trip, patient/study tags copied into a new series, series choice, bad series (one
 DataError naming the folder), and a DICOM folder as an external input. The series are made
 here with SimpleITK's writer."""
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ldm.dicom import load_dicom_series, new_uid, save_dicom_series
-from ldm.errors import DataError, UserError
-from ldm.external import ExternalInputs, external_pairs, load_external_case
-from ldm.io import RawSpec, VolumeMeta, load_volume, save_volume, volume_format
+from ldm.core.errors import DataError, UserError
+from ldm.data.dicom import load_dicom_series, new_uid, save_dicom_series
+from ldm.data.external import ExternalInputs, external_pairs, load_external_case
+from ldm.data.io import RawSpec, VolumeMeta, load_volume, save_volume, volume_format
 
 SHAPE = (12, 20, 16)  # (z, y, x): 12 slices of 20 rows x 16 columns
 SPACING = (0.8, 0.9, 2.5)  # SimpleITK order (x, y, z)
@@ -263,7 +263,7 @@ def test_save_dicom_series_is_a_new_series_of_the_same_patient(series, tmp_path)
     assert [int(t["0020|0013"]) for t in tags] == list(range(1, SHAPE[0] + 1))
     assert float(tags[0]["0018|0050"]) == pytest.approx(2.5)
 
-    again, meta2 = load_volume(out)  # and through ldm.io again
+    again, meta2 = load_volume(out)  # and through ldm.data.io again
     assert np.abs(again - result).max() <= (result.max() - result.min()) / 60000
     assert meta2.series_uid == tags[0]["0020|000e"]
 

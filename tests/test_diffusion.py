@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from ldm.core.errors import UserError
 from ldm.diffusion.schedule import (
     DiffusionConfig,
     NoiseSchedule,
@@ -19,7 +20,6 @@ from ldm.diffusion.schedule import (
     posterior_variance,
     training_loss,
 )
-from ldm.errors import UserError
 
 
 def _schedule(schedule: str = "linear", prediction_type: str = "epsilon", T: int = 1000):

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import ldm.baselines as baselines
+import ldm.evaluate.baselines as baselines
 import ldm.phases.evaluate_psnr as evaluate
-from ldm.baselines import format_table, mean_scores, tuning_pairs
-from ldm.config import load_config
+from ldm.core.config import load_config
 from ldm.data.dataset import iter_test_cases
-from ldm.inference import first_stage_volume
-from ldm.metrics import psnr
+from ldm.evaluate.baselines import format_table, mean_scores, tuning_pairs
+from ldm.evaluate.inference import first_stage_volume
+from ldm.evaluate.metrics import psnr
 from ldm.nets.loading import load_vae
 from ldm.phases.evaluate_psnr import EvaluateConfig
 from tests.helpers.cli import error_line, run_script
@@ -118,7 +118,7 @@ def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypa
         assert got["bias_pct"] == pytest.approx(100 * got["bias"] / r)
         slope = np.polyfit(lr.ravel(), hr.ravel(), 1)[0]  # HR regressed on the output
         assert got["contrast"] == pytest.approx(1 / slope, rel=1e-6)
-    # the restorer and oracle rows are the first stage's volumes (ldm.inference)
+    # the restorer and oracle rows are the first stage's volumes (ldm.evaluate.inference)
     vae, _ = load_vae(trained[1])
     case = next(iter_test_cases(trained[0], TEST_CASES[:1]))
     hr = torch.from_numpy(case.to_original(case.hr.astype(np.float64)))

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import ldm.baselines as baselines
+import ldm.evaluate.baselines as baselines
 import ldm.phases.predict_ldm as predict
 from ldm.data.dataset import iter_test_cases, load_manifest
-from ldm.io import VolumeMeta, load_volume, save_volume
+from ldm.data.io import VolumeMeta, load_volume, save_volume
 from tests.helpers.cli import error_line, run_script
 
 SCALE, OFFSET = 3.0, 100.0  # the external copy: another intensity scale and offset
@@ -171,7 +171,7 @@ def test_spacing_warning_and_resample_back_to_the_input_grid(
         return real(ldm, vol, cfg, window)
 
     monkeypatch.setattr(predict, "predict_volume", spy)
-    import ldm.external as external
+    import ldm.data.external as external
 
     to_model = []
     real_resize = external.resize
@@ -242,8 +242,8 @@ def test_resample_round_trip_keeps_contrast():
     45^3 -> 32^3 (1.4 mm <-> 1 mm) must not flatten it (trilinear: -6.5 % contrast, 40 dB)."""
     from scipy.ndimage import gaussian_filter
 
-    from ldm.external import resize
-    from ldm.metrics import intensity_fit, psnr
+    from ldm.data.external import resize
+    from ldm.evaluate.metrics import intensity_fit, psnr
 
     rng = np.random.default_rng(0)
     hr = gaussian_filter(rng.standard_normal((32, 32, 32)), 1.5).astype(np.float32)

@@ -1,4 +1,4 @@
-"""fault_check (ldm/fault_check.py) drives the phases with the demo configs and --set
+"""fault_check (ldm/tools/fault_check.py) drives the phases with the demo configs and --set
 arguments: every argument it passes must fit the phases' configs (a stale key would only show
 after minutes of a run)."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm.config import REPO_ROOT, load_config
-from ldm.fault_check import NEXT_ARGS, PHASES
-from ldm.pipeline import get_phase
+from ldm.core.config import REPO_ROOT, load_config
+from ldm.core.pipeline import get_phase
+from ldm.tools.fault_check import NEXT_ARGS, PHASES
 
 
 def _values(args: list[str]) -> list[str]:

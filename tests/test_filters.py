@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from ldm.errors import UserError
-from ldm.filters import gaussian_blur, gaussian_kernel1d
+from ldm.core.errors import UserError
+from ldm.evaluate.filters import gaussian_blur, gaussian_kernel1d
 
 SCIPY_MODE = {"reflect": "mirror", "replicate": "nearest", "constant": "constant"}
 

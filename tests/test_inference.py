@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.errors import UserError
-from ldm.inference import (
+from ldm.core.errors import UserError
+from ldm.evaluate.inference import (
     first_stage_volume,
     fit_window,
     gaussian_importance_map,

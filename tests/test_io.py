@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from ldm.errors import DataError, UserError
-from ldm.files import save_json, staged_dir
-from ldm.io import RawSpec, VolumeMeta, load_volume, save_volume
+from ldm.core.errors import DataError, UserError
+from ldm.core.files import save_json, staged_dir
+from ldm.data.io import RawSpec, VolumeMeta, load_volume, save_volume
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import load_checkpoint
+from ldm.core.checkpoint import load_checkpoint
+from ldm.core.errors import CheckpointError, DataError
 from ldm.data.dataset import PatchPairs
 from ldm.data.latents import LATENTS_VERSION, LatentPairs, load_latents_meta
 from ldm.diffusion.latent_diffusion import SamplerConfig, load_ldm
-from ldm.errors import CheckpointError, DataError
 from ldm.nets.loading import load_vae
 from ldm.nets.restorer import condition
 from tests.helpers.cli import error_line, run_script

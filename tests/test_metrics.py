@@ -9,9 +9,9 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import ldm.metrics as metrics
-from ldm.errors import UserError
-from ldm.metrics import psnr, ssim
+import ldm.evaluate.metrics as metrics
+from ldm.core.errors import UserError
+from ldm.evaluate.metrics import psnr, ssim
 
 
 def _blobs(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import ldm.data.mni152 as mni152
-from ldm.config import load_config
+from ldm.cli.run_all import config_path
+from ldm.core.config import load_config
+from ldm.core.errors import ConfigError
+from ldm.core.pipeline import PHASES
 from ldm.data.dataset import load_manifest
-from ldm.errors import ConfigError
-from ldm.pipeline import PHASES
-from ldm.run_all import config_path
 from tests.helpers.cli import error_line, run_script
 
 MID = 20  # index of world x = 0 in the fake template

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.errors import UserError
+from ldm.core.errors import UserError
 from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig, kl_divergence
 from ldm.nets.blocks import SelfAttention, timestep_embedding
 
@@ -182,7 +182,7 @@ def test_unet_middle_block_attention_count() -> None:
 def test_checkpoint_without_mid_attention_key_still_loads(tmp_path) -> None:
     """Checkpoints written before ``mid_attention`` existed have two middle attention blocks,
     the default: they load with the same output."""
-    from ldm.checkpoint import save_checkpoint
+    from ldm.core.checkpoint import save_checkpoint
     from ldm.nets.loading import load_unet
 
     old = tiny_unet()

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.core.errors import ConfigError
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule
-from ldm.errors import ConfigError
 from ldm.nets import UNet3d, UNetConfig, VAEConfig
 from ldm.nets.restorer import RestorerAE, RestorerAEConfig, condition_channels
 from ldm.phases.ddim_similar_noise import DDIMSimilarNoiseConfig, run_experiment, window_slices

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ldm.errors import UserError
-from ldm.filters import gaussian_blur
+from ldm.core.errors import UserError
+from ldm.evaluate.filters import gaussian_blur
 from ldm.particles import ParticleEngine, ScoreField, default_image
 from ldm.particles.field import resize_longer_side, smooth_log_density
 from ldm.particles.render import ParticleCode, render_frame, side_by_side, splat

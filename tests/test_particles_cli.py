@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.config import load_config
-from ldm.errors import ConfigError, DataError
+from ldm.core.config import load_config
+from ldm.core.errors import ConfigError, DataError
 from ldm.particles import write_gif
 from ldm.particles.render import load_image
 from ldm.phases.particles_gif import ParticlesConfig, benchmark

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from skimage.measure import label
 
+from ldm.core.errors import UserError
 from ldm.data.phantom import PhantomConfig, make_phantom, make_phantom_trees
-from ldm.errors import UserError
 
 
 def test_same_seed_is_bit_identical() -> None:

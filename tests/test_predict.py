@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.data.io import load_volume, save_volume
 from ldm.diffusion.latent_diffusion import SamplerConfig, load_ldm
-from ldm.inference import first_stage_volume
-from ldm.io import load_volume, save_volume
+from ldm.evaluate.inference import first_stage_volume
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from tests.helpers.cli import ROOT, error_line, run_script
 
@@ -135,7 +135,7 @@ def test_cli_writes_pictures_volume_and_metrics(tiny_pipeline, tmp_path):
 def test_user_input_volume_in_its_own_format(tiny_pipeline, tmp_path):
     src = np.random.default_rng(3).random((20, 24, 16)).astype(np.float32) * 100 + 50
     affine = np.diag([0.5, 0.7, 1.2, 1.0])
-    from ldm.io import VolumeMeta
+    from ldm.data.io import VolumeMeta
 
     path = save_volume(tmp_path / "mine.nii.gz", src, VolumeMeta("nifti", affine=affine.tolist()))
     out = tmp_path / "pred"
@@ -178,9 +178,9 @@ def test_bad_input(tiny_pipeline, tmp_path):
 def test_rows_are_the_first_stage_and_the_ldm_volumes(tiny_pipeline, tmp_path):
     """The restorer and oracle rows are mu(LR) and mu + D(E(HR - mu)) on the run's windows; the
     LDM mean and one-sample rows, and the written volume, are predict_volume's outputs."""
-    from ldm.config import load_config
+    from ldm.core.config import load_config
     from ldm.data.dataset import iter_test_cases
-    from ldm.metrics import psnr
+    from ldm.evaluate.metrics import psnr
     from ldm.nets.loading import load_vae
 
     out = tmp_path / "pred"

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from ldm.core.errors import ConfigError
 from ldm.data.dataset import PatchPairs, iter_test_cases, load_manifest
-from ldm.errors import ConfigError
-from ldm.io import save_volume
+from ldm.data.io import save_volume
 from ldm.phases.prepare_data import SplitConfig, patch_starts, split_cases
 from tests.helpers.cli import error_line, run_script
 
@@ -202,8 +202,8 @@ def test_dataset_keeps_volumes_once_and_crops_patches_on_access(tmp_path):
 
 
 def test_a_dataset_of_the_earlier_patch_array_layout_still_reads(tmp_path):
+    from ldm.core.files import save_json
     from ldm.data.dataset import PatchPairs, load_manifest
-    from ldm.files import save_json
 
     out = tmp_path / "ds"
     assert run_script(

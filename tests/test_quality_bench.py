@@ -1,5 +1,5 @@
-"""The quality bench (ldm/quality_bench.py) and its scoring (ldm/quality_scoring.py) on the
-predict-and-refine design: the rows of a scored volume, the variants, the tables."""
+"""The quality bench (ldm/tools/quality_bench.py) and its scoring (ldm/tools/quality_scoring.py)
+on the predict-and-refine design: the rows of a scored volume, the variants, the tables."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from ldm.core.errors import UserError
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule
-from ldm.errors import UserError
-from ldm.inference import first_stage_volume
+from ldm.evaluate.inference import first_stage_volume
+from ldm.evaluate.quality_metrics import latent_sensitivity
 from ldm.nets import UNet3d, UNetConfig, VAEConfig
 from ldm.nets.restorer import RestorerAE, RestorerAEConfig, condition_channels
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
-from ldm.quality_metrics import latent_sensitivity
-from ldm.quality_scoring import (
+from ldm.tools.quality_scoring import (
     ORACLE,
     RESTORER,
     SHUFFLED,
@@ -178,7 +178,7 @@ def test_score_in_original_units_with_sharpness():
 
 
 def test_every_variant_fits_the_demo_configs():
-    from ldm.quality_bench import NO_DIFFUSION, VARIANTS, variant_configs
+    from ldm.tools.quality_bench import NO_DIFFUSION, VARIANTS, variant_configs
 
     assert set(NO_DIFFUSION) <= set(VARIANTS) and "default" in VARIANTS
     for v in VARIANTS:
@@ -190,7 +190,7 @@ def test_every_variant_fits_the_demo_configs():
 
 
 def test_a_stale_variant_key_is_one_error_line_before_any_work(tmp_path, capsys, monkeypatch):
-    from ldm import quality_bench
+    from ldm.tools import quality_bench
 
     monkeypatch.setitem(quality_bench.VARIANTS, "old", ["model.lr_skip=true"])
     with pytest.raises(SystemExit) as e:
@@ -203,7 +203,7 @@ def test_a_stale_variant_key_is_one_error_line_before_any_work(tmp_path, capsys,
 
 
 def test_bad_names_stop_before_any_training(tmp_path, capsys) -> None:
-    from ldm import quality_bench
+    from ldm.tools import quality_bench
 
     cases = [(["--datasets", "phantom,foo"], "unknown dataset foo; choose from phantom, mri"),
              (["--variants", "defualt"], "unknown variant defualt; choose from default"),
@@ -228,7 +228,7 @@ def _rows(hr: np.ndarray) -> dict:
 
 
 def test_one_table_per_dataset_with_every_row(tmp_path):
-    from ldm.quality_bench import combine, format_table, summary_table
+    from ldm.tools.quality_bench import combine, format_table, summary_table
 
     hr = np.random.default_rng(0).random((12, 12, 12))
     row = _rows(hr)
@@ -258,7 +258,7 @@ def test_one_table_per_dataset_with_every_row(tmp_path):
 
 
 def test_profile_generalisation_needs_the_profile_run(tmp_path, monkeypatch):
-    from ldm.quality_bench import profile_generalisation
+    from ldm.tools.quality_bench import profile_generalisation
 
     monkeypatch.chdir(tmp_path)  # configs/mri's dataset/mri does not exist here
     with pytest.raises(UserError, match="run scripts/run_all.py --profile mri first"):
@@ -268,7 +268,7 @@ def test_profile_generalisation_needs_the_profile_run(tmp_path, monkeypatch):
 def test_evaluate_scores_the_trained_pipeline(tiny_pipeline):
     """End to end on the tiny checkpoints: every row of the test setting, then the first stage
     alone (the regression variant) and a --resample generalisation case."""
-    from ldm.quality_scoring import classical_params, evaluate, generalisation_cases
+    from ldm.tools.quality_scoring import classical_params, evaluate, generalisation_cases
 
     params = classical_params(tiny_pipeline.data_dir, with_bm4d=False)
     cfg = replace(CFG, sampler=SamplerConfig(steps=2))
@@ -293,8 +293,8 @@ def test_larger_smoother_anatomy_case_keeps_the_grid_and_blurs_the_structures(ti
     """The generalisation case of another anatomy: the test block's shape and voxel grid (so
     --resample cannot undo it), structures smoother (less energy above 0.25 cycles/voxel)."""
     from ldm.data.dataset import iter_test_cases
-    from ldm.quality_metrics import high_frequency_energy_ratio
-    from ldm.quality_scoring import generalisation_cases
+    from ldm.evaluate.quality_metrics import high_frequency_energy_ratio
+    from ldm.tools.quality_scoring import generalisation_cases
 
     (big,) = [c for c in generalisation_cases(tiny_pipeline.data_dir, 1)
               if c[0] == "anatomy x1.5, smoother"]  # fmt: skip

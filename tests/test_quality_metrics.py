@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-import ldm.quality_metrics as qm
-from ldm.errors import UserError
-from ldm.quality_metrics import (
+import ldm.evaluate.quality_metrics as qm
+from ldm.core.errors import UserError
+from ldm.evaluate.quality_metrics import (
     cutoff_for_blur,
     edge_sharpness_ratio,
     fourier_shell_correlation,

@@ -17,12 +17,12 @@ import SimpleITK as sitk
 import torch
 import typer
 
-from ldm.cli import run_phase
-from ldm.config import load_config
-from ldm.errors import ConfigError, DataError, UserError
-from ldm.io import VolumeMeta, load_volume, save_volume
+from ldm.cli.common import run_phase
+from ldm.core.config import load_config
+from ldm.core.errors import ConfigError, DataError, UserError
+from ldm.data.io import VolumeMeta, load_volume, save_volume
 from ldm.phases.train_vae_pair import TrainVAEConfig
-from ldm.run_dir import STAGING, Interrupted
+from ldm.train.run_dir import STAGING, Interrupted
 from tests.helpers.cli import ROOT, error_line, run_script
 from tests.helpers.tiny_train import run
 
@@ -140,7 +140,7 @@ def test_resume_does_not_duplicate_metric_rows(tmp_path):
 
 def test_sigint_saves_last_and_the_rerun_resumes(tmp_path):
     script = (
-        "import sys; from pathlib import Path; from ldm.run_dir import Interrupted\n"
+        "import sys; from pathlib import Path; from ldm.train.run_dir import Interrupted\n"
         "from tests.helpers.tiny_train import run\n"
         "try:\n    run(Path(sys.argv[1]), steps=100000, step_sleep=0.01)\n"
         "except Interrupted as e:\n    print(e); sys.exit(e.exit_code)\n"
@@ -334,8 +334,8 @@ def test_prepare_data_overwrite_says_it_replaced_latents(tiny_pipeline, tmp_path
 def test_fault_check_never_replaces_a_folder_it_did_not_make(tmp_path) -> None:
     # fault_check replaces its workspace on every run: a mistyped --workspace pointing at a
     # user's folder must be refused, not emptied
-    from ldm.errors import UserError
-    from ldm.fault_check import fault_check
+    from ldm.core.errors import UserError
+    from ldm.tools.fault_check import fault_check
 
     mine = tmp_path / "scans"
     mine.mkdir()

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoint import save_checkpoint
-from ldm.config import config_from_dict
+from ldm.core.checkpoint import save_checkpoint
+from ldm.core.config import config_from_dict
+from ldm.core.errors import ConfigError, UserError
 from ldm.data.dataset import AugmentConfig, PatchPairs, augment_pair
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule
-from ldm.errors import ConfigError, UserError
+from ldm.evaluate.quality_metrics import latent_sensitivity
 from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig
 from ldm.nets.restorer import (
     RestorerAE,
@@ -27,7 +28,6 @@ from ldm.nets.restorer import (
     space_to_depth,
 )
 from ldm.phases.train_vae_pair import TrainVAEConfig, VAEPairTask, residual_scale
-from ldm.quality_metrics import latent_sensitivity
 from tests.helpers.cli import error_line, run_script
 
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-import ldm.run_all as run_all_mod
-from ldm.errors import UserError
-from ldm.pipeline import PhaseResult
-from ldm.run_all import PhaseFailed, RunAllReport, run_all, select, summary_table
+import ldm.cli.run_all as run_all_mod
+from ldm.cli.run_all import PhaseFailed, RunAllReport, run_all, select, summary_table
+from ldm.core.errors import UserError
+from ldm.core.pipeline import PhaseResult
 
 
 def test_a_failing_phase_stops_the_run_and_is_named(tmp_path, monkeypatch):
@@ -24,8 +24,8 @@ def test_an_interrupted_run_exits_130_and_says_how_to_go_on(tmp_path, monkeypatc
     # Ctrl-C inside a phase: exit 130 (not 2, "failed"), and the way on differs by profile
     from typer.testing import CliRunner
 
-    from ldm.app import app
-    from ldm.pipeline import Phase
+    from ldm.cli.app import app
+    from ldm.core.pipeline import Phase
 
     def interrupted(cfg, overwrite=False):
         raise KeyboardInterrupt

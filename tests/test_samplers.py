@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldm.core.errors import UserError
 from ldm.diffusion.samplers import (
     SPACINGS,
     ddim_sample,
@@ -17,7 +18,6 @@ from ldm.diffusion.samplers import (
     sampler_timesteps,
 )
 from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, add_noise, make_schedule
-from ldm.errors import UserError
 
 
 def ddim(model, x, schedule, steps=50, spacing="trailing", t_start=None, **kw):

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checkpoint import load_checkpoint, save_checkpoint
-from ldm.errors import CheckpointError, ConfigError, UserError
-from ldm.optim import TrainConfig, amp_mode, lr_factor
-from ldm.training import train
+from ldm.core.checkpoint import load_checkpoint, save_checkpoint
+from ldm.core.errors import CheckpointError, ConfigError, UserError
+from ldm.train.optim import TrainConfig, amp_mode, lr_factor
+from ldm.train.training import train
 from tests.helpers.tiny_train import make, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_precision_per_device(monkeypatch):
     assert amp_mode(TrainConfig(amp_cpu="none"), cpu) == (False, torch.float32)
     assert amp_mode(TrainConfig(amp_cpu="bf16"), cpu) == (True, torch.bfloat16)
     for has_bf16 in (True, False):  # auto: bf16 only where the CPU has bf16 instructions
-        monkeypatch.setattr("ldm.optim.cpu_has_bf16", lambda h=has_bf16: h)
+        monkeypatch.setattr("ldm.train.optim.cpu_has_bf16", lambda h=has_bf16: h)
         assert amp_mode(TrainConfig(), cpu)[0] is has_bf16
     assert amp_mode(TrainConfig(amp="fp16", amp_cpu="none"), cuda) == (True, torch.float16)
     assert amp_mode(TrainConfig(amp="none", amp_cpu="bf16"), cuda) == (False, torch.float32)

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm.errors import ConfigError, DataError
-from ldm.files import load_json
-from ldm.io import VolumeMeta
+from ldm.core.errors import ConfigError, DataError
+from ldm.core.files import load_json
+from ldm.data.io import VolumeMeta
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.errors import UserError
-from ldm.filters import gaussian_blur
+from ldm.core.errors import UserError
+from ldm.evaluate.filters import gaussian_blur
 
 RESAMPLE_MODES = ("trilinear", "nearest")
 NOISE_MODELS = ("gaussian", "rician", "none")

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm.checkpoint import file_digest
+from ldm.core.checkpoint import file_digest
+from ldm.core.errors import DataError
+from ldm.core.files import load_json
 from ldm.data.dataset import PatchPairs
-from ldm.errors import DataError
-from ldm.files import load_json
 from ldm.nets.restorer import condition
 
 LATENTS_VERSION = 2  # 2: restorer outputs + residual latents

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ldm.core.errors import ConfigError, DataError
+from ldm.core.validate import check_choice, check_min, check_range
 from ldm.data.degrade import DegradeConfig, degrade
+from ldm.data.io import VolumeMeta
 from ldm.data.sources import Case
-from ldm.errors import ConfigError, DataError
-from ldm.io import VolumeMeta
-from ldm.validate import check_choice, check_min, check_range
 
 INSTALL_HINT = 'pip install -e ".[mri]"'
 HEMISPHERES = ("left", "right", "both")

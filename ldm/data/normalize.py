@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldm.errors import ConfigError, DataError
+from ldm.core.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)

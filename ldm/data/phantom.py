@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.errors import UserError
-from ldm.filters import gaussian_blur
+from ldm.core.errors import UserError
+from ldm.evaluate.filters import gaussian_blur
 
 logger = logging.getLogger(__name__)
 

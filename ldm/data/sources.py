@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ldm.core.errors import ConfigError, DataError
 from ldm.data.degrade import DegradeConfig, degrade, resample_to
+from ldm.data.dicom import is_series_path, series_name
+from ldm.data.io import RawSpec, VolumeMeta, load_volume
 from ldm.data.phantom import PhantomConfig, make_phantom
-from ldm.dicom import is_series_path, series_name
-from ldm.errors import ConfigError, DataError
-from ldm.io import RawSpec, VolumeMeta, load_volume
 
 if TYPE_CHECKING:
     from ldm.data.mni152 import MNI152Source

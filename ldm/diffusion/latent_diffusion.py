@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import file_digest
-from ldm.config import config_from_dict
+from ldm.core.checkpoint import file_digest
+from ldm.core.config import config_from_dict
+from ldm.core.errors import CheckpointError, ConfigError
+from ldm.core.validate import check_choice, check_min, check_range
 from ldm.diffusion.samplers import SAMPLERS, SPACINGS, sampler_timesteps
 from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, add_noise, make_schedule
-from ldm.errors import CheckpointError, ConfigError
 from ldm.nets import UNet3d
 from ldm.nets.loading import load_unet, load_vae
 from ldm.nets.restorer import RestorerAE, condition
-from ldm.validate import check_choice, check_min, check_range
 
 INITS = ("noise", "restorer")
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ldm.core.errors import UserError
 from ldm.diffusion.schedule import Model, NoiseSchedule, model_output_to_x0_eps, noise_like
-from ldm.errors import UserError
 
 SPACINGS = ("trailing", "leading", "linspace")
 Callback = Callable[[dict[str, Any]], None]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.errors import UserError
+from ldm.core.errors import UserError
 
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.errors import UserError
+from ldm.core.errors import UserError
 
 MAX_LEVELS = 4  # len(channels) <= 4, i.e. downsampling factor f = 2 ** (levels - 1) in {1, 2, 4, 8}
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.checkpoint import load_checkpoint
-from ldm.config import config_from_dict
-from ldm.errors import CheckpointError, UserError
+from ldm.core.checkpoint import load_checkpoint
+from ldm.core.config import config_from_dict
+from ldm.core.errors import CheckpointError, UserError
 from ldm.nets import UNet3d, UNetConfig
 from ldm.nets.restorer import RestorerAE, RestorerAEConfig
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.errors import UserError
+from ldm.core.errors import UserError
 from ldm.nets.vae import VAE3d, VAEConfig, _Decoder, _LRFeatures
 
 

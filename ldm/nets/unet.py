@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.errors import UserError
+from ldm.core.errors import UserError
 from ldm.nets.blocks import (
     Downsample,
     ResBlock,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ldm.errors import UserError
-from ldm.filters import gaussian_blur
+from ldm.core.errors import UserError
+from ldm.evaluate.filters import gaussian_blur
 
 Colour = tuple[float, float, float]
 

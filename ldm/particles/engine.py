@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm.errors import UserError
+from ldm.core.errors import UserError
 from ldm.particles.field import LOG_COLOUR, SCORE, ScoreField
 
 log = logging.getLogger(__name__)

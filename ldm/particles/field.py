@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldm.errors import UserError
-from ldm.filters import gaussian_blur
+from ldm.core.errors import UserError
+from ldm.evaluate.filters import gaussian_blur
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.errors import DataError, UserError
-from ldm.filters import gaussian_blur, gaussian_kernel1d
+from ldm.core.errors import DataError, UserError
+from ldm.evaluate.filters import gaussian_blur, gaussian_kernel1d
 from ldm.particles.field import LUMA, ScoreField
 
 WHITE_QUANTILE = 0.99  # raw frames: this luminance quantile is shown as white

@@ -7,7 +7,7 @@ units (``TestCase.to_original``) and scored against the HR volume there: PSNR an
 data range = HR max - min, intensity bias and contrast scale (docs/design.md, "Metrics"). The
 classical baselines (Gaussian, heat diffusion, TV, non-local means, optional BM4D) get their one
 parameter tuned for PSNR on train patches, never on test data. External pairs (``--input LR
---target HR`` or ``--folder`` with globs) are read and normalised by ldm/external.py.
+--target HR`` or ``--folder`` with globs) are read and normalised by ldm/data/external.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.baselines import (
+from ldm.core.config import save_config
+from ldm.core.distributed import pick_device
+from ldm.core.errors import ConfigError, DataError, UserError
+from ldm.core.files import save_json, staged_dir
+from ldm.core.pipeline import PhaseResult
+from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
+from ldm.data.external import ExternalInputs, external_cases
+from ldm.data.io import RawSpec
+from ldm.evaluate.baselines import (
     LABELS,
     TABLE_NOTE,
     TuneConfig,
@@ -35,16 +43,8 @@ from ldm.baselines import (
     tuned_baselines,
     tuned_text,
 )
-from ldm.config import save_config
-from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
-from ldm.distributed import pick_device
-from ldm.errors import ConfigError, DataError, UserError
-from ldm.external import ExternalInputs, external_cases
-from ldm.files import save_json, staged_dir
-from ldm.io import RawSpec
+from ldm.evaluate.viz import save_comparison_png
 from ldm.nets.loading import load_vae
-from ldm.pipeline import PhaseResult
-from ldm.viz import save_comparison_png
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
-from ldm.config import resolve_path, save_config
-from ldm.distributed import pick_device
-from ldm.files import save_json, staged_dir
-from ldm.filters import gaussian_blur
-from ldm.metrics import psnr, ssim
+from ldm.core.config import resolve_path, save_config
+from ldm.core.distributed import pick_device
+from ldm.core.files import save_json, staged_dir
+from ldm.core.pipeline import PhaseResult
+from ldm.core.validate import check_choice, check_range
+from ldm.evaluate.filters import gaussian_blur
+from ldm.evaluate.metrics import psnr, ssim
 from ldm.particles.default_image import default_image
 from ldm.particles.engine import ParticleEngine
 from ldm.particles.field import ScoreField, resize_longer_side
@@ -30,8 +32,6 @@ from ldm.particles.render import (
     side_by_side,
     write_gif,
 )
-from ldm.pipeline import PhaseResult
-from ldm.validate import check_choice, check_range
 
 log = logging.getLogger(__name__)
 

@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ldm.config import save_config
+from ldm.core.config import save_config
+from ldm.core.errors import ConfigError, DataError
+from ldm.core.files import save_json, staged_dir
+from ldm.core.pipeline import PhaseResult
 from ldm.data.dataset import MANIFEST_VERSION, SPLITS
 from ldm.data.degrade import DegradeConfig
+from ldm.data.io import RawSpec
 from ldm.data.mni152 import MNI152Source
 from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.data.sources import SOURCES, Case, HROnlySource, PairsSource, PhantomSource, iter_cases
-from ldm.errors import ConfigError, DataError
-from ldm.files import save_json, staged_dir
-from ldm.io import RawSpec
-from ldm.metrics import psnr
-from ldm.pipeline import PhaseResult
+from ldm.evaluate.metrics import psnr
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _source_of(case: Case) -> str:
 def training_spacing(case_info: dict[str, dict]) -> list[float] | None:
     """Voxel spacing of the training data from the HR headers: the per-axis median over the
     train cases (phantom: 1 mm); None when no train case has one (e.g. .npy volumes). External
-    inputs are compared with it (ldm/external.py)."""
+    inputs are compared with it (ldm/data/external.py)."""
     spacings = [c["meta"]["spacing"] for c in case_info.values()
                 if c["split"] == "train" and len(c["meta"].get("spacing") or ()) == 3]  # fmt: skip
     return [float(v) for v in np.median(spacings, axis=0)] if spacings else None

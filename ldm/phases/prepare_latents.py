@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.checkpoint import file_digest
-from ldm.config import save_config
+from ldm.core.checkpoint import file_digest
+from ldm.core.config import save_config
+from ldm.core.distributed import pick_device
+from ldm.core.files import save_json, staged_dir
+from ldm.core.pipeline import PhaseResult
+from ldm.core.validate import check_min
 from ldm.data.dataset import SPLITS, PatchPairs, check_patch_size, load_manifest
 from ldm.data.latents import LATENTS_VERSION, latents_dir
-from ldm.distributed import pick_device
-from ldm.files import save_json, staged_dir
 from ldm.nets.loading import load_vae
-from ldm.pipeline import PhaseResult
-from ldm.validate import check_min
 
 log = logging.getLogger(__name__)
 

@@ -18,20 +18,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.checkpoint import file_digest
+from ldm.core.checkpoint import file_digest
+from ldm.core.distributed import pick_device
+from ldm.core.errors import ConfigError
+from ldm.core.files import save_json
+from ldm.core.pipeline import PhaseResult
 from ldm.data.dataset import PatchPairs, load_manifest
 from ldm.data.latents import LatentPairs, latents_dir, load_latents_meta
 from ldm.diffusion.latent_diffusion import CALIBRATION, SamplerConfig, load_ldm
 from ldm.diffusion.samplers import SPACINGS, ddim_sample, make_timesteps
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule, training_loss
-from ldm.distributed import pick_device
-from ldm.errors import ConfigError
-from ldm.files import save_json
-from ldm.metrics import psnr
+from ldm.evaluate.metrics import psnr
 from ldm.nets import UNet3d, UNetConfig
 from ldm.nets.loading import load_vae
-from ldm.pipeline import PhaseResult
-from ldm.training import TrainConfig, train, training_summary
+from ldm.train.training import TrainConfig, train, training_summary
 
 
 @dataclass(frozen=True)

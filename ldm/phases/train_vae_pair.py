@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm.core.distributed import pick_device
+from ldm.core.errors import ConfigError, DataError
+from ldm.core.pipeline import PhaseResult
 from ldm.data.dataset import (
     AugmentConfig,
     PatchPairs,
@@ -27,13 +30,10 @@ from ldm.data.dataset import (
     check_patch_size,
     load_manifest,
 )
-from ldm.distributed import pick_device
-from ldm.errors import ConfigError, DataError
-from ldm.metrics import psnr
+from ldm.evaluate.metrics import psnr
 from ldm.nets import kl_divergence
 from ldm.nets.restorer import RestorerAE, RestorerAEConfig, gradient_l1, l1_with_gradients
-from ldm.pipeline import PhaseResult
-from ldm.training import TrainConfig, train, training_summary
+from ldm.train.training import TrainConfig, train, training_summary
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ldm.filters import gaussian_blur
+from ldm.evaluate.filters import gaussian_blur
 from ldm.particles.field import LOG_COLOUR, LUMA, SCORE, ScoreField
 from ldm.particles.render import ParticleCode
 

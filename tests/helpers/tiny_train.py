@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ldm.training import TrainConfig, train
+from ldm.train.training import TrainConfig, train
 
 
 class TinyTask:

@@ -30,14 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm.config import save_config
+from ldm.core.config import save_config
+from ldm.core.distributed import pick_device
+from ldm.core.errors import ConfigError, DataError
+from ldm.core.files import save_json, staged_dir
+from ldm.core.pipeline import PhaseResult
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.diffusion.samplers import SPACINGS
-from ldm.distributed import pick_device
-from ldm.errors import ConfigError, DataError
-from ldm.files import save_json, staged_dir
-from ldm.metrics import psnr
+from ldm.evaluate.metrics import psnr
+from ldm.evaluate.viz import shared_window
 from ldm.phases.ddim_similar_noise import viz as nviz
 from ldm.phases.ddim_similar_noise.sweeps import (
     ForwardBackward,
@@ -46,8 +48,6 @@ from ldm.phases.ddim_similar_noise.sweeps import (
     forward_backward,
     run_sweeps,
 )
-from ldm.pipeline import PhaseResult
-from ldm.viz import shared_window
 
 log = logging.getLogger(__name__)
 

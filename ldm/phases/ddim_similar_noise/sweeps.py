@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ldm.core.errors import ConfigError, UserError
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.diffusion.schedule import add_noise
-from ldm.errors import ConfigError, UserError
-from ldm.metrics import psnr
+from ldm.evaluate.metrics import psnr
 
 log = logging.getLogger(__name__)
 

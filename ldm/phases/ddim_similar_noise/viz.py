@@ -1,7 +1,7 @@
 """Pictures of ddim_similar_noise: GIF frames of noises and outputs, heat maps, plots and grids.
 
 Volumes are (D, H, W) or 2D (H, W) arrays; a 3D volume is shown by its mid axial slice (and
-maximum intensity projection), a 2D image by itself (:func:`ldm.viz.views`).
+maximum intensity projection), a 2D image by itself (:func:`ldm.evaluate.viz.views`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm.viz import save_figure, save_gif, shared_window, to_uint8, views
+from ldm.evaluate.viz import save_figure, save_gif, shared_window, to_uint8, views
 
 NOISE_WINDOW = (-3.0, 3.0)  # N(0, 1) noise shown over +-3 sigma
 FRAME_PX = 128  # panels are upscaled (nearest) to at least this many pixels on their long side

@@ -4,9 +4,10 @@ For each image-space window: the restorer mu(LR) -> ``num_samples`` DDIM/DDPM sa
 residual latent conditioned on (mu, LR), run as one batch -> mu + w D(z) each; the mean, the
 per-voxel std (uncertainty) and the first sample are blended with Gaussian weights. Seeded:
 eta = 0 gives the same volumes every run. Inputs: the test cases, or external volumes
-(``--input [--target]``, ``--folder`` + globs; read and normalised by ldm/external.py). Where HR
-is known the table has the classical baselines (tuned on train patches), the restorer, the LDM
-mean and one sample, and the oracle (ldm/baselines.py), with sharpness and calibration figures.
+(``--input [--target]``, ``--folder`` + globs; read and normalised by ldm/data/external.py).
+Where HR is known the table has the classical baselines (tuned on train patches), the restorer,
+the LDM mean and one sample, and the oracle (ldm/evaluate/baselines.py), with sharpness and
+calibration figures.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.baselines import (
+from ldm.core.distributed import pick_device
+from ldm.core.errors import ConfigError
+from ldm.core.files import save_json, staged_dir
+from ldm.core.pipeline import PhaseResult
+from ldm.core.validate import check_choice, check_min, check_range
+from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
+from ldm.data.dicom import save_dicom_series
+from ldm.data.external import ExternalInputs, external_cases
+from ldm.data.io import RawSpec, save_volume
+from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
+from ldm.evaluate.baselines import (
     LABELS,
     TuneConfig,
     method_outputs,
@@ -30,24 +41,14 @@ from ldm.baselines import (
     tuned_baselines,
     uncertainty_scores,
 )
-from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
-from ldm.dicom import save_dicom_series
-from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
-from ldm.distributed import pick_device
-from ldm.errors import ConfigError
-from ldm.external import ExternalInputs, external_cases
-from ldm.files import save_json, staged_dir
-from ldm.inference import fit_window, sliding_window_infer
-from ldm.io import RawSpec, save_volume
-from ldm.optim import cpu_has_bf16
+from ldm.evaluate.inference import fit_window, sliding_window_infer
 from ldm.phases.predict_ldm.cohort import predict_cohort
 from ldm.phases.predict_ldm.report import (
     case_pictures,
     reverse_process_gif,
     write_summary,
 )
-from ldm.pipeline import PhaseResult
-from ldm.validate import check_choice, check_min, check_range
+from ldm.train.optim import cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _write_volume(
 ) -> Path:
     """One output volume in original units: the input's format (``auto``; NIfTI for a DICOM
     input, the analysis format), or ``output_format``; ``dicom`` writes a new series beside the
-    input's patient and study (ldm/dicom.py)."""
+    input's patient and study (ldm/data/dicom.py)."""
     fmt = case.meta.format if output_format == "auto" else output_format
     meta = dataclasses.replace(case.meta, dtype="float32")
     if fmt == "dicom" and output_format == "dicom":

@@ -24,16 +24,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ldm.baselines import tuned_baselines
-from ldm.checkpoint import file_digest
+from ldm.core.checkpoint import file_digest
+from ldm.core.distributed import DistInfo, barrier, init_distributed
+from ldm.core.errors import UserError
+from ldm.core.files import load_json, pid_alive, save_json
+from ldm.core.pipeline import PhaseResult
 from ldm.data.dataset import TestCase, iter_test_cases
+from ldm.data.external import ExternalInputs, external_cases, load_external_case
 from ldm.diffusion.latent_diffusion import load_ldm
-from ldm.distributed import DistInfo, barrier, init_distributed
-from ldm.errors import UserError
-from ldm.external import ExternalInputs, external_cases, load_external_case
-from ldm.files import load_json, pid_alive, save_json
+from ldm.evaluate.baselines import tuned_baselines
 from ldm.phases.predict_ldm.report import write_summary
-from ldm.pipeline import PhaseResult
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm.baselines import TABLE_NOTE, format_table, mean_scores, save_metrics_csv, tuned_text
-from ldm.config import save_config
+from ldm.core.config import save_config
+from ldm.core.files import save_json
 from ldm.data.dataset import TestCase
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
-from ldm.files import save_json
-from ldm.viz import save_comparison_png, save_gif, save_views_png, shared_window, to_uint8, views
+from ldm.evaluate.baselines import (
+    TABLE_NOTE,
+    format_table,
+    mean_scores,
+    save_metrics_csv,
+    tuned_text,
+)
+from ldm.evaluate.viz import (
+    save_comparison_png,
+    save_gif,
+    save_views_png,
+    shared_window,
+    to_uint8,
+    views,
+)
 
 
 def case_pictures(

@@ -1,0 +1,2 @@
+"""Scoring: metrics, classical filters and their tuning, sliding-window inference, pictures and
+curves."""

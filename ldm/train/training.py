@@ -1,0 +1,387 @@
+"""The one training loop of every training phase (nanoGPT-style, readable top to bottom).
+
+AdamW, linear warmup + cosine decay, gradient clipping, EMA weights, autocast (bf16 on CUDA and on
+CPUs with bf16 instructions), tqdm, metrics.jsonl and its curves.png (ldm.evaluate.curves), periodic
+validation, atomic checkpoints (last.pt + best.pt), automatic resume, and DDP when launched by
+``torchrun``. The parts of a step (config, schedule, optimiser, EMA, precision) live in
+``ldm.train.optim``. A phase plugs in through a small ``TrainTask``: a loss on a batch and a
+validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ldm.core.checkpoint import config_diff, load_checkpoint, save_checkpoint
+from ldm.core.config import save_config
+from ldm.core.distributed import DistInfo, barrier, init_distributed
+from ldm.core.errors import CheckpointError, UserError
+from ldm.core.pipeline import PhaseResult
+from ldm.train.optim import (
+    TrainConfig,
+    amp_mode,
+    lr_factor,
+    make_ema,
+    make_optimizer,
+    precision_label,
+)
+from ldm.train.run_dir import (
+    Interrupted,
+    commit_staged_run,
+    deferred_interrupts,
+    discard_staged_run,
+    prepare_run_dir,
+    truncate_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+class TrainTask(Protocol):
+    kind: str  # 'vae' | 'diffusion': stored in the checkpoint
+
+    def loss(
+        self, model: nn.Module, batch: Any, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of the (EMA) model; must hold 'score' (higher is better) for best.pt."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    steps_run: int
+    seconds: float
+    best_score: float
+    last_val: dict[str, float]
+    run_dir: Path
+    precision: str = "float32"  # or "bf16 autocast" / "fp16 autocast"
+
+
+class _Run:
+    """State of one training run: model, optimiser, EMA, position in the data, RNG."""
+
+    def __init__(self, model, model_config, dataset, task, cfg, run_dir, extra, info, device,
+                 overwrite):  # fmt: skip
+        self.model, self.model_config, self.task, self.cfg = model, model_config, task, cfg
+        self.run_dir, self.extra, self.info, self.device = Path(run_dir), extra, info, device
+        self.out = self.run_dir  # where files go now: a staging folder while overwriting
+        self.overwrite = overwrite  # started with --overwrite
+        self.dataset = dataset
+        self.opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.ema = make_ema(model, cfg.ema_decay)
+        self.amp, self.amp_dtype = amp_mode(cfg, device)
+        fp16 = self.amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + info.rank)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best_score = -math.inf
+        self.last_val: dict[str, float] = {}
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
+            drop_last=True,
+        )  # fmt: skip
+        per_rank = len(self.sampler)
+        if per_rank < cfg.batch_size:
+            raise UserError(
+                f"the training set has {len(dataset)} samples, fewer than batch_size "
+                f"{cfg.batch_size} x {info.world_size} process(es); lower train.batch_size"
+            )
+        self.batches_per_epoch = per_rank // cfg.batch_size
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        gen_states = [self.gen.get_state()]
+        if self.info.enabled:
+            gen_states = [None] * self.info.world_size
+            dist.all_gather_object(gen_states, self.gen.get_state())
+        return {
+            "kind": self.task.kind,
+            "model_config": self.model_config,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_score": self.best_score,
+            "rng": {"torch": torch.get_rng_state(), "generators": gen_states},
+            "train_config": dataclasses.asdict(self.cfg),
+            "world_size": self.info.world_size,
+            "extra": self.extra,
+        }
+
+    def save(self, name: str) -> None:
+        state = self.state()  # every rank joins the all_gather inside
+        if self.info.is_main:
+            save_checkpoint(state, self.out / name)
+            if name == "last.pt" and self.out != self.run_dir:
+                commit_staged_run(self.run_dir)  # the new run replaces the old one only now
+                self.out = self.run_dir
+
+    def resume(self, path: Path) -> None:
+        ck = load_checkpoint(path, self.task.kind, map_location=self.device)
+        diff = config_diff(ck["model_config"], self.model_config)
+        # what the weights mean beyond the net: the diffusion's schedule and target
+        old, new = ck.get("extra", {}).get("diffusion"), self.extra.get("diffusion")
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff += config_diff(old, new, "diffusion.")
+        if diff:
+            raise CheckpointError(
+                f"{path} was trained with a different model config ({'; '.join(diff[:3])}); "
+                "use another output folder, or --overwrite to start over"
+            )
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.step, self.epoch = ck["step"], ck["epoch"]
+        self.batch_in_epoch, self.best_score = ck["batch_in_epoch"], ck["best_score"]
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        gens = ck["rng"]["generators"]
+        if len(gens) == self.info.world_size:
+            self.gen.set_state(gens[self.info.rank].cpu())
+        truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        log.info("resumed %s at step %d", path, self.step)
+
+    # -- data --------------------------------------------------------------------------------
+    def batches(self):
+        """Endless (epoch, batch) stream; the order depends only on the seed, so resume is exact."""
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            idx = list(self.sampler)
+            bs = self.cfg.batch_size
+            groups = [idx[b * bs : (b + 1) * bs] for b in range(self.batches_per_epoch)]
+            loader = DataLoader(
+                self.dataset, batch_sampler=groups[self.batch_in_epoch :],
+                num_workers=self.cfg.num_workers,
+            )  # fmt: skip
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _log_line(run_dir: Path, record: dict[str, Any]) -> None:
+    try:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise UserError(
+            f"{run_dir / 'metrics.jsonl'}: cannot write ({e.strerror or e}); free space or fix "
+            "the folder's permissions, then rerun to resume"
+        ) from None
+
+
+def train(
+    model: nn.Module,
+    model_config: dict[str, Any],
+    dataset: Dataset,
+    task: TrainTask,
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    config: Any = None,
+) -> TrainResult:
+    """Train ``model`` until ``cfg.steps`` (resuming from ``run_dir/last.pt`` if present).
+
+    ``config``, the phase's whole config, is saved as ``run_dir/config.yaml`` when steps ran
+    (a no-op rerun leaves it untouched).
+    """
+    info, device = init_distributed(cfg.device)
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    run = _Run(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device,
+               overwrite)  # fmt: skip
+    if info.is_main:
+        run.out = prepare_run_dir(run_dir, overwrite)
+    barrier(info)
+    last = run_dir / "last.pt"
+    if last.exists() and not overwrite:
+        run.resume(last)
+
+    net = model
+    if info.enabled:
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    start_step, t0 = run.step, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {task.kind}", unit="step",
+               disable=not (progress and info.is_main), dynamic_ncols=True)  # fmt: skip
+    batches = run.batches()
+    try:
+        with deferred_interrupts() as interrupted:
+            _loop(run, net, batches, bar, interrupted, info, device, t0)
+    except Interrupted:
+        bar.close()
+        _save_curves(run, info)  # last.pt saved (a dropped staged run left no metrics.jsonl)
+        raise
+    finally:
+        bar.close()  # before any error line, so it is not printed onto the bar
+    barrier(info)
+    _save_curves(run, info)
+    if info.is_main and config is not None and (run.step > start_step
+                                                 or not (run_dir / "config.yaml").exists()):
+        save_config(config, run_dir / "config.yaml")
+    last_val = run.last_val
+    return TrainResult(run.step, run.step - start_step, time.perf_counter() - t0,
+                       run.best_score, last_val, run_dir, precision_label(cfg, device))  # fmt: skip
+
+
+def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info: DistInfo,
+          device: torch.device, t0: float) -> None:  # fmt: skip
+    """Steps until cfg.steps, the time cap, or a deferred Ctrl-C/SIGTERM (saved, then raised)."""
+    cfg, model, task = run.cfg, run.model, run.task
+    while run.step < cfg.steps:
+        model.train()
+        batch = _to(next(batches), device)
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp):
+            loss, logs = task.loss(net, batch, run.gen)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()} at step {run.step}; lower train.lr")
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.opt)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+        if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16 skips the step
+            raise UserError(  # before the update: no NaN weights in any checkpoint
+                f"gradients became {float(grad_norm)} at step {run.step}; lower train.lr"
+                + (" or set train.amp_cpu=none" if run.amp and device.type == "cpu" else "")
+            )
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.opt.zero_grad(set_to_none=True)
+        run.sched.step()
+        run.ema.update_parameters(model)
+        run.step += 1
+        bar.update(1)
+        lr = run.opt.param_groups[0]["lr"]
+        if info.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            record = {"step": run.step, "loss": loss.item(), "lr": lr,
+                      "grad_norm": float(grad_norm)}  # fmt: skip
+            _log_line(run.out, {**record, **logs, "time": time.perf_counter() - t0})
+        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes
+        done = run.step == cfg.steps or out_of_time
+        stop = _agree(bool(interrupted), info, device)
+        if run.step % cfg.val_every == 0 or done:
+            run.last_val = _validate(run, info)
+        # an --overwrite run before its first checkpoint is still staged: stopped there, it is
+        # dropped, and the earlier run stays (its save would replace best.pt with nothing)
+        staged = stop and _agree(run.out != run.run_dir, info, device)
+        if run.step % cfg.save_every == 0 or done or (stop and not staged):
+            run.save("last.pt")
+        if stop:
+            if staged and info.is_main:
+                discard_staged_run(run.run_dir)
+            raise Interrupted(_interrupted(run, staged))
+        if out_of_time:
+            log.info("stopping at step %d: train.max_minutes=%s reached", run.step, cfg.max_minutes)
+            break
+
+
+def _save_curves(run: _Run, info: DistInfo) -> None:
+    """curves.png beside the run's metrics.jsonl, on rank 0; failing to draw is only a warning."""
+    metrics = run.out / "metrics.jsonl"
+    if not info.is_main or not metrics.is_file():
+        return
+    try:
+        from ldm.evaluate.curves import plot_training_curves  # matplotlib: imported only here
+
+        plot_training_curves(metrics, run.out / "curves.png")
+    except Exception as e:  # a picture never fails a training
+        log.warning("%s: curves.png not drawn (%s: %s)", run.out, type(e).__name__, e)
+
+
+def _interrupted(run: _Run, staged: bool) -> str:
+    """What a Ctrl-C / SIGTERM left and how to go on."""
+    if staged:
+        return (f"interrupted at step {run.step}, before this --overwrite run's first "
+                f"checkpoint: {run.run_dir} still holds the earlier run; rerun to start over")
+    if run.overwrite:  # the same command would start over: resuming needs no --overwrite
+        return f"interrupted at step {run.step}; rerun without --overwrite to resume"
+    return f"interrupted at step {run.step}; rerun the same command to resume"
+
+
+def _agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if it is true on any (ranks must stop at the same step)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _validate(run: _Run, info: DistInfo) -> dict[str, float]:
+    """Validate the EMA weights on rank 0; save best.pt when the score improves."""
+    metrics: dict[str, float] = {}
+    improved = False
+    if info.is_main:
+        ema_model = run.ema.module
+        ema_model.eval()
+        with torch.no_grad():
+            metrics = run.task.validate(ema_model)
+        improved = metrics["score"] > run.best_score
+        if improved:
+            run.best_score = metrics["score"]
+        _log_line(run.out, {"step": run.step, "val": metrics})
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "score")
+        log.info("step %d: validation %s%s", run.step, shown, " (best)" if improved else "")
+    if info.enabled:
+        flag = [improved]
+        dist.broadcast_object_list(flag, src=0)
+        improved = flag[0]
+    if improved:
+        run.save("best.pt")
+    return metrics
+
+
+def training_summary(
+    name: str,
+    result: TrainResult,
+    model: nn.Module,
+    describe: Callable[[dict[str, float]], tuple[str, str]],
+) -> PhaseResult:
+    """A training phase's PhaseResult: a head line, then ``describe(last validation)`` ->
+    (line, key), or a note that the run was already complete."""
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    lines = [f"{name} -> {result.run_dir} (step {result.step}, {result.steps_run} steps in "
+             f"{result.seconds:.0f} s, {n_params:.2f} M params, {result.precision})"]  # fmt: skip
+    v = result.last_val
+    if v:
+        line, key = describe(v)
+    else:
+        line = f"already trained to step {result.step}; raise train.steps to continue"
+        key = f"already at step {result.step}"
+    lines.append(line)
+    return PhaseResult("\n".join(lines), key, {"step": result.step, **v}, [result.run_dir])
