@@ -182,7 +182,7 @@ def train_variant(data: Path, run: Path, variant: str, vae_min: float, diff_min:
     from ldm.nets.restorer import RestorerAE, condition_channels
     from ldm.phases.prepare_latents import PrepareLatentsConfig, prepare_latents
     from ldm.phases.train_diffusion import train_diffusion
-    from ldm.phases.train_vae_pair import train_vae_pair
+    from ldm.phases.train_vae_pair import first_stage_loss, train_vae_pair
 
     vae_ck = run / "vae" / "best.pt"
     cfg, dcfg = variant_configs(variant, data, run)
@@ -193,11 +193,8 @@ def train_variant(data: Path, run: Path, variant: str, vae_min: float, diff_min:
     lr, hr = torch.rand(2, b, 1, *patch)
     first_stage = RestorerAE(cfg.model)
 
-    def first_stage_loss(m: torch.nn.Module) -> torch.Tensor:
-        mu, r, r_hat, _, _ = m(lr, hr)
-        return (mu - hr).abs().mean() + (r_hat - r).square().mean()
-
-    steps = _calibrated_steps(first_stage, first_stage_loss, vae_budget, cfg.train)
+    steps = _calibrated_steps(first_stage, lambda m: first_stage_loss(m, lr, hr, cfg)[0],
+                              vae_budget, cfg.train)  # the training loss itself  # fmt: skip
     every = max(10, steps // 4)
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, max_minutes=WALL_CAP * vae_budget,
                                      val_every=every, save_every=every))  # fmt: skip
