@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,16 @@ class TinyPipeline:
     vae: Path  # best.pt of train_vae_pair
     diffusion: Path  # best.pt of train_diffusion
     root: Path
+
+
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    """Tests that write DICOM with SimpleITK directly leave GDCM's "C" locale behind (the
+    product's own DICOM code restores it: ldm.data.dicom.series.keep_locale); put it back so a
+    later test's subprocess output decodes as UTF-8."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 def _ok(result) -> None:

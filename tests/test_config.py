@@ -126,6 +126,24 @@ def test_every_shipped_config_loads(profile, phase):
         assert cfg.model.restorer.uses_lr and not cfg.model.residual_ae.uses_lr
 
 
+@pytest.mark.parametrize(
+    ("profile", "phase"), [p for p in _shipped_configs() if p.values[0] == "default"]
+)
+def test_the_default_configs_are_the_dataclass_defaults(profile, phase):
+    """One source of defaults: configs/<phase>.yaml only documents the dataclass defaults, so a
+    short config (or none) gets the shipped model, and a section given in part keeps the
+    phase's own defaults for the keys it leaves out (train_vae_pair's train.steps is 1200, not
+    TrainConfig's)."""
+    from ldm.cli.run_all import config_path
+
+    cls = phase.config_cls()
+    shipped = load_config(cls, config_path(profile, phase))
+    assert config_to_dict(shipped) == config_to_dict(load_config(cls, None))
+    partial = load_config(cls, None, ["train.seed=3"] if hasattr(shipped, "train") else [])
+    if hasattr(shipped, "train"):
+        assert partial.train.steps == shipped.train.steps and partial.train.seed == 3
+
+
 def test_relative_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(Cfg, write(tmp_path, "out_dir: runs/a\n"))
@@ -140,7 +158,7 @@ def test_a_bad_choice_in_a_real_config_names_the_full_key() -> None:
     with pytest.raises(ConfigError) as e:
         load_config(TrainDiffusionConfig, path, ["diffusion.prediction_type=vv"])
     msg = str(e.value)
-    assert "train_diffusion.yaml: diffusion.prediction_type must be one of: epsilon, v" in msg
+    assert "train_diffusion.yaml: diffusion.prediction_type must be one of epsilon, v" in msg
     assert "'vv'" in msg
     with pytest.raises(ConfigError, match=r"diffusion\.beta_start and beta_end must satisfy"):
         load_config(TrainDiffusionConfig, path, ["diffusion.beta_start=0.5"])

@@ -167,7 +167,8 @@ def test_presets_fill_the_fields_and_explicit_fields_override() -> None:
     assert (denoise.noise, denoise.noise_sigma) == ("rician", 0.04)
     thick = DegradeConfig(preset="thick_slices")
     assert thick.downsample == (1, 1, 3) and thick.blur_sigma == pytest.approx((0, 0, 3 * fwhm1))
-    assert DegradeConfig() == DegradeConfig(preset="custom")  # the historical defaults
+    assert DegradeConfig() == DegradeConfig(preset="custom")  # the shipped configs' LR
+    assert (DegradeConfig().noise, DegradeConfig().noise_sigma) == ("rician", 0.08)
     mine = DegradeConfig(preset="denoise", noise_sigma=0.1)
     assert mine.noise_sigma == 0.1 and mine.noise == "rician"
     with pytest.raises(UserError, match="preset must be one of custom, denoise, thick_slices"):

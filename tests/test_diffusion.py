@@ -138,15 +138,16 @@ def test_helpers_follow_dtype_and_accept_scalar_t():
 @pytest.mark.parametrize(
     "t", [torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 2]), torch.tensor([0, 1000])]
 )
-def test_bad_timesteps_raise_user_error(t):
-    s = _schedule()
-    with pytest.raises(UserError, match="timesteps"):
+def test_bad_timesteps_are_a_programming_error_with_a_traceback(t):
+    s = _schedule()  # ValueError, not UserError: the CLI shows it with its traceback
+    with pytest.raises(ValueError, match="timesteps") as e:
         add_noise(s, torch.zeros(2, 3), torch.zeros(2, 3), t)
+    assert not isinstance(e.value, UserError)
 
 
-def test_model_output_shape_mismatch_raises_user_error():
+def test_model_output_shape_mismatch_is_a_programming_error():
     s = _schedule()
-    with pytest.raises(UserError, match="out_channels"):
+    with pytest.raises(ValueError, match="out_channels"):
         model_output_to_x0_eps(s, torch.zeros(2, 1, 4), torch.zeros(2, 3, 4), torch.tensor([1, 2]))
 
 
@@ -255,7 +256,7 @@ def test_training_loss_user_errors():
     x0 = torch.zeros(2, 3, 4)
     with pytest.raises(UserError, match="min_snr_gamma"):
         training_loss(lambda x, t: x, s, x0, min_snr_gamma=-1.0)
-    with pytest.raises(UserError, match="out_channels"):
+    with pytest.raises(ValueError, match="out_channels"):
         training_loss(lambda x, t: x[:, :1], s, x0)
     with pytest.raises(UserError, match="min_snr_gamma"):
         min_snr_weight(s, torch.tensor([1]), 0.0)

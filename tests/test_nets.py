@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ldm.core.errors import UserError
-from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig, kl_divergence
+from ldm.nets import VAE, UNet, UNetConfig, VAEConfig, kl_divergence
 from ldm.nets.blocks import SelfAttention, timestep_embedding
 
 # Non-cubic spatial sizes so mixed-up axes would show; divisible by 8 (VAE) and 4 (UNet).
@@ -30,22 +30,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def tiny_vae(spatial_dims: int = 3, levels: int = 3, **kw: object) -> VAE3d:
+def tiny_vae(spatial_dims: int = 3, levels: int = 3, **kw: object) -> VAE:
     torch.manual_seed(0)
     cfg = VAEConfig(spatial_dims=spatial_dims, channels=(4,) * levels, norm_groups=2, **kw)
-    return VAE3d(cfg)
+    return VAE(cfg)
 
 
-def tiny_unet(spatial_dims: int = 3, **kw: object) -> UNet3d:
+def tiny_unet(spatial_dims: int = 3, **kw: object) -> UNet:
     torch.manual_seed(0)
     args: dict = dict(
         spatial_dims=spatial_dims, channels=(8, 8), num_res_blocks=1, num_heads=2, norm_groups=4
     )
     args.update(kw)
-    return UNet3d(UNetConfig(**args))
+    return UNet(UNetConfig(**args))
 
 
-def perturb_output_conv(net: UNet3d) -> None:
+def perturb_output_conv(net: UNet) -> None:
     """Give the zero-initialised output conv random weights so the output depends on the input."""
     torch.manual_seed(1)
     nn.init.normal_(net.conv_out.weight, std=0.1)
@@ -131,7 +131,7 @@ def test_kl_matches_closed_form_and_torch_distributions() -> None:
 
 
 def test_kl_shape_mismatch() -> None:
-    with pytest.raises(UserError, match="same shape"):
+    with pytest.raises(ValueError, match="same shape"):  # a caller's bug, not a user error
         kl_divergence(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
@@ -172,7 +172,7 @@ def test_unet_unconditional_and_without_attention() -> None:
 
 
 def test_unet_middle_block_attention_count() -> None:
-    def mid(net: UNet3d) -> list[str]:
+    def mid(net: UNet) -> list[str]:
         return [type(m).__name__ for pair in zip(net.mid.res, net.mid.attn) for m in pair]
 
     assert mid(tiny_unet()) == ["ResBlock", "SelfAttention"] * 2
@@ -261,7 +261,7 @@ def test_config_round_trip_and_checkpoint_rebuild() -> None:
     torch.save({"config": asdict(vae.config), "model": vae.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    rebuilt = VAE3d(VAEConfig(**ckpt["config"]))
+    rebuilt = VAE(VAEConfig(**ckpt["config"]))
     rebuilt.load_state_dict(ckpt["model"])
     x = torch.randn(1, 1, 8, 8, 8)
     torch.testing.assert_close(rebuilt(x, sample=False)[0], vae(x, sample=False)[0])
@@ -276,16 +276,16 @@ def test_default_factors() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(spatial_dims=1), "spatial_dims: expected 2 or 3"),
+        (dict(spatial_dims=1), "spatial_dims must be 2 or 3"),
         (dict(spatial_dims=True), "spatial_dims"),
         (dict(channels=(16, 20)), "divisible by norm_groups=8"),
         (dict(channels=(8, 8, 8, 8, 8)), "1 to 4 levels"),
         (dict(channels=()), "1 to 4 levels"),
         (dict(channels=(8, -8)), "positive integers"),
         (dict(channels="16"), "list of integers"),
-        (dict(in_channels=0), "in_channels: expected an integer >= 1"),
+        (dict(in_channels=0), "in_channels must be an integer >= 1"),
         (dict(latent_channels=2.0), "latent_channels"),
-        (dict(num_res_blocks=-1), "num_res_blocks: expected an integer >= 0"),
+        (dict(num_res_blocks=-1), "num_res_blocks must be an integer >= 0"),
         (dict(norm_groups=0), "norm_groups"),
     ],
 )
@@ -300,7 +300,7 @@ def test_vae_config_errors(kwargs: dict, match: str) -> None:
         (dict(spatial_dims=4), "spatial_dims"),
         (dict(channels=(64, 100)), "divisible by norm_groups"),
         (dict(channels=(8, 24), num_heads=16), "divisible by num_heads=16"),
-        (dict(cond_channels=-1), "cond_channels: expected an integer >= 0"),
+        (dict(cond_channels=-1), "cond_channels must be an integer >= 0"),
         (dict(num_res_blocks=0), "num_res_blocks"),
         (dict(attention="yes"), "attention: expected true or false"),
         (dict(mid_attention=3), "mid_attention: expected 1"),
@@ -313,28 +313,28 @@ def test_unet_config_errors(kwargs: dict, match: str) -> None:
 
 def test_vae_input_errors() -> None:
     vae = tiny_vae(levels=3)  # f = 4
-    with pytest.raises(UserError, match=r"\(6, 8, 8\) must be divisible by .* factor 4"):
+    with pytest.raises(ValueError, match=r"\(6, 8, 8\) must be divisible by .* factor 4"):
         vae(torch.randn(1, 1, 6, 8, 8))
-    with pytest.raises(UserError, match="expected 1 channels"):
+    with pytest.raises(ValueError, match="expected 1 channels"):
         vae.encode(torch.randn(1, 2, 8, 8, 8))
-    with pytest.raises(UserError, match="expected a 5D tensor"):
+    with pytest.raises(ValueError, match="expected a 5D tensor"):
         vae.encode(torch.randn(1, 8, 8, 8))
-    with pytest.raises(UserError, match="expected 4 channels"):
+    with pytest.raises(ValueError, match="expected 4 channels"):
         vae.decode(torch.randn(1, 3, 2, 2, 2))
 
 
 def test_unet_input_errors() -> None:
     net = tiny_unet()  # f = 2, cond_channels = 4
     x, t = torch.randn(2, 4, 8, 8, 8), torch.tensor([1, 2])
-    with pytest.raises(UserError, match="got cond=None"):
+    with pytest.raises(ValueError, match="got cond=None"):
         net(x, t)
-    with pytest.raises(UserError, match="expected 4 channels"):
+    with pytest.raises(ValueError, match="expected 4 channels"):
         net(x, t, torch.randn(2, 3, 8, 8, 8))
-    with pytest.raises(UserError, match="cond must match x"):
+    with pytest.raises(ValueError, match="cond must match x"):
         net(x, t, torch.randn(2, 4, 8, 8, 4))
-    with pytest.raises(UserError, match="divisible by the downsampling factor 2"):
+    with pytest.raises(ValueError, match="divisible by the downsampling factor 2"):
         net(torch.randn(2, 4, 8, 8, 5), t, torch.randn(2, 4, 8, 8, 5))
-    with pytest.raises(UserError, match=r"expected t of shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"expected t of shape \(2,\)"):
         net(x, torch.tensor([1, 2, 3]), torch.randn(2, 4, 8, 8, 8))
-    with pytest.raises(UserError, match="unconditional"):
+    with pytest.raises(ValueError, match="unconditional"):
         tiny_unet(cond_channels=0)(x, t, torch.randn(2, 4, 8, 8, 8))

@@ -11,7 +11,7 @@ from PIL import Image
 from ldm.core.errors import ConfigError
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule
-from ldm.nets import UNet3d, UNetConfig, VAEConfig
+from ldm.nets import UNet, UNetConfig, VAEConfig
 from ldm.nets.restorer import RestorerAE, RestorerAEConfig, condition_channels
 from ldm.phases.ddim_similar_noise import DDIMSimilarNoiseConfig, run_experiment, window_slices
 from ldm.phases.ddim_similar_noise.sweeps import (
@@ -95,7 +95,7 @@ def test_experiment_works_for_2d_models(tmp_path):
         residual_ae=VAEConfig(spatial_dims=2, channels=(8, 8, 8), norm_groups=4),
     )  # fmt: skip
     vae = RestorerAE(cfg2d).eval()
-    unet = UNet3d(UNetConfig(spatial_dims=2, channels=(8, 16), num_res_blocks=1, attention=False,
+    unet = UNet(UNetConfig(spatial_dims=2, channels=(8, 16), num_res_blocks=1, attention=False,
                              norm_groups=4, cond_channels=condition_channels(cfg2d)))  # fmt: skip
     unet = unet.eval()
     assert condition_channels(cfg2d) == 2 * 4**2  # (mu, LR), f = 4 in 2D

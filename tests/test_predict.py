@@ -166,8 +166,8 @@ def test_bad_input(tiny_pipeline, tmp_path):
     assert "steps 2000 > the model's 1000" in line
     line = error_line(_predict(tiny_pipeline, tmp_path / "c", "--set", "sampler.spacing=middle"))
     assert "spacing must be one of trailing, leading, linspace" in line
-    line = error_line(_predict(tiny_pipeline, tmp_path / "d", "--set", "sampler.sampler=euler"))
-    assert "sampler must be one of ddim, ddpm" in line
+    line = error_line(_predict(tiny_pipeline, tmp_path / "d", "--set", "sampler.kind=euler"))
+    assert "sampler.kind must be one of ddim, ddpm" in line
     line = error_line(_predict(tiny_pipeline, tmp_path / "e", "--set",
                                f"diffusion_checkpoint={tmp_path / 'none.pt'}"))  # fmt: skip
     assert "run train_diffusion first" in line

@@ -1,5 +1,6 @@
-"""The quality bench (ldm/tools/quality_bench.py) and its scoring (ldm/tools/quality_scoring.py)
-on the predict-and-refine design: the rows of a scored volume, the variants, the tables."""
+"""The quality bench (ldm/tools/quality_bench.py, quality_variants.py, quality_report.py) and its
+scoring (ldm/tools/quality_scoring.py) on the predict-and-refine design: the rows of a scored
+volume, the variants, the tables."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule
 from ldm.evaluate.inference import first_stage_volume
 from ldm.evaluate.quality_metrics import latent_sensitivity
-from ldm.nets import UNet3d, UNetConfig, VAEConfig
+from ldm.nets import UNet, UNetConfig, VAEConfig
 from ldm.nets.restorer import RestorerAE, RestorerAEConfig, condition_channels
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from ldm.tools.quality_scoring import (
@@ -56,7 +57,7 @@ def tiny_first_stage() -> RestorerAE:
 def tiny_ldm() -> LatentDiffusion:
     vae = tiny_first_stage()
     c = vae.config.latent_channels
-    unet = UNet3d(UNetConfig(in_channels=c, out_channels=c, cond_channels=condition_channels(
+    unet = UNet(UNetConfig(in_channels=c, out_channels=c, cond_channels=condition_channels(
         vae.config), channels=(8, 8), num_res_blocks=1, num_heads=2, norm_groups=4))  # fmt: skip
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -178,7 +179,7 @@ def test_score_in_original_units_with_sharpness():
 
 
 def test_every_variant_fits_the_demo_configs():
-    from ldm.tools.quality_bench import NO_DIFFUSION, VARIANTS, variant_configs
+    from ldm.tools.quality_variants import NO_DIFFUSION, VARIANTS, variant_configs
 
     assert set(NO_DIFFUSION) <= set(VARIANTS) and "default" in VARIANTS
     for v in VARIANTS:
@@ -190,9 +191,9 @@ def test_every_variant_fits_the_demo_configs():
 
 
 def test_a_stale_variant_key_is_one_error_line_before_any_work(tmp_path, capsys, monkeypatch):
-    from ldm.tools import quality_bench
+    from ldm.tools import quality_bench, quality_variants
 
-    monkeypatch.setitem(quality_bench.VARIANTS, "old", ["model.lr_skip=true"])
+    monkeypatch.setitem(quality_variants.VARIANTS, "old", ["model.lr_skip=true"])
     with pytest.raises(SystemExit) as e:
         quality_bench.main(["--variants", "old", "--work", str(tmp_path / "w"), "--out",
                             str(tmp_path / "q.json")])  # fmt: skip
@@ -228,7 +229,7 @@ def _rows(hr: np.ndarray) -> dict:
 
 
 def test_one_table_per_dataset_with_every_row(tmp_path):
-    from ldm.tools.quality_bench import combine, format_table, summary_table
+    from ldm.tools.quality_report import combine, format_table, summary_table
 
     hr = np.random.default_rng(0).random((12, 12, 12))
     row = _rows(hr)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-import ldm.evaluate.quality_metrics as qm
+import ldm.evaluate.quality_metrics.sharpness as qm
 from ldm.core.errors import UserError
 from ldm.evaluate.quality_metrics import (
     cutoff_for_blur,

@@ -19,7 +19,7 @@ from ldm.data.dataset import AugmentConfig, PatchPairs, augment_pair
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule
 from ldm.evaluate.quality_metrics import latent_sensitivity
-from ldm.nets import UNet3d, UNetConfig, VAE3d, VAEConfig
+from ldm.nets import VAE, UNet, UNetConfig, VAEConfig
 from ldm.nets.restorer import (
     RestorerAE,
     RestorerAEConfig,
@@ -318,7 +318,7 @@ def test_predict_window_fn_goes_through_refine(ldm, monkeypatch):
 def _tiny_ldm() -> LatentDiffusion:
     vae = tiny_first_stage()
     torch.manual_seed(0)
-    unet = UNet3d(UNetConfig(channels=(8, 8), num_res_blocks=1, num_heads=2, norm_groups=4,
+    unet = UNet(UNetConfig(channels=(8, 8), num_res_blocks=1, num_heads=2, norm_groups=4,
                              cond_channels=condition_channels(vae.config))).eval()  # fmt: skip
     schedule = make_schedule(DiffusionConfig(num_train_timesteps=100))
     return LatentDiffusion(vae, unet, schedule, 1.0, torch.device("cpu"), 0, 0)
@@ -356,7 +356,7 @@ def test_start_from_the_noised_restorer_latent():
 def _old_first_stage_checkpoint(path) -> None:
     """What train_vae_pair saved before the restorer: one LR-aware VAE, its VAEConfig."""
     cfg = VAEConfig(channels=(8, 8, 8), norm_groups=4, lr_skip=True, residual=True)
-    weights = VAE3d(cfg).state_dict()
+    weights = VAE(cfg).state_dict()
     save_checkpoint({"kind": "vae", "model_config": asdict(cfg), "model": weights,
                      "ema": {f"module.{k}": v for k, v in weights.items()}, "step": 2,
                      "extra": {}}, path)  # fmt: skip

@@ -319,7 +319,7 @@ def test_sampler_user_errors():
         ddim(_smooth_model, x, s, t_start=1000, disable=True)
     with pytest.raises(UserError, match="floating-point"):
         ddpm(_smooth_model, torch.zeros(2, 3, dtype=torch.long), s, disable=True)
-    with pytest.raises(UserError, match="out_channels"):
+    with pytest.raises(ValueError, match="out_channels"):
         ddim(lambda x, t: x[:, :0], x, s, steps=2, disable=True)
     with pytest.raises(UserError, match="t_prev"):
         ddim_sigma(s, 10, 10, 1.0)

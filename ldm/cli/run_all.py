@@ -133,7 +133,7 @@ def summary_table(report: RunAllReport) -> str:
     return "\n".join(lines)
 
 
-def print_report(profile: str, report: RunAllReport) -> str:
+def format_report(profile: str, report: RunAllReport) -> str:
     """The closing text of run_all: one line per phase, then the summary table."""
     lines = [f"\nrun_all ({profile}): {len(report.rows)} phases in {report.seconds:.1f} s"]
     lines += [f"  {name:<20} {seconds:7.1f} s   {result.key}"

@@ -31,7 +31,7 @@ def _find_root() -> Path:
         return Path(env).resolve()
     if (Path.cwd() / "configs").is_dir():
         return Path.cwd().resolve()
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]  # ldm/core/config.py -> the checkout
     return here if (here / "configs").is_dir() else Path.cwd().resolve()
 
 
@@ -52,16 +52,27 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     if path is not None:
         path = Path(path)
         where = str(path)
+        if path.is_dir():
+            raise ConfigError(
+                f"{path} is a folder, not a config file; pass --config with a YAML file "
+                f"(configs/<profile>/<phase>.yaml)"
+            )
         if not path.is_file():
             raise ConfigError(
                 f"config file not found: {path} (pass --config with an existing YAML)"
             )
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: not a YAML text file (byte {e.start} is not UTF-8 text); pass --config "
+                f"with a YAML config such as configs/<profile>/<phase>.yaml"
+            ) from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             at = f" at line {line + 1}" if line is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+            why = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+            raise ConfigError(f"{path}: not valid YAML{at}: {why}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     for item in overrides or []:
@@ -101,7 +112,9 @@ def _closest(name: str, valid: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(valid)})"
 
 
-def _build(cls: type[T], data: Any, where: str, prefix: str) -> T:
+def _build(cls: type[T], data: Any, where: str, prefix: str, base: Any = None) -> T:
+    """``cls`` from ``data``; keys ``data`` lacks come from ``base`` (the enclosing config's
+    default for this section, e.g. train_vae_pair's own TrainConfig) or ``cls``'s defaults."""
     if not isinstance(data, dict):
         raise ConfigError(
             f"{where}: key '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}"
@@ -114,9 +127,17 @@ def _build(cls: type[T], data: Any, where: str, prefix: str) -> T:
             raise ConfigError(
                 f"{where}: unknown key '{prefix}{name}'{_closest(str(name), list(fields))}"
             )
-        kwargs[name] = _coerce(value, hints[name], where, f"{prefix}{name}")
+        section = _section_default(fields[name], hints[name], base)
+        if section is not None and isinstance(value, dict):
+            kwargs[name] = _build(hints[name], value, where, f"{prefix}{name}.", section)
+        else:
+            kwargs[name] = _coerce(value, hints[name], where, f"{prefix}{name}")
     for name, f in fields.items():
         if name in kwargs:
+            continue
+        if base is not None:
+            value = getattr(base, name)
+            kwargs[name] = resolve_path(value) if isinstance(value, Path) else value
             continue
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key '{prefix}{name}'")
@@ -126,6 +147,17 @@ def _build(cls: type[T], data: Any, where: str, prefix: str) -> T:
         return cls(**kwargs)
     except UserError as e:
         raise ConfigError(f"{where}: {_with_prefix(str(e), prefix)}") from None
+
+
+def _section_default(f: dataclasses.Field, hint: Any, base: Any) -> Any:
+    """The default instance of a nested config section (None when the field is not one)."""
+    if not dataclasses.is_dataclass(hint):
+        return None
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default_factory not in (dataclasses.MISSING, hint):  # a phase's own defaults
+        return f.default_factory()
+    return None  # the section's class defaults (and its presets, e.g. degrade.preset) apply
 
 
 def _with_prefix(message: str, prefix: str) -> str:

@@ -36,7 +36,13 @@ def check_range(key: str, value: object, lo: float, hi: float, *, hi_open: bool 
         )
 
 
+def check_int(key: str, value: object, minimum: int) -> None:
+    """``value`` is an integer (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {_fmt(value)}")
+
+
 def check_choice(key: str, value: object, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -22,7 +22,7 @@ from ldm.core.errors import CheckpointError, ConfigError
 from ldm.core.validate import check_choice, check_min, check_range
 from ldm.diffusion.samplers import SAMPLERS, SPACINGS, sampler_timesteps
 from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, add_noise, make_schedule
-from ldm.nets import UNet3d
+from ldm.nets import UNet
 from ldm.nets.loading import load_unet, load_vae
 from ldm.nets.restorer import RestorerAE, condition
 
@@ -31,7 +31,7 @@ INITS = ("noise", "restorer")
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    sampler: str = "ddim"  # ddim | ddpm (ancestral over all T steps)
+    kind: str = "ddim"  # ddim | ddpm (ancestral over all T steps)
     steps: int = 5  # DDIM steps (ignored by ddpm)
     eta: float = 0.0  # DDIM eta: 0 = deterministic given the start noise
     spacing: str = "trailing"  # trailing | leading | linspace
@@ -41,7 +41,7 @@ class SamplerConfig:
     t_start: int | None = None  # init 'restorer' only: the timestep z = 0 is noised to
 
     def __post_init__(self) -> None:
-        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("kind", self.kind, SAMPLERS)
         check_choice("init", self.init, INITS)
         if (self.init == "restorer") != (self.t_start is not None):
             raise ConfigError("sampler.t_start is set exactly when sampler.init is 'restorer'")
@@ -55,7 +55,7 @@ class SamplerConfig:
 @dataclass
 class LatentDiffusion:
     vae: RestorerAE  # the first stage: restorer + residual autoencoder
-    unet: UNet3d
+    unet: UNet
     schedule: NoiseSchedule
     scale: float  # latent scale factor: the UNet works on scale * residual latent
     device: torch.device
@@ -175,9 +175,9 @@ class LatentDiffusion:
                 f"steps {sampler.steps} > the model's {self.schedule.num_train_timesteps} "
                 "training timesteps; lower steps"
             )
-        timesteps = sampler_timesteps(sampler.sampler, self.schedule.num_train_timesteps,
+        timesteps = sampler_timesteps(sampler.kind, self.schedule.num_train_timesteps,
                                       sampler.steps, sampler.spacing, t_start)  # fmt: skip
-        return SAMPLERS[sampler.sampler](
+        return SAMPLERS[sampler.kind](
             self.unet, noise, self.schedule, timesteps, eta=sampler.eta,
             extra_args={"cond": cond}, generator=generator, callback=callback, disable=True,
         )  # fmt: skip

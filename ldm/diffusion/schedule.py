@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ldm.core.errors import UserError
+from ldm.core.validate import check_choice, check_int
 
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v")
@@ -32,11 +33,6 @@ COSINE_S = 0.008  # Nichol & Dhariwal 2021, sec. 3.2: small offset so beta_1 is 
 COSINE_MAX_BETA = 0.999  # same paper: clip beta_t to avoid a singularity at t = T
 
 Model = Callable[..., Tensor]
-
-
-def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise UserError(f"{name} must be one of: {', '.join(valid)}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -51,11 +47,9 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0  # 0 = plain MSE; > 0 = min-SNR-gamma weighting (Hang et al. 2023)
 
     def __post_init__(self) -> None:
-        t = self.num_train_timesteps
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise UserError(f"num_train_timesteps must be an integer >= 1, got {t!r}")
-        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_int("num_train_timesteps", self.num_train_timesteps, 1)
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise UserError(
                 "beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, "
@@ -73,9 +67,10 @@ class NoiseSchedule:
     alphas: Tensor
     alphas_cumprod: Tensor
     prediction_type: str
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         n = self.betas.shape
         if len(n) != 1 or self.alphas.shape != n or self.alphas_cumprod.shape != n:
             raise ValueError(f"betas, alphas, alphas_cumprod must be 1D of one length, got {n}")
@@ -84,6 +79,18 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         """T, the number of forward-process steps."""
         return self.betas.shape[0]
+
+    def table(self, name: str, device: torch.device) -> Tensor:
+        """``sqrt_abar``, ``sqrt_1m_abar`` or ``snr`` (T,) on ``device``, made once per device so
+        that a step indexes it with a device ``t`` without a host sync (float64; float32 on MPS)."""
+        key = (name, str(device))
+        if key not in self._tables:
+            abar = self.alphas_cumprod
+            values = {"sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt(),
+                      "snr": abar / (1 - abar)}[name]  # fmt: skip
+            dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+            self._tables[key] = values.to(device, dtype)
+        return self._tables[key]
 
 
 def _cosine_betas(num_train_timesteps: int) -> Tensor:
@@ -109,25 +116,28 @@ def make_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
 
 
 def _check_t(schedule: NoiseSchedule, t: Tensor, x: Tensor) -> Tensor:
-    """``t`` as a CPU LongTensor of shape (B,), checked against ``x`` (B, ...) and T."""
+    """``t`` as a LongTensor of shape (B,) on its own device, checked against ``x`` (B, ...).
+
+    A wrong ``t`` is a caller's bug (ValueError, with its traceback). The range is checked only
+    for a CPU ``t``: reading a GPU tensor's min/max would wait for the GPU on every step.
+    """
     if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise UserError(f"timesteps t must be an integer tensor of shape (B,), got {t!r}")
-    t = t.detach().to("cpu", torch.long)
+        raise ValueError(f"timesteps t must be an integer tensor of shape (B,), got {t!r}")
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise UserError(f"timesteps t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        raise ValueError(f"timesteps t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
     T = schedule.num_train_timesteps
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
-        raise UserError(
+    if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+        raise ValueError(
             f"timesteps must lie in [0, {T - 1}], got min {int(t.min())}, max {int(t.max())}"
         )
-    return t
+    return t.long()
 
 
-def _gather(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
-    """``values[t]`` (float64 on CPU) as a (B, 1, ..., 1) tensor with x's dtype and device."""
-    out = values[t].to(device=x.device, dtype=x.dtype)  # (B,)
+def _gather(schedule: NoiseSchedule, name: str, t: Tensor, x: Tensor) -> Tensor:
+    """``schedule.table(name)[t]`` as a (B, 1, ..., 1) tensor with x's dtype and device."""
+    out = schedule.table(name, t.device)[t].to(device=x.device, dtype=x.dtype)  # (B,)
     return out.reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -140,16 +150,20 @@ def noise_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
 def add_noise(schedule: NoiseSchedule, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (DDPM eq. 4) with given noise."""
     t = _check_t(schedule, t, x0)
-    abar = schedule.alphas_cumprod
     # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                      # (B, C, *spatial)
-    return _gather(abar.sqrt(), t, x0) * x0 + _gather((1 - abar).sqrt(), t, x0) * noise
+    return (
+        _gather(schedule, "sqrt_abar", t, x0) * x0
+        + _gather(schedule, "sqrt_1m_abar", t, x0) * noise
+    )
 
 
 def get_velocity(schedule: NoiseSchedule, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """The v target: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, sec. 4)."""
     t = _check_t(schedule, t, x0)
-    abar = schedule.alphas_cumprod
-    return _gather(abar.sqrt(), t, x0) * noise - _gather((1 - abar).sqrt(), t, x0) * x0
+    return (
+        _gather(schedule, "sqrt_abar", t, x0) * noise
+        - _gather(schedule, "sqrt_1m_abar", t, x0) * x0
+    )
 
 
 def model_output_to_x0_eps(
@@ -162,15 +176,14 @@ def model_output_to_x0_eps(
              eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t  (Salimans & Ho 2022, App. D).
     """
     if model_output.shape != x_t.shape:
-        raise UserError(
+        raise ValueError(
             f"model output shape {tuple(model_output.shape)} != input shape {tuple(x_t.shape)}; "
             "check the network's out_channels"
         )
     t = _check_t(schedule, t, x_t)
-    abar = schedule.alphas_cumprod
     model_output = model_output.to(x_t.dtype)
-    sqrt_abar = _gather(abar.sqrt(), t, x_t)  # sqrt(abar_t), (B, 1, ...)
-    sqrt_1m_abar = _gather((1 - abar).sqrt(), t, x_t)  # sqrt(1 - abar_t)
+    sqrt_abar = _gather(schedule, "sqrt_abar", t, x_t)  # sqrt(abar_t), (B, 1, ...)
+    sqrt_1m_abar = _gather(schedule, "sqrt_1m_abar", t, x_t)  # sqrt(1 - abar_t)
     if schedule.prediction_type == "epsilon":
         eps = model_output
         x0 = (x_t - sqrt_1m_abar * eps) / sqrt_abar
@@ -195,14 +208,14 @@ def snr(schedule: NoiseSchedule) -> Tensor:
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float) -> Tensor:
-    """Per-sample loss weight of min-SNR-gamma (Hang et al. 2023, sec. 3.4); (B,) float64 on CPU.
+    """Per-sample loss weight of min-SNR-gamma (Hang et al. 2023, sec. 3.4); (B,) on t's device.
 
     The weight min(SNR, gamma) is stated for an x_0 loss; written for our targets it becomes
     min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v.
     """
     if not gamma > 0:
         raise UserError(f"min_snr_gamma must be > 0 here (0 = off), got {gamma}")
-    s = snr(schedule)[t.detach().cpu().long()]  # (B,)
+    s = schedule.table("snr", t.device)[t.long()]  # (B,), no host sync
     clipped = s.clamp(max=gamma)
     return clipped / s if schedule.prediction_type == "epsilon" else clipped / (s + 1)
 
@@ -234,7 +247,7 @@ def training_loss(
     )
     model_output = model(x_t, t, **(extra_args or {}))
     if model_output.shape != target.shape:
-        raise UserError(
+        raise ValueError(
             f"model output shape {tuple(model_output.shape)} != target shape "
             f"{tuple(target.shape)}; check the network's out_channels"
         )

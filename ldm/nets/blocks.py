@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.core.errors import UserError
+from ldm.core.errors import ConfigError, UserError
 
 MAX_LEVELS = 4  # len(channels) <= 4, i.e. downsampling factor f = 2 ** (levels - 1) in {1, 2, 4, 8}
 
@@ -20,16 +20,9 @@ MAX_LEVELS = 4  # len(channels) <= 4, i.e. downsampling factor f = 2 ** (levels 
 # --------------------------------------------------------------------------- config checks
 
 
-def check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    """Raise UserError unless ``value`` is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{owner}.{name}: expected an integer >= {minimum}, got {value!r}")
-
-
 def check_spatial_dims(owner: str, spatial_dims: object) -> None:
-    """Raise UserError unless ``spatial_dims`` is 2 or 3."""
     if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
-        raise UserError(f"{owner}.spatial_dims: expected 2 or 3, got {spatial_dims!r}")
+        raise ConfigError(f"{owner}.spatial_dims must be 2 or 3, got {spatial_dims!r}")
 
 
 def as_channel_tuple(owner: str, channels: object, norm_groups: int) -> tuple[int, ...]:
@@ -57,17 +50,18 @@ def as_channel_tuple(owner: str, channels: object, norm_groups: int) -> tuple[in
 
 
 def check_input(owner: str, x: Tensor, spatial_dims: int, channels: int, factor: int) -> None:
-    """Raise UserError unless ``x`` is ``(B, channels, *spatial)``, sizes % factor == 0."""
+    """Raise ValueError unless ``x`` is ``(B, channels, *spatial)``, sizes % factor == 0: a
+    caller's bug (phases check windows and shapes first), shown with its traceback."""
     shape = tuple(x.shape)
     if x.ndim != spatial_dims + 2:
-        raise UserError(
+        raise ValueError(
             f"{owner}: expected a {spatial_dims + 2}D tensor (B, C, *{spatial_dims} spatial dims), "
             f"got shape {shape}"
         )
     if shape[1] != channels:
-        raise UserError(f"{owner}: expected {channels} channels, got shape {shape}")
+        raise ValueError(f"{owner}: expected {channels} channels, got shape {shape}")
     if any(s % factor != 0 for s in shape[2:]):
-        raise UserError(
+        raise ValueError(
             f"{owner}: spatial size {shape[2:]} must be divisible by the downsampling factor "
             f"{factor}, got shape {shape}; pad or crop the input"
         )
@@ -76,7 +70,7 @@ def check_input(owner: str, x: Tensor, spatial_dims: int, channels: int, factor:
 # --------------------------------------------------------------------------- layers
 
 
-class Conv3d(nn.Conv3d):
+class AutocastSafeConv3d(nn.Conv3d):
     """``nn.Conv3d``, except that under CPU autocast an input smaller than the kernel runs in
     float32: oneDNN's bf16 weight gradient of a 3x3x3 convolution over a 2x2x2 map is sometimes
     NaN (torch 2.13: 7-14 of 300 random batches; 4^3 maps, 1x1 and strided or transposed
@@ -102,7 +96,7 @@ def conv_nd(
     padding: int = 0,
 ) -> nn.Module:
     """``nn.Conv2d`` or ``nn.Conv3d`` depending on ``spatial_dims``."""
-    conv = Conv3d if spatial_dims == 3 else nn.Conv2d
+    conv = AutocastSafeConv3d if spatial_dims == 3 else nn.Conv2d
     return conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
 

@@ -2,7 +2,7 @@
 
 docs/design.md, "Predict and refine". The restorer is the LR-aware decoder path run on a zero
 latent (decode(0, LR): LR features at every level, output added to the LR), trained with L1 on
-HR. The residual autoencoder is a plain KL autoencoder (:class:`VAE3d` without LR inputs) of
+HR. The residual autoencoder is a plain KL autoencoder (:class:`VAE` without LR inputs) of
 r = HR - mu(LR) with mu detached: its decoder never sees the LR, so its latent is the only way
 detail beyond the restorer reaches the output (a decoder that sees the LR learns to ignore its
 latent: Lee et al., ICLR 2019). The diffusion then samples that latent given (mu, LR), and the
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.core.errors import UserError
-from ldm.nets.vae import VAE3d, VAEConfig, _Decoder, _LRFeatures
+from ldm.nets.vae import VAE, VAEConfig, _Decoder, _LRFeatures
 
 
 def _default_restorer() -> VAEConfig:
@@ -93,13 +93,13 @@ class Restorer(nn.Module):
 
 
 class RestorerAE(nn.Module):
-    """The first stage of the LDM: :class:`Restorer` + the residual :class:`VAE3d`."""
+    """The first stage of the LDM: :class:`Restorer` + the residual :class:`VAE`."""
 
     def __init__(self, config: RestorerAEConfig) -> None:
         super().__init__()
         self.config = config
         self.restorer = Restorer(config.restorer)
-        self.residual_ae = VAE3d(config.residual_ae)
+        self.residual_ae = VAE(config.residual_ae)
         self.s = 1.0 if config.residual_scale is None else float(config.residual_scale)
 
     def restore(self, lr: Tensor) -> Tensor:

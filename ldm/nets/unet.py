@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.core.errors import UserError
+from ldm.core.validate import check_int
 from ldm.nets.blocks import (
     Downsample,
     ResBlock,
@@ -23,7 +24,6 @@ from ldm.nets.blocks import (
     Upsample,
     as_channel_tuple,
     check_input,
-    check_int,
     check_spatial_dims,
     conv3x3,
     timestep_embedding,
@@ -32,7 +32,7 @@ from ldm.nets.blocks import (
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Architecture of :class:`UNet3d`; plain fields so ``UNetConfig(**asdict(cfg)) == cfg``.
+    """Architecture of :class:`UNet`; plain fields so ``UNetConfig(**asdict(cfg)) == cfg``.
 
     ``channels`` is the width per resolution level, input resolution first; inputs must be
     divisible by ``2 ** (len(channels) - 1)``. ``cond_channels = 0`` builds an unconditional net.
@@ -62,8 +62,8 @@ class UNetConfig:
                 f"attn), got {self.mid_attention!r}"
             )
         for name in ("in_channels", "out_channels", "num_res_blocks", "num_heads", "norm_groups"):
-            check_int("UNetConfig", name, getattr(self, name), 1)
-        check_int("UNetConfig", "cond_channels", self.cond_channels, 0)
+            check_int(f"UNetConfig.{name}", getattr(self, name), 1)
+        check_int("UNetConfig.cond_channels", self.cond_channels, 0)
         if not isinstance(self.attention, bool):
             raise UserError(f"UNetConfig.attention: expected true or false, got {self.attention!r}")
         channels = as_channel_tuple("UNetConfig", self.channels, self.norm_groups)
@@ -99,7 +99,7 @@ class _Level(nn.Module):
         )  # fmt: skip
 
 
-class UNet3d(nn.Module):
+class UNet(nn.Module):
     """Time-conditioned UNet: sinusoidal t embedding -> MLP -> FiLM in every residual block,
     skip connections between the down and up paths, optional attention at the lowest level.
     The output conv starts at zero, so the untrained net predicts 0.
@@ -157,27 +157,27 @@ class UNet3d(nn.Module):
     def _check(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         """Validate the inputs; return ``t`` as a ``(B,)`` tensor."""
         cfg = self.config
-        check_input("UNet3d", x, cfg.spatial_dims, cfg.in_channels, cfg.downsample_factor)
+        check_input("UNet", x, cfg.spatial_dims, cfg.in_channels, cfg.downsample_factor)
         if cfg.cond_channels > 0:
             if cond is None:
-                raise UserError(
-                    f"UNet3d: this net expects a condition with {cfg.cond_channels} channels, "
+                raise ValueError(
+                    f"UNet: this net expects a condition with {cfg.cond_channels} channels, "
                     "got cond=None"
                 )
-            check_input("UNet3d cond", cond, cfg.spatial_dims, cfg.cond_channels, 1)
+            check_input("UNet cond", cond, cfg.spatial_dims, cfg.cond_channels, 1)
             if cond.shape[0] != x.shape[0] or cond.shape[2:] != x.shape[2:]:
-                raise UserError(
-                    f"UNet3d: cond must match x in batch and spatial size, got cond "
+                raise ValueError(
+                    f"UNet: cond must match x in batch and spatial size, got cond "
                     f"{tuple(cond.shape)} for x {tuple(x.shape)}"
                 )
         elif cond is not None:
-            raise UserError("UNet3d: this net is unconditional (cond_channels=0), got a cond")
+            raise ValueError("UNet: this net is unconditional (cond_channels=0), got a cond")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
-            raise UserError(
-                f"UNet3d: expected t of shape ({x.shape[0]},) or a scalar, got {tuple(t.shape)}"
+            raise ValueError(
+                f"UNet: expected t of shape ({x.shape[0]},) or a scalar, got {tuple(t.shape)}"
             )
         return t
 

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.core.errors import UserError
+from ldm.core.validate import check_int
 from ldm.nets.blocks import (
     Downsample,
     ResBlock,
     Upsample,
     as_channel_tuple,
     check_input,
-    check_int,
     check_spatial_dims,
     conv3x3,
     conv_nd,
@@ -31,7 +31,7 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Architecture of :class:`VAE3d`; plain fields so ``VAEConfig(**asdict(cfg)) == cfg``.
+    """Architecture of :class:`VAE`; plain fields so ``VAEConfig(**asdict(cfg)) == cfg``.
 
     ``channels`` is the width per resolution level, full resolution first; the downsampling
     factor is ``f = 2 ** (len(channels) - 1)``. ``num_res_blocks`` residual blocks run at every
@@ -61,8 +61,8 @@ class VAEConfig:
         if self.residual and self.in_channels != self.out_channels:
             raise UserError("VAEConfig.residual needs in_channels == out_channels")
         for name in ("in_channels", "out_channels", "latent_channels", "norm_groups"):
-            check_int("VAEConfig", name, getattr(self, name), 1)
-        check_int("VAEConfig", "num_res_blocks", self.num_res_blocks, 0)
+            check_int(f"VAEConfig.{name}", getattr(self, name), 1)
+        check_int("VAEConfig.num_res_blocks", self.num_res_blocks, 0)
         channels = as_channel_tuple("VAEConfig", self.channels, self.norm_groups)
         object.__setattr__(self, "channels", channels)  # a list from YAML/JSON -> tuple
 
@@ -157,7 +157,7 @@ class _LRFeatures(nn.Module):
         return feats
 
 
-class VAE3d(nn.Module):
+class VAE(nn.Module):
     """KL autoencoder with GroupNorm + SiLU residual blocks; 2D or 3D by ``config.spatial_dims``.
 
     Knows nothing of training losses beyond :func:`kl_divergence`; ``decode(encode(x))`` may map
@@ -181,7 +181,7 @@ class VAE3d(nn.Module):
         ``logvar`` is clamped to ``[-30, 20]`` so ``exp`` stays finite.
         """
         cfg = self.config
-        check_input("VAE3d.encode", x, cfg.spatial_dims, cfg.in_channels, cfg.downsample_factor)
+        check_input("VAE.encode", x, cfg.spatial_dims, cfg.in_channels, cfg.downsample_factor)
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
@@ -192,18 +192,18 @@ class VAE3d(nn.Module):
         ignored otherwise): the decoder's full-resolution path and/or the residual's base.
         """
         cfg = self.config
-        check_input("VAE3d.decode", z, cfg.spatial_dims, cfg.latent_channels, 1)
+        check_input("VAE.decode", z, cfg.spatial_dims, cfg.latent_channels, 1)
         if not cfg.uses_lr:
             return self.decoder(z)
         if lr is None:
-            raise UserError(
-                "VAE3d.decode: this VAE (lr_skip/residual) decodes with the LR image; pass lr"
+            raise ValueError(
+                "VAE.decode: this VAE (lr_skip/residual) decodes with the LR image; pass lr"
             )
         want = tuple(s * cfg.downsample_factor for s in z.shape[2:])
-        check_input("VAE3d.decode(lr)", lr, cfg.spatial_dims, cfg.in_channels, 1)
+        check_input("VAE.decode(lr)", lr, cfg.spatial_dims, cfg.in_channels, 1)
         if tuple(lr.shape[2:]) != want or lr.shape[0] != z.shape[0]:
-            raise UserError(
-                f"VAE3d.decode: lr shape {tuple(lr.shape)} does not match the latent "
+            raise ValueError(
+                f"VAE.decode: lr shape {tuple(lr.shape)} does not match the latent "
                 f"{tuple(z.shape)} (expected spatial size {want})"
             )
         skips = self.lr_encoder(lr) if self.lr_encoder is not None else None
@@ -237,7 +237,7 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     per-sample sum of the paper.
     """
     if mu.shape != logvar.shape:
-        raise UserError(
+        raise ValueError(
             f"kl_divergence: mu and logvar must have the same shape, got {tuple(mu.shape)} "
             f"and {tuple(logvar.shape)}"
         )

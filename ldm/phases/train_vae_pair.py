@@ -43,7 +43,10 @@ class TrainVAEConfig:
     data_dir: Path = Path("dataset/vessel_phantom")
     out_dir: Path = Path("checkpoint/vae_denoise")
     model: RestorerAEConfig = field(default_factory=RestorerAEConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1200, batch_size=4, lr=2e-3, warmup_steps=50, ema_decay=0.99, val_every=200,
+        save_every=200, max_minutes=15.0,
+    ))  # fmt: skip
     kl_weight: float = 1e-6  # on the per-element mean KL of the residual latent
     grad_weight: float = 0.0  # restorer: L1 on spatial finite differences (edges)
     residual_grad_weight: float = 0.0  # residual autoencoder: L1 on spatial differences

@@ -1,7 +1,7 @@
 """Training steps of our VAE and UNet against MONAI's AutoencoderKL and DiffusionModelUNet.
 
 Benchmark only (the optional extra ``bench``: ``pip install -e .[bench]``). The VAE is the first
-stage's residual autoencoder (:class:`ldm.nets.VAE3d`, ``model.residual_ae`` of
+stage's residual autoencoder (:class:`ldm.nets.VAE`, ``model.residual_ae`` of
 ``configs/train_vae_pair.yaml``: a plain KL autoencoder of HR - mu, as MONAI's); the restorer
 has no MONAI counterpart and is left out. Both nets get the widths, residual blocks per level,
 latent channels, norm groups and attention of ``configs/train_vae_pair.yaml`` /
@@ -87,13 +87,13 @@ def build(
         raise UserError(f"kind must be vae or unet, got {kind!r}")
     vae_cfg, diffusion_cfg = model_configs()
     if kind == "vae":
-        from ldm.nets import VAE3d
+        from ldm.nets import VAE
 
         # the residual autoencoder: one residual patch per pair of the training batch
         m, b = vae_cfg.model.residual_ae, vae_cfg.train.batch_size
         x = torch.randn(b, 1, *PATCH, generator=gen).to(device)
         if which == "ours":
-            net = VAE3d(m)
+            net = VAE(m)
         else:
             net = _monai()[0](
                 spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=m.num_res_blocks,
@@ -107,7 +107,7 @@ def build(
             return (recon - x).square().mean() + 1e-4 * (mu.square() + logvar.exp() - logvar).mean()
 
         return net.to(device), loss, b
-    from ldm.nets import UNet3d
+    from ldm.nets import UNet
 
     m, b = diffusion_cfg.model, diffusion_cfg.train.batch_size
     latent = latent_patch(vae_cfg)
@@ -118,7 +118,7 @@ def build(
         torch.randn(b, m.out_channels, *latent, generator=gen),
     ))  # fmt: skip
     if which == "ours":
-        net = UNet3d(dataclasses.replace(m, mid_attention=1))  # MONAI's middle block
+        net = UNet(dataclasses.replace(m, mid_attention=1))  # MONAI's middle block
 
         def loss(net: torch.nn.Module) -> torch.Tensor:
             return F.mse_loss(net(z, t, cond), target)

@@ -122,7 +122,8 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": str(ROOT)}  # fmt: skip
 
 
-def run_phase(phase: str, args: list[str], overwrite: bool = False) -> tuple[int, str, float]:
+def run_subprocess(phase: str, args: list[str], overwrite: bool = False) -> tuple[int, str, float]:
+    """Run a phase script in a child process: (exit code, output, seconds)."""
     t0 = time.perf_counter()
     p = subprocess.run(_command(phase, args, overwrite), capture_output=True, text=True,
                        env=_env(), cwd=ROOT)  # fmt: skip
@@ -189,7 +190,7 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
     kind = "vae" if spec.name == "train_vae_pair" else "diffusion"
     # an uninterrupted reference run: its duration bounds the kill moments
     ref = ws / "reference" / spec.name
-    code, text, duration = run_phase(spec.name, spec.args(ws, ref))
+    code, text, duration = run_subprocess(spec.name, spec.args(ws, ref))
     if spec.name == "prepare_latents":  # writes into the dataset: the reference is the real run
         shutil.rmtree(out, ignore_errors=True)
     if code != 0:
@@ -216,10 +217,10 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
             fault = Fault(spec.name, "fresh" if fresh else "overwrite", killed)
             fault.checks["earlier intact"] = earlier_intact()
             if fresh and out.exists() and snapshot(out):  # the run finished before the kill
-                fault.checks["complete output"] = run_phase(spec.name, spec.args(ws, out),
-                                                            overwrite=True)[0] == 0
+                rerun = run_subprocess(spec.name, spec.args(ws, out), overwrite=True)
+                fault.checks["complete output"] = rerun[0] == 0
             elif fresh and spec.next_phase:
-                code, text, _ = run_phase(spec.next_phase, NEXT_ARGS[spec.next_phase](ws))
+                code, text, _ = run_subprocess(spec.next_phase, NEXT_ARGS[spec.next_phase](ws))
                 fault.checks["next phase refuses"] = code == 2 and "error:" in text
             elif not fresh:
                 if ended:  # the phase finished before the kill came: its output replaced
@@ -228,7 +229,7 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
                     )
                 else:
                     fault.checks["old output intact"] = snapshot(out) == before
-            code, _, took = run_phase(spec.name, spec.args(ws, out), overwrite=out.exists())
+            code, _, took = run_subprocess(spec.name, spec.args(ws, out), overwrite=out.exists())
             fault.checks["rerun completes"] = code == 0
             # the next kill lands within a rerun's time: reruns can be much shorter than the
             # first run (evaluate_psnr reuses the classical tuning cached in the dataset)
@@ -239,7 +240,7 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
         log(f"  {spec.name:<16} {fault.mode:<9} {when}  "
             f"{'ok' if fault.survived else 'FAILED ' + str(fault.checks)}")  # fmt: skip
     if spec.training:
-        code, text, _ = run_phase(spec.name, spec.args(ws, out))
+        code, text, _ = run_subprocess(spec.name, spec.args(ws, out))
         same = code == 0 and _weights_equal(out / "last.pt", ref / "last.pt", kind)
         faults[-1].checks["resumed == uninterrupted"] = same
         # --overwrite killed before its first save keeps the finished run
@@ -275,7 +276,7 @@ def fault_check(workspace: Path, kills: int = 3, seed: int = 0,
         log(f"{spec.name}:")
         faults += check_phase(spec, workspace, kills, rng, log)
         if not (workspace / spec.output).exists() or spec.training:
-            code, text, _ = run_phase(spec.name, spec.args(workspace, workspace / spec.output))
+            code, text, _ = run_subprocess(spec.name, spec.args(workspace, workspace / spec.output))
             if code != 0:
                 raise RuntimeError(f"{spec.name} failed after the faults:\n{text}")
     return faults
