@@ -67,3 +67,22 @@ def test_our_vae_and_unet_of_the_monai_comparison(demo_configs):
     net, loss, b = bench_monai.build("unet", "ours")
     assert net.config.cond_channels == diffusion.model.cond_channels
     assert torch.isfinite(loss(net))
+
+
+def test_dataset_scaling_case_runs_in_a_tiny_setting():
+    """ldm/tools/bench_dataset.py: prepare_data and prepare_latents in child processes on tiny
+    phantom cubes, with a tiny untrained first stage; the row the disk target reads."""
+    from ldm.tools import bench_dataset, bench_targets
+
+    assert benchmark.CASES["dataset_scaling"] is bench_dataset.dataset_scaling
+    r = bench_dataset.dataset_scaling(CPU, sizes=(24, 24, 24, 32), patch=16, stride=4,
+                                      first_stage="tiny")  # fmt: skip
+    for phase in ("prepare_data", "prepare_latents"):
+        assert r[phase]["seconds"] > 0 and r[phase]["peak_rss_mb"] > 50  # python + torch
+    assert r["source_mb"] > 0 and r["dataset_mb"] > 0 and r["latents_mb"] > 0
+    assert sum(r["patches"].values()) > 0 and r["per_patch_latents_mb"] > r["latents_mb"]
+    assert r["disk_ratio"] == bench_dataset.disk_ratio(r) <= 2.0
+    check = next(c for c in bench_targets.check_targets([{"case": "dataset_scaling", **r}])
+                 if c["figure"].startswith("dataset + latents"))  # fmt: skip
+    assert check["met"] is True
+    assert "x 24^3" in bench_targets.describe("dataset_scaling", r)

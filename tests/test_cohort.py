@@ -1,5 +1,5 @@
-"""predict_ldm over a folder: sharded over torchrun ranks, resumable per case, the same volumes
-whatever the number of processes (eta = 0, fixed seed)."""
+"""predict_ldm and evaluate_psnr over a folder: sharded over torchrun ranks, resumable per case,
+the same volumes and scores whatever the number of processes (eta = 0, fixed seed)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def _args(tp, folder: Path, out: Path) -> list[str]:
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+                          encoding="utf-8", errors="replace")  # fmt: skip
 
 
 def _volumes(out: Path) -> dict[str, np.ndarray]:
@@ -101,3 +102,87 @@ def test_other_settings_or_foreign_files_are_refused(tiny_pipeline, tmp_path):
     result = run_script("predict_ldm", *_args(tiny_pipeline, folder, foreign)[0:], "--overwrite")
     assert result.exit_code == 2 and "did not write" in result.output
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# evaluate_psnr: the same shared cohort logic (ldm/core/cohort.py) -------------------------------
+
+FAST_TUNE = ["--set", "tune.max_patches=4", "--set", "tune.filter_max_patches=2",
+             "--set", "tune.tv_weights=[0.05, 0.2]", "--set", "tune.nlm_hs=[0.05, 0.15]",
+             "--set", "tune.bm4d=false"]  # fmt: skip
+
+
+def _pairs(tp, tmp_path) -> Path:
+    """4 LR/HR pairs: a tiny test case and flipped copies, as NIfTI."""
+    manifest = json.loads((tp.data_dir / "manifest.json").read_text())
+    case = next(c for c in manifest["cases"].values() if c["split"] == "test")
+    lr, hr = (np.load(tp.data_dir / case["volume"][k]) * 100.0 for k in ("lr", "hr"))
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    flips = (lambda v: v, lambda v: v[::-1], lambda v: v[:, ::-1], lambda v: v.transpose(1, 0, 2))
+    for i, flip in enumerate(flips):
+        for kind, v in (("lr", lr), ("hr", hr)):
+            v = np.ascontiguousarray(flip(v), np.float32)
+            save_volume(folder / f"case{i}_{kind}.nii.gz", v)
+    return folder
+
+
+def _eval_args(tp, out: Path, folder: Path | None = None) -> list[str]:
+    pairs = [] if folder is None else ["--folder", str(folder), "--input-glob", "*_lr.nii.gz",
+                                       "--target-glob", "*_hr.nii.gz"]  # fmt: skip
+    return [*pairs, "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
+            "--set", f"out_dir={out}", "--set", "device=cpu", *FAST_TUNE]  # fmt: skip
+
+
+def test_evaluate_two_processes_give_the_single_process_scores(tiny_pipeline, tmp_path):
+    folder = _pairs(tiny_pipeline, tmp_path)
+    one, two, single = tmp_path / "one", tmp_path / "two", tmp_path / "single"
+    result = run_script("evaluate_psnr", *_eval_args(tiny_pipeline, one, folder))
+    assert result.exit_code == 0, result.output
+    r2 = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--standalone", "-m", "ldm", "evaluate_psnr",
+               *_eval_args(tiny_pipeline, two, folder)])  # fmt: skip
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert list(b["cases"]) == ["case0", "case1", "case2", "case3"]
+    for key in ("cases", "mean", "tuned", "external"):
+        assert a[key] == b[key], key
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert (one / "metrics.csv").read_bytes() == (two / "metrics.csv").read_bytes()
+    for d in (one, two):
+        assert (d / "comparison.png").is_file() and len(list(d.glob("case*/comparison.png"))) == 4
+    # the single-process writer (one pair, no cohort) scores that case the same
+    lr, hr = folder / "case0_lr.nii.gz", folder / "case0_hr.nii.gz"
+    args = ["--input", str(lr), "--target", str(hr), *_eval_args(tiny_pipeline, single)]
+    assert run_script("evaluate_psnr", *args).exit_code == 0
+    plain = json.loads((single / "metrics.json").read_text())
+    assert list(plain["cases"].values()) == [a["cases"]["case0"]]
+
+
+def test_evaluate_rerun_keeps_finished_cases_and_replaces_only_its_own_results(
+    tiny_pipeline, tmp_path
+):
+    folder = _pairs(tiny_pipeline, tmp_path)
+    out = tmp_path / "out"
+    args = ["evaluate_psnr", *_eval_args(tiny_pipeline, out, folder)]
+    assert run_script("evaluate_psnr", *_eval_args(tiny_pipeline, out)).exit_code == 0  # test set
+    result = run_script(*args)  # a single-process run's results: replaced only with --overwrite
+    assert result.exit_code == 2 and "pass --overwrite" in result.output
+    assert run_script(*args, "--overwrite").exit_code == 0
+    scores = json.loads((out / "metrics.json").read_text())["cases"]
+    assert list(scores) == ["case0", "case1", "case2", "case3"]
+    done = {p: p.stat().st_mtime_ns for p in out.glob("case[012]/*")}
+    # a kill during case3: its folder never reached its final name, a partial staging is left
+    os.replace(out / "case3", out / ".stage-0-999999999")
+    (out / ".stage-0-999999999" / "metrics.json").write_text("{")
+    result = run_script(*args)  # same settings: no --overwrite needed
+    assert result.exit_code == 0, result.output
+    assert "3 case(s) were done in an earlier run and kept" in result.output
+    assert {p: p.stat().st_mtime_ns for p in out.glob("case[012]/*")} == done
+    assert json.loads((out / "metrics.json").read_text())["cases"] == scores
+    assert not list(out.glob(".stage-*"))
+    result = run_script(*args, "--set", "overlap=0.25")
+    assert result.exit_code == 2 and "other settings" in result.output
+    # a single-process run replaces the cohort folder whole with --overwrite
+    plain = run_script("evaluate_psnr", *_eval_args(tiny_pipeline, out), "--overwrite")
+    assert plain.exit_code == 0, plain.output
+    assert not list(out.glob("case*")) and not (out / ".evaluate_psnr.json").exists()

@@ -14,37 +14,46 @@ from ldm.core.errors import CheckpointError, DataError
 from ldm.data.dataset import PatchPairs
 from ldm.data.latents import LATENTS_VERSION, LatentPairs, load_latents_meta
 from ldm.diffusion.latent_diffusion import SamplerConfig, load_ldm
+from ldm.evaluate.volume_latents import case_arrays
 from ldm.nets.loading import load_vae
 from ldm.nets.restorer import condition
 from tests.helpers.cli import error_line, run_script
 
 
 def test_latents_meta_and_shapes(tiny_pipeline):
-    """prepare_latents writes mu(LR) and the mean latent of HR - mu per patch; LatentPairs gives
-    the diffusion (space-to-depth of (mu, LR), scale * z)."""
+    """prepare_latents writes mu(LR) and the mean latent of HR - mu of every whole case volume
+    (the first stage in sliding windows); LatentPairs crops the diffusion's pairs (space-to-depth
+    of (mu, LR), scale * z) at start and start / f."""
     lat = tiny_pipeline.data_dir / "latents"
     meta = json.loads((lat / "meta.json").read_text())
-    assert meta["format_version"] == LATENTS_VERSION == 2
+    assert meta["format_version"] == LATENTS_VERSION == 3
     assert meta["latent_shape"] == [4, 4, 4, 4] and meta["factor"] == 4  # 16^3 patches, f = 4
-    mu, z = np.load(lat / "train" / "mu.npy"), np.load(lat / "train" / "z.npy")
-    assert mu.shape == (meta["counts"]["train"], 1, 16, 16, 16) and z.shape[1:] == (4, 4, 4, 4)
-    assert meta["scale_factor"] == pytest.approx(1 / z.std(), rel=1e-5)
+    assert meta["window"] == [64, 64, 64] and meta["starts_rounded"] == 0
+    index = json.loads((lat / "train" / "patches.json").read_text())
+    assert len(index) == meta["counts"]["train"] and not list(lat.rglob("mu.npy"))
+    case = index[1]["case"]
+    mu, z = np.load(lat / "train" / f"{case}_mu.npy"), np.load(lat / "train" / f"{case}_z.npy")
+    assert mu.shape == (1, 24, 24, 24) and z.shape == (4, 6, 6, 6)  # 24^3 volumes
     assert meta["vae"]["step"] == load_checkpoint(tiny_pipeline.vae, "vae")["step"]
-    # the stored arrays are the first stage's: restorer output and mean latent of HR - mu
+    # the stored arrays are the first stage's on the whole volume
     vae, _ = load_vae(tiny_pipeline.vae)
     patches = PatchPairs(tiny_pipeline.data_dir, "train")
-    lr, hr = (torch.stack([patches[i][k] for i in range(2)]) for k in (0, 1))
-    with torch.no_grad():
-        want_mu = vae.restore(lr)
-        want_z = vae.encode(hr - want_mu)[0]
-    torch.testing.assert_close(torch.from_numpy(mu[:2]), want_mu, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(z[:2]), want_z, atol=1e-5, rtol=1e-4)
+    want_mu, want_z = case_arrays(vae, patches.lr.volume(case), patches.hr.volume(case),
+                                  (64, 64, 64))  # fmt: skip
+    torch.testing.assert_close(torch.from_numpy(mu[0]), torch.from_numpy(want_mu))
+    torch.testing.assert_close(torch.from_numpy(z), torch.from_numpy(want_z))
     pairs = LatentPairs(lat, "train", meta["scale_factor"], tiny_pipeline.data_dir, 4)
     assert len(pairs) == meta["counts"]["train"]
+    crops = np.stack([pairs.z[i] for i in range(len(pairs))])  # the per-patch latents
+    assert meta["scale_factor"] == pytest.approx(1 / crops.std(), rel=1e-5)
     cond, scaled = pairs[1]
     assert cond.shape == (2 * 4**3, 4, 4, 4) and float(scaled.std()) > 0
-    torch.testing.assert_close(cond, condition(torch.from_numpy(mu[1:2]), lr[1:2], 4)[0])
-    torch.testing.assert_close(scaled, torch.from_numpy(z[1]) * meta["scale_factor"])
+    image = tuple(slice(a, a + 16) for a in index[1]["start"])
+    mu_crop = torch.from_numpy(mu[(slice(None), *image)])[None]
+    torch.testing.assert_close(cond, condition(mu_crop, patches[1][0][None], 4)[0])
+    z_crop = z[(slice(None), *(slice(a // 4, a // 4 + 4) for a in index[1]["start"]))]
+    torch.testing.assert_close(scaled, torch.from_numpy(z_crop) * meta["scale_factor"])
+    assert pairs.mu[:2].shape == (2, 1, 16, 16, 16)  # train_diffusion's validation reads these
 
 
 def test_latents_of_the_earlier_format_are_refused(tiny_pipeline, tmp_path):

@@ -29,6 +29,11 @@ def load_manifest(dataset_dir: Path) -> dict[str, Any]:
             f"(or point data_dir at a prepared dataset)"
         )
     manifest = load_json(path, "manifest", "rerun prepare_data --overwrite")
+    if not isinstance(manifest, dict):
+        raise DataError(
+            f"{path}: not a dataset manifest (a JSON {type(manifest).__name__}, not an object); "
+            f"rerun prepare_data --overwrite"
+        )
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise DataError(
             f"{path}: dataset format {manifest.get('format_version')} but this version reads "
@@ -83,6 +88,10 @@ class PatchArray:
                                 "rerun prepare_data --overwrite")  # fmt: skip
             self._vols[case] = _load_array(self.dir / info[self.side])
         return self._vols[case]
+
+    def volume(self, case: str) -> np.ndarray:
+        """The whole memory-mapped (D, H, W) volume of ``case`` (prepare_latents encodes it)."""
+        return self._volume(case)
 
     def __getitem__(self, i: int | slice) -> np.ndarray:
         if isinstance(i, slice):  # a stacked copy, as the array would give

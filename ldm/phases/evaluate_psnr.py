@@ -8,11 +8,17 @@ data range = HR max - min, intensity bias and contrast scale (docs/design.md, "M
 classical baselines (Gaussian, heat diffusion, TV, non-local means, optional BM4D) get their one
 parameter tuned for PSNR on train patches, never on test data. External pairs (``--input LR
 --target HR`` or ``--folder`` with globs) are read and normalised by ldm/data/external.py.
+With ``--folder``, or under torchrun, the cases are sharded over the ranks, each kept in
+``<out>/<case>/`` as it finishes (a rerun skips them), and rank 0 writes the same summary
+files as a single-process run (ldm/core/cohort.py; docs/design.md, "Cohort inference").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +28,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ldm.core.checkpoint import file_digest
+from ldm.core.cohort import open_cohort
 from ldm.core.config import save_config
-from ldm.core.distributed import pick_device
+from ldm.core.distributed import init_distributed, pick_device
 from ldm.core.errors import ConfigError, DataError, UserError
-from ldm.core.files import save_json, staged_dir
+from ldm.core.files import atomic_path, save_json, staged_dir
+from ldm.core.outdir import check_out_dir, config_inputs
 from ldm.core.pipeline import PhaseResult
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
 from ldm.data.external import ExternalInputs, external_cases
@@ -34,15 +43,19 @@ from ldm.evaluate.baselines import (
     LABELS,
     TABLE_NOTE,
     TuneConfig,
+    finite_json,
     format_table,
     mean_scores,
     method_details,
     method_outputs,
+    restore_non_finite,
     save_metrics_csv,
     score_outputs,
     tuned_baselines,
     tuned_text,
 )
+from ldm.evaluate.classical import bm4d_available
+from ldm.evaluate.cohort import LazyTuned, cohort_cases
 from ldm.evaluate.viz import save_comparison_png
 from ldm.nets.loading import load_vae
 
@@ -163,18 +176,25 @@ def _evaluate_cases(
     """Scores per case and method; draws ``png`` for the image case on the way."""
     per_case = {}
     for case in tqdm(cases, total=n, desc="evaluate_psnr", unit="case"):
-        outputs = method_outputs(case, vae, params, window, overlap=cfg.overlap,
-                                 batch_size=cfg.batch_size, device=device)  # fmt: skip
-        keep = case.name == image_case
-        per_case[case.name], originals = score_outputs(outputs, case.hr, case.to_original, keep,
-                                                       sharpness=True)  # fmt: skip
-        log.info(
-            "%s: restorer %.2f dB, baseline %.2f dB", case.name,
-            per_case[case.name]["restorer"]["psnr"], per_case[case.name]["baseline"]["psnr"],
-        )  # fmt: skip
-        if keep:
-            _save_png(png, case.name, originals, per_case[case.name], params)
+        png_of_case = png if case.name == image_case else None
+        per_case[case.name] = _evaluate_case(cfg, case, vae, params, window, device, png_of_case)
     return per_case
+
+
+def _evaluate_case(
+    cfg: EvaluateConfig, case: TestCase, vae: torch.nn.Module, params: dict[str, Any],
+    window: tuple[int, ...], device: torch.device, png: Path | None,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """One case's scores per method; draws ``png`` (unless None)."""
+    outputs = method_outputs(case, vae, params, window, overlap=cfg.overlap,
+                             batch_size=cfg.batch_size, device=device)  # fmt: skip
+    scores, originals = score_outputs(outputs, case.hr, case.to_original, png is not None,
+                                      sharpness=True)  # fmt: skip
+    log.info("%s: restorer %.2f dB, baseline %.2f dB", case.name, scores["restorer"]["psnr"],
+             scores["baseline"]["psnr"])  # fmt: skip
+    if png is not None:
+        _save_png(png, case.name, originals, scores, params)
+    return scores
 
 
 def _cases(
@@ -192,9 +212,29 @@ def evaluate_psnr(
     cfg: EvaluateConfig, *, overwrite: bool = False, external: ExternalInputs | None = None
 ) -> PhaseResult:
     """Score the first stage and the classical baselines on the test volumes (see module doc)."""
+    folder_run = external is not None and external.folder is not None
+    if folder_run or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded, resumable per case
+        return _evaluate_cohort(cfg, overwrite, external)
+    check_out_dir(cfg.out_dir, "evaluate_psnr", overwrite, config_inputs(cfg, external))
     manifest = load_manifest(cfg.data_dir)
     device = pick_device(cfg.device)
     cases, names, image_case, ext_info = _cases(cfg, manifest, external)
+    vae, step, window = _load_vae(cfg, manifest, device)
+    inputs = config_inputs(cfg, external)
+    with staged_dir(cfg.out_dir, overwrite, phase="evaluate_psnr", inputs=inputs) as tmp:
+        params = tuned_baselines(cfg.data_dir, cfg.tune, device)
+        per_case = _evaluate_cases(
+            cfg, cases, len(names), image_case, vae, params, window, device,
+            tmp / "comparison.png",
+        )  # fmt: skip
+        metrics = _write_results(tmp, cfg, per_case, params, step, window, ext_info)
+    return _result(cfg, step, window, metrics)
+
+
+def _load_vae(
+    cfg: EvaluateConfig, manifest: dict[str, Any], device: torch.device
+) -> tuple[torch.nn.Module, int, tuple[int, ...]]:
+    """(the first stage, its training step, the sliding window)."""
     vae, state = load_vae(cfg.vae_checkpoint, device)
     dims = int(manifest.get("spatial_dims", 3))
     if vae.config.spatial_dims != dims:
@@ -202,36 +242,96 @@ def evaluate_psnr(
             f"{cfg.vae_checkpoint}: a {vae.config.spatial_dims}D VAE cannot denoise the {dims}D "
             f"dataset {cfg.data_dir}; train_vae_pair on this dataset first"
         )
-    window = _window(cfg, manifest, vae.config.window_multiple, dims)
-    with staged_dir(cfg.out_dir, overwrite) as tmp:
-        params = tuned_baselines(cfg.data_dir, cfg.tune, device)
-        per_case = _evaluate_cases(
-            cfg, cases, len(names), image_case, vae, params, window, device,
-            tmp / "comparison.png",
-        )  # fmt: skip
-        mean = mean_scores(per_case)
-        metrics = {
-            "units": "original intensity units; data range = HR max - min per case",
-            "methods": {m: LABELS[m] for m in mean},
-            "mean": mean,
-            "cases": per_case,
-            "tuned": params,
-            "tuned_text": tuned_text(params),
-            "checkpoint": {"path": str(cfg.vae_checkpoint), "step": int(state["step"])},
-            "data_dir": str(cfg.data_dir),
-            "window": list(window),
-            "overlap": cfg.overlap,
-        }
-        if ext_info is not None:
-            metrics["external"] = ext_info
-        save_json(metrics, tmp / "metrics.json")
-        save_metrics_csv(per_case, tmp / "metrics.csv")  # the table, for spreadsheets
-        save_config(cfg, tmp / "config.yaml")
+    return vae, int(state["step"]), _window(cfg, manifest, vae.config.window_multiple, dims)
+
+
+def _write_results(
+    folder: Path, cfg: EvaluateConfig, per_case: dict[str, Any], params: dict[str, Any],
+    step: int, window: tuple[int, ...], ext_info: dict[str, Any] | None, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """metrics.json, metrics.csv and config.yaml into ``folder``; returns the metrics."""
+    mean = mean_scores(per_case)
+    metrics = {
+        "units": "original intensity units; data range = HR max - min per case",
+        "methods": {m: LABELS[m] for m in mean},
+        "mean": mean,
+        "cases": per_case,
+        "tuned": params,
+        "tuned_text": tuned_text(params),
+        "checkpoint": {"path": str(cfg.vae_checkpoint), "step": step},
+        "data_dir": str(cfg.data_dir),
+        "window": list(window),
+        "overlap": cfg.overlap,
+        **extra,
+    }
+    if ext_info is not None:
+        metrics["external"] = ext_info
+    save_json(finite_json(metrics), folder / "metrics.json")  # inf PSNR: null + note
+    save_metrics_csv(per_case, folder / "metrics.csv")  # the table, for spreadsheets
+    save_config(cfg, folder / "config.yaml")
+    return metrics
+
+
+def _result(
+    cfg: EvaluateConfig, step: int, window: tuple[int, ...], metrics: dict[str, Any], note: str = ""
+) -> PhaseResult:
+    mean = metrics["mean"]
     result, baseline = mean["restorer"]["psnr"], mean["baseline"]["psnr"]
     oracle = mean["oracle"]["psnr"]
     return PhaseResult(
-        _summary(cfg, int(state["step"]), window, metrics),
+        _summary(cfg, step, window, metrics) + note,
         f"restorer {result:.2f} dB, oracle {oracle:.2f} dB vs baseline {baseline:.2f} dB",
         {"result_psnr": result, "oracle_psnr": oracle, "baseline_psnr": baseline, "mean": mean},
         [cfg.out_dir / "metrics.json", cfg.out_dir / "metrics.csv", cfg.out_dir / "comparison.png"],
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# cohort: --folder, or under torchrun (docs/design.md, "Cohort inference")
+
+SUMMARY_FILES = ("metrics.json", "metrics.csv", "comparison.png", "config.yaml")
+SETTINGS = "VAE checkpoint, dataset, window, overlap, tune, BM4D or --resample"
+
+
+def _evaluate_cohort(
+    cfg: EvaluateConfig, overwrite: bool, external: ExternalInputs | None
+) -> PhaseResult:
+    """Rank r of W scores the cases i with i % W == r, each into ``<out>/<case>/`` (its
+    metrics.json and comparison.png, committed whole; kept on a rerun with the same settings);
+    rank 0 then writes the single-process run's metrics.json, metrics.csv, comparison.png (of
+    the image case) and config.yaml from them."""
+    manifest = load_manifest(cfg.data_dir)
+    names = _case_names(cfg, manifest) if external is None or not external.given else None
+    info, device = init_distributed(cfg.device)
+    sources, load, ext_info = cohort_cases(cfg.data_dir, names, manifest, external, cfg.raw,
+                                           True, "evaluate_psnr")  # fmt: skip
+    names = list(sources)
+    image_case = cfg.image_case if ext_info is None and cfg.image_case else names[0]
+    vae, step, window = _load_vae(cfg, manifest, device)
+    params = LazyTuned(cfg.data_dir, cfg.tune, device)  # one rank tunes, the others wait
+
+    def work(name: str, folder: Path) -> None:
+        scores = _evaluate_case(cfg, load(name), vae, params(), window, device,
+                                folder / "comparison.png")  # fmt: skip
+        save_json(finite_json(scores), folder / "metrics.json")
+
+    signature = {
+        "vae": file_digest(Path(cfg.vae_checkpoint)),
+        "manifest": file_digest(Path(cfg.data_dir) / "manifest.json"),
+        "window": list(window), "overlap": cfg.overlap, "tune": dataclasses.asdict(cfg.tune),
+        "bm4d": cfg.tune.bm4d and bm4d_available(),
+        "resample": bool(external is not None and external.resample),
+    }  # fmt: skip
+    out = Path(cfg.out_dir)
+    with open_cohort(out, "evaluate_psnr", info, signature, sources, overwrite=overwrite,
+                     inputs=config_inputs(cfg, external), summary_files=SUMMARY_FILES,
+                     settings=SETTINGS) as cohort:  # fmt: skip
+        rows = cohort.run(names, work)
+        if rows is None:  # not rank 0
+            return PhaseResult(f"evaluate_psnr rank {info.rank}: done", "", {}, [out])
+        per_case = {n: restore_non_finite(r) for n, r in rows.items()}
+        metrics = _write_results(out, cfg, per_case, params(), step, window, ext_info,
+                                 world_size=info.world_size)  # fmt: skip
+        with atomic_path(out / "comparison.png") as tmp:
+            shutil.copyfile(out / image_case / "comparison.png", tmp)
+    return _result(cfg, step, window, metrics, cohort.kept_text())

@@ -29,7 +29,7 @@ from ldm.diffusion.latent_diffusion import CALIBRATION, SamplerConfig, load_ldm
 from ldm.diffusion.samplers import SPACINGS, ddim_sample, make_timesteps
 from ldm.diffusion.schedule import DiffusionConfig, make_schedule, training_loss
 from ldm.evaluate.metrics import psnr
-from ldm.nets import UNet3d, UNetConfig
+from ldm.nets import UNet, UNetConfig
 from ldm.nets.loading import load_vae
 from ldm.train.training import TrainConfig, train, training_summary
 
@@ -40,9 +40,11 @@ class TrainDiffusionConfig:
     latents_dir: Path | None = None  # default <data_dir>/latents
     vae_checkpoint: Path = Path("checkpoint/vae_denoise/best.pt")
     out_dir: Path = Path("checkpoint/diffusion")
-    model: UNetConfig = field(default_factory=lambda: UNetConfig(channels=(64, 128)))
+    model: UNetConfig = field(default_factory=lambda: UNetConfig(channels=(32, 64)))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=2000, batch_size=32, ema_decay=0.995, save_every=250, max_minutes=15.0,
+    ))  # fmt: skip
     val_samples: int = 16  # validation latents sampled at each validation
     val_steps: int = 25  # DDIM steps of the validation sampler
     val_spacing: str = "trailing"
@@ -114,9 +116,9 @@ def train_diffusion(cfg: TrainDiffusionConfig, *, overwrite: bool = False) -> Ph
     device = pick_device(cfg.train.device)
     vae, _ = load_vae(cfg.vae_checkpoint, device)
     val = LatentPairs(lat_dir, split, scale, cfg.data_dir, factor)
-    task = LatentDiffusionTask(cfg, val, PatchPairs(cfg.data_dir, split), vae, device)
+    task = LatentDiffusionTask(cfg, val, val.images, vae, device)  # HR at the latents' corners
     torch.manual_seed(cfg.train.seed)
-    model = UNet3d(cfg.model)
+    model = UNet(cfg.model)
     extra = {
         "diffusion": dataclasses.asdict(cfg.diffusion),
         "scale_factor": scale,

@@ -54,6 +54,14 @@ def _predict_seconds(rows: Rows) -> float:
     return _case(rows, "predict_vs_bm4d", size=128)["seconds"]
 
 
+def _disk_ratio(rows: Rows) -> float:
+    """The largest disk ratio of the dataset_scaling runs (ldm/tools/bench_dataset.py)."""
+    ratios = [r["disk_ratio"] for r in rows if r["case"] == "dataset_scaling" and "error" not in r]
+    if not ratios:
+        raise KeyError("dataset_scaling")
+    return max(ratios)
+
+
 TARGETS = [
     Target("predict_ldm 128^3, default sampler and N", _predict_seconds, "<=", 15.0, "s"),
     Target("BM4D time / predict_ldm time (128^3)",
@@ -77,6 +85,7 @@ TARGETS = [
            / _case(r, "unet_vs_monai")["monai_train_mb"], "<=", 1.0, "x"),
     Target("run_all --profile demo", lambda r: _case(r, "run_all_demo")["seconds"], "<=", 180.0,
            "s"),
+    Target("dataset + latents disk / (source + latents)", _disk_ratio, "<=", 2.0, "x"),
 ]  # fmt: skip
 
 
@@ -155,6 +164,10 @@ def describe(name: str, r: dict[str, Any]) -> str:
             f"{r['monai_saved_mb']:.0f} MB); params {r['ours_params']:,} / "
             f"{r['monai_params']:,}"
         )
+    if name == "dataset_scaling":
+        from ldm.tools.bench_dataset import describe as describe_dataset
+
+        return describe_dataset(r)
     if name == "run_all_demo":
         return f"{r['seconds']:.0f} s (1-min load average at the end {r['load_avg_1min']:.1f})"
     return str(r)

@@ -30,14 +30,15 @@ from ldm.core.files import check_writable_folder
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.diffusion.schedule import make_schedule, training_loss
 from ldm.evaluate.inference import first_stage_volume
-from ldm.nets import UNet3d
+from ldm.nets import UNet
 from ldm.nets.restorer import RestorerAE
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from ldm.phases.train_vae_pair import first_stage_loss
+from ldm.tools import bench_dataset
 from ldm.tools.bench_monai import latent_patch, model_configs
 from ldm.train.optim import precision_label, timed_step
 
-CASES: dict[str, Callable[..., dict[str, Any]]] = {}
+CASES: dict[str, Callable[..., dict[str, Any]]] = {**bench_dataset.CASES}  # + @case below
 
 
 def case(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -89,7 +90,7 @@ def vae_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
 def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
     vcfg, cfg = model_configs()
     latent = latent_patch(vcfg)  # 32^3 patches / f
-    model = UNet3d(cfg.model).to(device).train()
+    model = UNet(cfg.model).to(device).train()
     schedule = make_schedule(cfg.diffusion)
     b = cfg.train.batch_size
     z = torch.randn(b, cfg.model.in_channels, *latent, device=device)
@@ -112,7 +113,7 @@ def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
 def _random_ldm(device: torch.device) -> LatentDiffusion:
     """The LDM of configs/train_vae_pair.yaml + configs/train_diffusion.yaml, random weights."""
     vcfg, dcfg = model_configs()
-    vae, unet = RestorerAE(vcfg.model).to(device).eval(), UNet3d(dcfg.model).to(device).eval()
+    vae, unet = RestorerAE(vcfg.model).to(device).eval(), UNet(dcfg.model).to(device).eval()
     return LatentDiffusion(vae, unet, make_schedule(dcfg.diffusion), 1.0, device, 0, 0)
 
 
@@ -267,8 +268,8 @@ def sampler_quality(
     for sampler in runs:
         c = dataclasses.replace(cfg, sampler=sampler, num_samples=1)
         p, q, seconds = _scored_prediction(ldm, case, c, window)
-        steps = sampler.steps if sampler.sampler == "ddim" else ldm.schedule.num_train_timesteps
-        rows.append({"sampler": sampler.sampler, "steps": steps, "psnr": p, "ssim": q,
+        steps = sampler.steps if sampler.kind == "ddim" else ldm.schedule.num_train_timesteps
+        rows.append({"sampler": sampler.kind, "steps": steps, "psnr": p, "ssim": q,
                      "seconds": seconds})  # fmt: skip
     return {"test_case": case.name, "shape": list(case.hr.shape), "config": config,
             "default_steps": default, "baseline_psnr": psnr(case.to_original(case.lr), hr),
@@ -391,6 +392,8 @@ PLAN = [
     ("sampler_quality", {}),
     ("window_quality", {}),
     ("run_all_demo", {}),
+    ("dataset_scaling", {"sizes": [96] * 8}),  # issue 26: dataset + latents grow with volumes
+    ("dataset_scaling", {"sizes": [96] * 8 + [256]}),
 ]
 OPT_IN = [("quality", {})]  # tens of CPU minutes: run only when named in --only
 

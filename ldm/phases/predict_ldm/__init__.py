@@ -26,6 +26,7 @@ import torch
 from ldm.core.distributed import pick_device
 from ldm.core.errors import ConfigError
 from ldm.core.files import save_json, staged_dir
+from ldm.core.outdir import check_out_dir, config_inputs
 from ldm.core.pipeline import PhaseResult
 from ldm.core.validate import check_choice, check_min, check_range
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
@@ -36,12 +37,13 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_
 from ldm.evaluate.baselines import (
     LABELS,
     TuneConfig,
+    finite_json,
     method_outputs,
     score_outputs,
     tuned_baselines,
     uncertainty_scores,
 )
-from ldm.evaluate.inference import fit_window, sliding_window_infer
+from ldm.evaluate.inference import check_output_finite, fit_window, sliding_window_infer
 from ldm.phases.predict_ldm.cohort import predict_cohort
 from ldm.phases.predict_ldm.report import (
     case_pictures,
@@ -134,7 +136,7 @@ def _write_volume(
 ) -> Path:
     """One output volume in original units: the input's format (``auto``; NIfTI for a DICOM
     input, the analysis format), or ``output_format``; ``dicom`` writes a new series beside the
-    input's patient and study (ldm/data/dicom.py)."""
+    input's patient and study (ldm/data/dicom/write.py)."""
     fmt = case.meta.format if output_format == "auto" else output_format
     meta = dataclasses.replace(case.meta, dtype="float32")
     if fmt == "dicom" and output_format == "dicom":
@@ -168,6 +170,8 @@ def _predict_case(
     folder, final = out / case.name, cfg.out_dir / case.name  # staged and final locations
     t0 = time.perf_counter()
     mean, std, sample = predict_volume(ldm, case.model_lr, cfg, window)
+    for what, vol in (("LDM output", mean), ("LDM sample", sample), ("LDM std", std)):
+        check_output_finite(vol, case, what)  # before anything of this case is written
     mean, sample = case.from_model(mean), case.from_model(sample)
     std = case.from_model(std) if std is not None else None
     seconds = time.perf_counter() - t0
@@ -193,7 +197,7 @@ def _predict_case(
         reverse_process_gif(
             folder / "reverse_process.gif", ldm, case, window, cfg.sampler, cfg.seed
         )
-    save_json(row, folder / "metrics.json")
+    save_json(finite_json(row), folder / "metrics.json")  # inf PSNR: null + note
     return row
 
 
@@ -217,13 +221,15 @@ def predict_ldm(
     folder_run = external is not None and external.folder is not None
     if folder_run or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded, resumable per case
         return predict_cohort(cfg, manifest, external, overwrite, _predict_case)
+    check_out_dir(cfg.out_dir, "predict_ldm", overwrite, config_inputs(cfg, external))
     cases, ext_info = _cases(cfg, manifest, external)
     device = pick_device(cfg.device)
     ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
     window = tuple(cfg.window or manifest["patch_size"])
     check_window(window, ldm)
     rows: dict[str, dict] = {}
-    with staged_dir(cfg.out_dir, overwrite=overwrite) as out:
+    inputs = config_inputs(cfg, external)
+    with staged_dir(cfg.out_dir, overwrite, phase="predict_ldm", inputs=inputs) as out:
         tuned: dict = {}
 
         def get_params() -> dict:  # tuned once, when the first case with HR needs them

@@ -11,98 +11,44 @@ Used for ``--folder`` inputs and whenever the phase runs under torchrun (WORLD_S
   which replaces only the case folders and files this phase wrote;
 - after a barrier rank 0 merges the per-case metrics.json into metrics.json and metrics.csv.
 Every case is seeded by ``seed`` alone, so a case's output does not depend on the rank or on
-how many processes ran.
+how many processes ran. The folder logic is shared with evaluate_psnr (ldm/core/cohort.py; the
+case list: ldm/evaluate/cohort.py); this module adds predict_ldm's signature and summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ldm.core.checkpoint import file_digest
-from ldm.core.distributed import DistInfo, barrier, init_distributed
-from ldm.core.errors import UserError
-from ldm.core.files import load_json, pid_alive, save_json
+from ldm.core.cohort import open_cohort
+from ldm.core.distributed import init_distributed
+from ldm.core.outdir import config_inputs
 from ldm.core.pipeline import PhaseResult
-from ldm.data.dataset import TestCase, iter_test_cases
-from ldm.data.external import ExternalInputs, external_cases, load_external_case
+from ldm.data.external import ExternalInputs
 from ldm.diffusion.latent_diffusion import load_ldm
-from ldm.evaluate.baselines import tuned_baselines
+from ldm.evaluate.baselines import restore_non_finite
+from ldm.evaluate.cohort import LazyTuned, cohort_cases
 from ldm.phases.predict_ldm.report import write_summary
 
 log = logging.getLogger(__name__)
 
-MARKER = ".predict_ldm.json"
 SUMMARY_FILES = ("metrics.json", "metrics.csv", "config.yaml")
+SETTINGS = "checkpoints, dataset, sampler, samples, w, seed, window, output format or --resample"
 
 
-def signature(cfg: Any, window: tuple[int, ...]) -> dict[str, Any]:
+def signature(cfg: Any, window: tuple[int, ...], resample: bool = False) -> dict[str, Any]:
     """What makes two runs' case outputs interchangeable."""
     return {
         "vae": file_digest(Path(cfg.vae_checkpoint)),
         "diffusion": file_digest(Path(cfg.diffusion_checkpoint)),
+        "manifest": file_digest(Path(cfg.data_dir) / "manifest.json"),  # normalisation, test set
         "sampler": dataclasses.asdict(cfg.sampler), "num_samples": cfg.num_samples,
         "detail_weight": cfg.detail_weight, "seed": cfg.seed, "window": list(window),
-        "overlap": cfg.overlap, "output_format": cfg.output_format,
+        "overlap": cfg.overlap, "output_format": cfg.output_format, "resample": resample,
     }  # fmt: skip
-
-
-def _prepare_out(out: Path, sig: dict[str, Any], names: list[str], overwrite: bool) -> None:
-    """Rank 0: make ``out`` ready for this run; refuse a folder this phase did not write or
-    wrote with other settings (unless ``overwrite``: then drop only what it wrote)."""
-    marker = out / MARKER
-    for stage in out.glob(".stage-*-*") if marker.is_file() else ():  # a killed run's staging
-        pid = stage.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(stage, ignore_errors=True)
-    if out.exists() and any(out.iterdir()):
-        if not marker.is_file():
-            raise UserError(
-                f"{out} already holds files predict_ldm did not write; choose an empty or new "
-                "out_dir (--set out_dir=...)"
-            )
-        old = load_json(marker, "predict_ldm marker")
-        if old.get("signature") == sig:  # resume: finished cases are kept
-            cases = list(dict.fromkeys([*old.get("cases", []), *names]))
-            save_json({"signature": sig, "cases": cases}, marker)
-            return
-        if not overwrite:
-            raise UserError(
-                f"{out} holds a cohort run with other settings (checkpoints, sampler, samples, "
-                "w, seed, window or output format); pass --overwrite to replace it or choose "
-                "another out_dir"
-            )
-        for name in old.get("cases", []):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in SUMMARY_FILES:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json({"signature": sig, "cases": names}, marker)  # before any case: what --overwrite
-    # may remove later
-
-
-def _my_cases(
-    cfg: Any, manifest: dict, external: ExternalInputs | None, info: DistInfo
-) -> tuple[list[str], Iterator[TestCase], dict | None]:
-    """(all case names, this rank's cases loaded one at a time, external info or None)."""
-    if external is None or not external.given:
-        names = list(cfg.cases) if cfg.cases else [
-            n for n, c in manifest["cases"].items() if c["split"] == "test"
-        ]  # fmt: skip
-        mine = names[info.rank :: info.world_size]
-        return names, iter_test_cases(cfg.data_dir, mine) if mine else iter(()), None
-    _, names, ext = external_cases(external, manifest, cfg.raw, False, "predict_ldm")
-    pairs = [(n, Path(p["input"]), p["target"] and Path(p["target"]))
-             for n, p in ext["pairs"].items()]  # fmt: skip
-    mine = pairs[info.rank :: info.world_size]
-    cases = (load_external_case(n, lr, hr, manifest, cfg.raw, external.resample)[0]
-             for n, lr, hr in mine)  # fmt: skip
-    return names, cases, ext
 
 
 def predict_cohort(
@@ -117,48 +63,25 @@ def predict_cohort(
     window = tuple(cfg.window or manifest["patch_size"])
     check_window(window, ldm)
     out = Path(cfg.out_dir)
-    names, cases, ext_info = _my_cases(cfg, manifest, external, info)
-    sig = signature(cfg, window)
-    error: Exception | None = None
-    if info.is_main:
-        try:
-            _prepare_out(out, sig, names, overwrite)
-        except UserError as e:
-            error = e
-    barrier(info)
-    if error is not None:
-        raise error
-    if not (out / MARKER).is_file():  # rank 0 refused the folder: its error is the one shown
-        raise UserError(f"{out}: not prepared for this run (see the error of rank 0)")
-    tuned: dict = {}
+    sources, load, ext_info = cohort_cases(cfg.data_dir, cfg.cases, manifest, external, cfg.raw,
+                                           False, "predict_ldm")  # fmt: skip
+    names = list(sources)
+    params = LazyTuned(cfg.data_dir, cfg.tune, device)  # when the first case with HR needs them
 
-    def get_params() -> dict:
-        if not tuned:
-            tuned.update(tuned_baselines(cfg.data_dir, cfg.tune, device))
-        return tuned
+    def work(name: str, folder: Path) -> None:
+        gif = cfg.gif and name == names[0]  # rank 0's first case
+        predict_case(ldm, load(name), cfg, window, folder.parent, gif=gif, params=params)
 
-    stage = out / f".stage-{info.rank}-{os.getpid()}"
-    skipped = 0
-    try:
-        for i, case in enumerate(cases):
-            if (out / case.name / "metrics.json").is_file():
-                skipped += 1
-                log.info("%s: done in an earlier run, skipped", case.name)
-                continue
-            shutil.rmtree(stage, ignore_errors=True)
-            (stage / case.name).mkdir(parents=True)
-            gif = cfg.gif and info.is_main and i == 0
-            predict_case(ldm, case, cfg, window, stage, gif=gif, params=get_params)
-            shutil.rmtree(out / case.name, ignore_errors=True)  # a partial folder: never ours
-            os.replace(stage / case.name, out / case.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    barrier(info)
-    if not info.is_main:
-        return PhaseResult(f"predict_ldm rank {info.rank}: done", "", {}, [out])
-    rows = {n: load_json(out / n / "metrics.json") for n in names}
-    text, key, summary = write_summary(out, rows, cfg, ldm, tuned or None, ext_info,
-                                       window=list(window), world_size=info.world_size)
-    if skipped:
-        text += f"\n{skipped} case(s) of rank 0 were done in an earlier run and kept"
-    return PhaseResult(text, key, summary, [out])
+    sig = signature(cfg, window, bool(external and external.resample))
+    with open_cohort(out, "predict_ldm", info, sig, sources, overwrite=overwrite,
+                     inputs=config_inputs(cfg, external), summary_files=SUMMARY_FILES,
+                     settings=SETTINGS) as cohort:  # fmt: skip
+        rows = cohort.run(names, work)
+        if rows is None:  # not rank 0
+            return PhaseResult(f"predict_ldm rank {info.rank}: done", "", {}, [out])
+        rows = {n: restore_non_finite(r) for n, r in rows.items()}
+        tuned = params() if any("metrics" in r for r in rows.values()) else None  # cached
+        text, key, summary = write_summary(
+            out, rows, cfg, ldm, tuned, ext_info, window=list(window), world_size=info.world_size
+        )
+    return PhaseResult(text + cohort.kept_text(), key, summary, [out])

@@ -14,6 +14,7 @@ from ldm.data.dataset import TestCase
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.evaluate.baselines import (
     TABLE_NOTE,
+    finite_json,
     format_table,
     mean_scores,
     save_metrics_csv,
@@ -113,7 +114,7 @@ def summary_text(
     """Header, spacing warnings, the score table of the cases with HR (methods as rows, as in
     evaluate_psnr), the tuned parameters, seconds and output paths per case."""
     s = cfg.sampler
-    lines = [f"predict_ldm -> {cfg.out_dir} ({s.sampler}, {s.steps} steps, eta {s.eta}, "
+    lines = [f"predict_ldm -> {cfg.out_dir} ({s.kind}, {s.steps} steps, eta {s.eta}, "
              f"{cfg.num_samples} sample(s))"]  # fmt: skip
     if external:
         lines += external["warnings"]
@@ -157,7 +158,7 @@ def write_summary(
         summary["external"] = external
     text, key, means = summary_text(rows, cfg, params, external)
     summary["mean"] = means
-    save_json(summary, out / "metrics.json")
+    save_json(finite_json(summary), out / "metrics.json")
     scored = {k: r["metrics"] for k, r in rows.items() if "metrics" in r}
     if scored:
         save_metrics_csv(scored, out / "metrics.csv")

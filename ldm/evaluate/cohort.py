@@ -1,0 +1,61 @@
+"""The cases of a cohort run (predict_ldm, evaluate_psnr): their names, where each comes from,
+a loader of one case by name, and the tuned baselines fetched once per process. The folder
+logic (sharding, staged commits, resume, the final merge) is ``ldm.core.cohort``;
+docs/design.md, "Cohort inference"."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.core.errors import DataError
+from ldm.data.dataset import TestCase, iter_test_cases
+from ldm.data.external import ExternalInputs, external_cases, load_external_case
+from ldm.data.io import RawSpec
+from ldm.evaluate.baselines import TuneConfig, tuned_baselines
+
+
+def cohort_cases(
+    data_dir: Path, names: Sequence[str] | None, manifest: dict[str, Any],
+    external: ExternalInputs | None, raw: RawSpec, need_target: bool, command: str,
+) -> tuple[dict[str, str], Callable[[str], TestCase], dict[str, Any] | None]:  # fmt: skip
+    """(case name -> its source, a loader of one case by name, the external info for
+    metrics.json or None). Without external inputs: the test cases ``names`` (all when None)
+    of ``data_dir``, source = the dataset folder; else the external pairs, every file checked
+    here (ldm/data/external.py), source = the input and target files. A kept case of an
+    earlier run must have the same source."""
+    if external is None or not external.given:
+        test = [n for n, c in manifest["cases"].items() if c["split"] == "test"]
+        names = list(names) if names else test
+        for n in names:
+            if n not in test:
+                raise DataError(f"{data_dir}: no test case {n!r}; test cases: {', '.join(test)}")
+        source = str(Path(data_dir).resolve())
+        return dict.fromkeys(names, source), lambda n: next(iter_test_cases(data_dir, [n])), None
+    _, names, ext = external_cases(external, manifest, raw, need_target, command)
+    pairs = {n: (Path(p["input"]), Path(p["target"]) if p["target"] else None)
+             for n, p in ext["pairs"].items()}  # fmt: skip
+    sources = {n: " | ".join(str(p.resolve()) for p in pair if p) for n, pair in pairs.items()}
+
+    def load(name: str) -> TestCase:
+        lr, hr = pairs[name]
+        return load_external_case(name, lr, hr, manifest, raw, external.resample)[0]
+
+    return sources, load, ext
+
+
+class LazyTuned:
+    """The tuned classical baselines, tuned (or read from the dataset's cache) when first
+    needed: ``params()``."""
+
+    def __init__(self, data_dir: Path, tune: TuneConfig, device: torch.device) -> None:
+        self.data_dir, self.tune, self.device = data_dir, tune, device
+        self._params: dict[str, Any] | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        if self._params is None:
+            self._params = tuned_baselines(self.data_dir, self.tune, self.device)
+        return self._params
