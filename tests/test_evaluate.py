@@ -253,6 +253,7 @@ def test_existing_results_need_overwrite(trained, tmp_path):
     out = tmp_path / "res"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
+    (out / ".ldm3d.json").write_text('{"phase": "evaluate_psnr", "outputs": ["metrics.json"]}')
     assert "already exists; pass --overwrite" in error_line(evaluate_cli(trained, out))
     assert (out / "metrics.json").read_text() == "{}"
 
@@ -275,8 +276,8 @@ def test_tuned_baselines_are_cached_per_dataset_and_settings(trained, tmp_path, 
     assert baselines.tuned_baselines(data, tune, cpu) == first and len(calls) == 1
     wider = dataclasses.replace(tune, gaussian_sigmas=(0.0, 0.5, 1.0))
     baselines.tuned_baselines(data, wider, cpu)  # other grids: tuned again, cached apart
-    assert len(calls) == 2 and len(list((data / baselines.CACHE_DIR).glob("*.json"))) == 2
-    for f in (data / baselines.CACHE_DIR).glob("*.json"):
+    assert len(calls) == 2 and len(list((data / baselines.CACHE_DIR).glob("[!.]*.json"))) == 2
+    for f in (data / baselines.CACHE_DIR).glob("[!.]*.json"):
         f.write_text("{")  # a corrupt cache file is tuned over, not an error
     assert baselines.tuned_baselines(data, tune, cpu) == first and len(calls) == 3
     (data / "manifest.json").write_text((data / "manifest.json").read_text() + "\n")

@@ -90,18 +90,19 @@ def test_corrupt_nifti(tmp_path):
 
 def test_staged_dir_refuses_then_replaces_only_on_success(tmp_path):
     out = tmp_path / "out"
-    with staged_dir(out) as d:
+    with staged_dir(out, phase="demo") as d:
         (d / "a.txt").write_text("first")
     assert (out / "a.txt").read_text() == "first"
-    with pytest.raises(UserError, match="already exists; pass --overwrite"), staged_dir(out):
+    refused = pytest.raises(UserError, match="already exists; pass --overwrite")
+    with refused, staged_dir(out, phase="demo"):
         pass
-    with pytest.raises(RuntimeError), staged_dir(out, overwrite=True) as d:
+    with pytest.raises(RuntimeError), staged_dir(out, overwrite=True, phase="demo") as d:
         (d / "a.txt").write_text("half")
         raise RuntimeError("crash mid-write")
     assert (out / "a.txt").read_text() == "first"  # the failed run left the old results
-    with staged_dir(out, overwrite=True) as d:
+    with staged_dir(out, overwrite=True, phase="demo") as d:
         (d / "b.txt").write_text("second")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".ldm3d.json", "b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left behind
 
 
@@ -112,7 +113,7 @@ def test_written_files_get_normal_permissions(tmp_path, vol):
     os.umask(umask)
     save_volume(tmp_path / "p.npy", vol)
     assert (tmp_path / "p.npy").stat().st_mode & 0o777 == 0o666 & ~umask
-    with staged_dir(tmp_path / "out") as d:
+    with staged_dir(tmp_path / "out", phase="demo") as d:
         (d / "x.txt").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
@@ -131,16 +132,17 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_swap_is_undone(tmp_pat
     old = tmp_path / f".results.old-{dead}"
     old.mkdir()
     (old / "table.json").write_text("old")
+    (old / ".ldm3d.json").write_text('{"phase": "demo", "outputs": ["table.json"]}')
     stale_dir = tmp_path / f".results.{dead}.abc123.tmp"  # a staged folder a kill left
     stale_dir.mkdir()
     stale_file = tmp_path / f".tmp-{dead}-xyz-table.json"  # an atomic write a kill left
     stale_file.write_text("half")
     live_file = tmp_path / f".tmp-{os.getpid()}-xyz-other.json"  # ours: never touched
     live_file.write_text("mine")
-    with pytest.raises(UserError, match="already exists"), staged_dir(final):
+    with pytest.raises(UserError, match="already exists"), staged_dir(final, phase="demo"):
         pass
     assert (final / "table.json").read_text() == "old" and not old.exists()
-    with staged_dir(final, overwrite=True) as out:
+    with staged_dir(final, overwrite=True, phase="demo") as out:
         save_json({"new": 1}, out / "table.json")
     assert not stale_dir.exists()
     assert json.loads((final / "table.json").read_text()) == {"new": 1}
@@ -153,7 +155,7 @@ def test_staged_dir_names_the_output_folder_it_cannot_create(tmp_path):
     # the error must name the folder the user gave, not the hidden temp folder beside it
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(UserError) as e, staged_dir(blocker / "out"):
+    with pytest.raises(UserError) as e, staged_dir(blocker / "out", phase="demo"):
         pass
     assert str(e.value).startswith(f"{blocker / 'out'}: cannot create the output folder")
     assert ".tmp" not in str(e.value)

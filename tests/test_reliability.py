@@ -327,7 +327,7 @@ def test_prepare_data_overwrite_says_it_replaced_latents(tiny_pipeline, tmp_path
             "--set", "patches.stride=[8, 8, 8]", "--set", "split.val_fraction=0.25",
             "--set", "split.test_fraction=0.25", "--overwrite"]  # fmt: skip
     result = run_script("prepare_data", *args)
-    assert result.exit_code == 0 and "rerun prepare_latents" in result.output
+    assert result.exit_code == 0 and "rerun prepare_latents" in result.output, result.output
     assert not (data / "latents").exists()
 
 

@@ -21,6 +21,7 @@ from ldm.cli.common import (
     one_line_errors,
     run_phase,
     setup_logging,
+    sigterm_as_interrupt,
 )
 from ldm.core.pipeline import PHASES, get_phase
 
@@ -75,7 +76,7 @@ TargetOption = Annotated[
 FolderOption = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option("--folder", help="a folder of external volumes (with --input-glob); "
-                 "predict_ldm: sharded over torchrun ranks, finished cases kept on a rerun"),
+                 "sharded over torchrun ranks, finished cases kept on a rerun"),
     # fmt: skip
 ]
 InputGlobOption = Annotated[
@@ -159,14 +160,14 @@ def run_all(
         bool, typer.Option(help="default/mri profile: replace existing outputs (demo always does)")
     ] = False,
 ) -> None:
-    from ldm.cli.run_all import print_report
+    from ldm.cli.run_all import format_report
     from ldm.cli.run_all import run_all as run
 
     setup_logging()
-    with one_line_errors():  # exit 2, or 130 when interrupted
+    with one_line_errors(), sigterm_as_interrupt():  # exit 2, or 130 when interrupted
         names = [p.strip() for p in phases.split(",")] if phases else None
         report = run(profile, names, overwrite, on_phase=_phase_line)
-    typer.echo(print_report(profile, report))
+    typer.echo(format_report(profile, report))
 
 
 def _phase_line(i: int, n: int, name: str, seconds: float, result: Any) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldm.core.errors import CheckpointError
+from ldm.core.errors import CheckpointError, UserError
 from ldm.core.files import atomic_path
 
 FORMAT_VERSION = 1
@@ -21,11 +22,31 @@ PRODUCER = {"vae": "train_vae_pair", "diffusion": "train_diffusion"}
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temporary file beside ``path``, then rename (never a half-written file)."""
+    """torch.save to a temporary file beside ``path``, then rename (never a half-written file).
+
+    A failed write (a full disk: torch raises RuntimeError 'file write failed', Python OSError)
+    leaves any earlier ``path`` as it was and becomes a UserError naming ``path``."""
     state = {"format_version": FORMAT_VERSION, **state}
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_write_failure(e):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        why = " ".join(re.sub(r"^\s*\[enforce fail at [^\]]*\][\s.]*", "", why).split())[:120]
+        raise UserError(
+            f"{path}: cannot write the checkpoint ({why}); free space on that disk (or fix the "
+            f"folder's permissions), then rerun to resume; any earlier {path.name} is unchanged"
+        ) from None
+    return path
+
+
+def _is_write_failure(e: RuntimeError) -> bool:
+    """torch.save's C++ writer reports a short write (disk full) as a RuntimeError."""
+    text = str(e)
+    return any(s in text for s in ("PytorchStreamWriter", "inline_container", "write failed"))
 
 
 def load_checkpoint(
@@ -69,7 +90,25 @@ def load_checkpoint(
             f"{path}: holds a '{state.get('kind')}' model but a '{kind}' model is needed; "
             f"check the checkpoint path in your config"
         )
+    for part in ("model", "ema"):
+        check_finite_weights(state.get(part), path, part, producer)
     return state
+
+
+def check_finite_weights(weights: Any, path: Path, part: str, producer: str) -> None:
+    """CheckpointError naming the first tensor of ``weights`` (a state dict) with NaN/inf values:
+    such weights turn every output into NaN."""
+    if not isinstance(weights, dict):
+        return
+    for name, w in weights.items():
+        finite = not isinstance(w, torch.Tensor) or not w.is_floating_point()
+        if not (finite or bool(torch.isfinite(w).all())):
+            bad = int((~torch.isfinite(w)).sum())
+            raise CheckpointError(
+                f"{path}: weight {part}.{name} has {bad} NaN/inf of {w.numel()} values (the "
+                f"training diverged or the file is damaged); rerun {producer} with --overwrite, "
+                f"or use an earlier checkpoint"
+            )
 
 
 def file_digest(path: Path, length: int = 16) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ldm.core.errors import ConfigError
+from ldm.core.errors import ConfigError, UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -66,3 +66,14 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]
 def barrier(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()
+
+
+def raise_on_all_ranks(info: DistInfo, error: Exception | None) -> None:
+    """Rank 0's error (or None), raised on every rank: a check only rank 0 makes stops all."""
+    message = [str(error) if error is not None else None]
+    if info.enabled and dist.is_initialized():
+        dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise UserError(f"{message[0]} (rank 0's error)")

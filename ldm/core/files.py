@@ -13,13 +13,20 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ldm.core.errors import DataError, UserError
+from ldm.core.outdir import (
+    MARKER,
+    check_replaceable,
+    folder_lock,
+    marker_for,
+    refuse_unsafe_out_dir,
+)
 
 UMASK = os.umask(0)  # the process umask (read by setting it and back)
 os.umask(UMASK)
@@ -83,6 +90,58 @@ def load_json(path: Path, what: str = "file", fix: str = "") -> Any:
         ) from None
 
 
+def cached_json(path: Path, key: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """(value, True) from ``path`` (``{"key": key, "params": value}``) when its key matches, else
+    (``compute()``, False) saved there. Processes that miss at once (the ranks of a torchrun
+    cohort, two phases on one dataset) take turns on an flock of ``<path>.lock``: one computes,
+    the others wait and read its result. A folder that cannot be written only means no cache."""
+    path = Path(path)
+    found = _read_cached(path, key)
+    if found is not None:
+        return found, True
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with _waiting_lock(path.with_name(path.name + ".lock")):
+        found = _read_cached(path, key)  # written while this process waited
+        if found is not None:
+            return found, True
+        value = compute()
+        with contextlib.suppress(OSError):
+            save_json({"key": key, "params": value}, path)
+    return value, False
+
+
+def _read_cached(path: Path, key: str) -> Any:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # no cache yet, or an unreadable one
+    return data.get("params") if isinstance(data, dict) and data.get("key") == key else None
+
+
+@contextlib.contextmanager
+def _waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path``, waiting for another holder; without a lock where
+    the file cannot be made (or on Windows). The file stays: removing it would let a waiter
+    lock a file that a newcomer no longer sees."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None  # type: ignore[assignment]
+    fd = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # a filesystem without locks: none
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
@@ -94,43 +153,61 @@ def _json_default(o: Any) -> Any:
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(
+    final: Path, overwrite: bool = False, *, phase: str, inputs: Iterable[Path | None] = ()
+) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``final``; on success it replaces ``final``.
 
-    An existing non-empty ``final`` is an error unless ``overwrite`` is set; then it is removed
-    only after the new folder is complete, so a failed run leaves the previous results intact.
+    The rules of ``ldm.core.outdir`` apply: ``final`` must be a safe place that holds none of
+    ``inputs``; an existing non-empty ``final`` is replaced only when ``phase`` wrote it, it
+    holds nothing else, and ``overwrite`` is set; the folder is locked for the whole block. The
+    old folder is removed only after the new one is complete, so a failed run leaves the
+    previous results intact. The new folder gets the marker naming ``phase`` and its outputs.
     """
     final = Path(final)
-    if final.parent.is_dir():
-        _recover_swap(final)
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise UserError(
-            f"{final} already exists; pass --overwrite to replace it, or choose another output "
-            f"folder (--set out_dir=...)"
-        )
+    refuse_unsafe_out_dir(final, inputs)
+    if final.exists() and not final.is_dir():
+        raise UserError(f"out_dir {final} is a file, not a folder; choose another out_dir")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(final.parent, rf"\.{re.escape(final.name)}\.(\d+)\..*\.tmp")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp",
-                                    dir=final.parent))  # fmt: skip
-    except OSError as e:  # name the folder the user gave, not the temp folder beside it
-        raise UserError(
-            f"{final}: cannot create the output folder there ({e.strerror or e}); fix the "
-            f"permissions of {final.parent} or choose another out_dir"
-        ) from None
-    os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700
-    try:
-        yield tmp
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise UserError(_cannot_create(final, e)) from None
+    with folder_lock(final):
+        _recover_swap(final)
+        check_replaceable(final, phase, overwrite)
+        try:
+            _remove_stale(final.parent, rf"\.{re.escape(final.name)}\.(\d+)\..*\.tmp")
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp",
+                                        dir=final.parent))  # fmt: skip
+        except OSError as e:  # name the folder the user gave, not the temp folder beside it
+            raise UserError(_cannot_create(final, e)) from None
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700
+        try:
+            yield tmp
+            save_json(marker_for(tmp, phase), tmp / MARKER)
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cannot_create(final: Path, e: OSError) -> str:
+    blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return (
+            f"{final}: cannot create the output folder there: {blocker} is a file, not a "
+            "folder; choose another out_dir"
+        )
+    return (
+        f"{final}: cannot create the output folder there ({e.strerror or e}); fix the "
+        f"permissions of {final.parent} or choose another out_dir"
+    )
 
 
 def pid_alive(pid: int) -> bool:

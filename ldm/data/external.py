@@ -13,7 +13,6 @@ are resampled back to the input grid (docs/design.md, "External volumes").
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,9 @@ import numpy as np
 
 from ldm.core.errors import DataError, UserError
 from ldm.data.dataset import TestCase
-from ldm.data.dicom import is_series_path, series_name
 from ldm.data.io import RawSpec, VolumeMeta, load_volume
 from ldm.data.normalize import NormalizeConfig, normalisation
-from ldm.data.sources import case_name
+from ldm.data.sources import case_name, glob_keys, pair_by_globs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,10 @@ class ExternalInputs:
 
     @property
     def given(self) -> bool:
-        return self.input is not None or self.folder is not None
+        """True when any external option was given (a lone --target or --input-glob too: the
+        checks then refuse it instead of running on the test set)."""
+        named = (self.input, self.target, self.folder, self.input_glob, self.target_glob)
+        return any(v is not None for v in named) or self.resample
 
 
 @dataclass
@@ -90,6 +91,8 @@ def _check_spec(spec: ExternalInputs, need_target: bool, command: str) -> None:
         raise UserError(f"{command}: --input-glob/--target-glob need --folder DIR")
     if spec.input is None and spec.target is not None:
         raise UserError(f"{command}: --target needs --input (the LR volume it belongs to)")
+    if spec.resample and spec.input is None and spec.folder is None:
+        raise UserError(f"{command}: --resample needs --input (or --folder with --input-glob)")
     if spec.folder is not None and not spec.input_glob:
         raise UserError(f"{command}: --folder needs --input-glob, e.g. --input-glob '*_lr.nii.gz'")
     if need_target and spec.target is None and spec.target_glob is None:
@@ -99,63 +102,20 @@ def _check_spec(spec: ExternalInputs, need_target: bool, command: str) -> None:
         )
 
 
-def _glob_regex(pattern: str) -> re.Pattern | None:
-    """A regex with one group per ``*``/``?`` of a glob; None for globs with [] classes."""
-    if "[" in pattern:
-        return None
-    parts = [re.escape(p) for p in re.split(r"[*?]", pattern)]
-    wild = re.findall(r"[*?]", pattern)
-    rx = parts[0] + "".join(("(.*)" if w == "*" else "(.)") + p for w, p in zip(wild, parts[1:]))
-    return re.compile(rf"^{rx}$")
-
-
-def _input_name(path: Path) -> str:
-    """Case name: the file name less its volume extension; a DICOM series' folder name."""
-    return series_name(path) if is_series_path(path) else case_name(path)
-
-
-def _keyed(folder: Path, pattern: str, flag: str) -> dict[str, Path]:
-    files = sorted(p for p in folder.glob(pattern) if p.is_file() or p.is_dir())  # dir: DICOM
-    if not files:
-        raise DataError(
-            f"{folder}: no files or DICOM folders match {flag} {pattern!r}; check the pattern"
-        )
-    rx = _glob_regex(pattern)
-    keys = {}
-    for i, p in enumerate(files):
-        m = rx.match(p.name) if rx else None
-        key = "_".join(g for g in m.groups() if g) if m and m.groups() else f"{i:04d}"
-        keys[key or _input_name(p)] = p
-    return keys
-
-
 def external_pairs(
     spec: ExternalInputs, need_target: bool, command: str
 ) -> list[tuple[str, Path, Path | None]]:
     """(case name, LR path, HR path or None) for every pair the options name; checked first."""
     _check_spec(spec, need_target, command)
     if spec.input is not None:
-        return [(_input_name(Path(spec.input)), Path(spec.input), spec.target)]
+        return [(case_name(Path(spec.input)), Path(spec.input), spec.target)]
     folder = Path(spec.folder)
     if not folder.is_dir():
         raise DataError(f"--folder not found: {folder} (check the path)")
-    lr = _keyed(folder, spec.input_glob, "--input-glob")
     if spec.target_glob is None:
-        return [(k, p, None) for k, p in lr.items()]
-    hr = _keyed(folder, spec.target_glob, "--target-glob")
-    sides = (("input", lr, hr, "--target-glob", spec.target_glob),
-             ("target", hr, lr, "--input-glob", spec.input_glob))  # fmt: skip
-    for side, mine, other, flag, pattern in sides:
-        for key, path in mine.items():
-            if key not in other:
-                raise DataError(
-                    f"{path}: this {side} has no partner matching {flag} {pattern!r} "
-                    f"(key {key!r}); add the partner file or narrow the globs"
-                )
-    same = [p for p in lr.values() if p in set(hr.values())]
-    if same:
-        raise DataError(f"{same[0]}: matches both --input-glob and --target-glob; narrow them")
-    return [(k, lr[k], hr[k]) for k in lr]
+        return [(k, p, None) for k, p in glob_keys(folder, spec.input_glob, "--input-glob").items()]
+    flags = ("--input-glob", "--target-glob")
+    return pair_by_globs(folder, spec.input_glob, spec.target_glob, flags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +175,12 @@ def load_external_case(
                 f"the pair must be on one grid (resample the LR onto the HR grid first)"
             )
         spacing = spacing or tuple(hr_meta.spacing)
+        if hr.size and float(hr.max()) == float(hr.min()):
+            raise DataError(
+                f"{hr_path}: the --target volume is constant (every voxel {float(hr.flat[0]):g}), "
+                f"so PSNR and SSIM against it are undefined; check that it is the HR scan of "
+                f"{lr_path}"
+            )
     n = manifest["normalization"]  # the LR-percentile map of prepare_data, from the LR alone
     cfg = NormalizeConfig(n["low_percentile"], n["high_percentile"])
     low, high = normalisation(lr, cfg, str(lr_path))

@@ -10,6 +10,7 @@ never leaves a half-written file under the final name (a DICOM series: a whole f
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ _MET_TYPES = {
     "MET_FLOAT": "f4", "MET_DOUBLE": "f8",
 }  # fmt: skip
 _DTYPE_TO_MET = {np.dtype(v).str[1:]: k for k, v in _MET_TYPES.items()}
+REAL_KINDS = "biuf"  # numpy dtype kinds a volume may hold: bool, integers, floats
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,22 @@ class RawSpec:
 
     def __post_init__(self) -> None:
         try:
-            np.dtype(self.dtype)
+            kind = np.dtype(self.dtype).kind
         except TypeError:
+            kind = None
+        if kind not in REAL_KINDS:
             raise UserError(
-                f"raw.dtype: unknown dtype {self.dtype!r} (e.g. float32, int16, uint8)"
-            ) from None
+                f"raw.dtype: {self.dtype!r} is not a real number type; use e.g. float32, int16 "
+                f"or uint8"
+            )
+        if self.shape is not None and (
+            not self.shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                  for n in self.shape)
+        ):  # fmt: skip
+            raise UserError(
+                f"raw.shape must be positive sizes (z, y, x), got {list(self.shape)}; fix "
+                f"raw.shape in the config"
+            )
         if self.byte_order not in ("little", "big"):
             raise UserError(f"raw.byte_order must be 'little' or 'big', got {self.byte_order!r}")
 
@@ -130,10 +143,27 @@ def load_volume(path: str | Path, raw: RawSpec | None = None) -> tuple[np.ndarra
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as e:
             raise DataError(f"{path}: not a readable .npy file ({e})") from None
+        check_dtype(data.dtype, path)
         meta = VolumeMeta("npy", dtype=data.dtype.name)
+    if data.size == 0:
+        raise DataError(f"{path}: the volume is empty (shape {data.shape}); give a non-empty one")
     data = np.ascontiguousarray(data, dtype=np.float32)
     check_finite(data, path)
     return data, meta
+
+
+def check_dtype(dtype: np.dtype, path: str | Path) -> None:
+    """Refuse what has no meaning as intensities, before a cast to float32 would mangle it."""
+    if dtype.kind == "c":
+        raise DataError(
+            f"{path}: complex values ({dtype.name}); the imaginary part would be lost: save the "
+            f"magnitude instead (e.g. np.abs(volume))"
+        )
+    if dtype.kind not in REAL_KINDS:
+        raise DataError(
+            f"{path}: holds non-numeric values (dtype {dtype.str}); save the volume as "
+            f"float32 or an integer type"
+        )
 
 
 def check_finite(data: np.ndarray, path: str | Path) -> None:
@@ -170,11 +200,14 @@ def _check_mhd(mhd: Path) -> None:
         raise DataError(f"{mhd}: malformed MetaImage header field ({e}); fix the .mhd") from None
     if ndims != len(dims) or ndims not in (2, 3, 4):
         raise DataError(f"{mhd}: DimSize has {len(dims)} values but NDims = {ndims}; fix the .mhd")
+    if min(dims) < 1:
+        raise DataError(f"{mhd}: DimSize {dims} must be positive sizes; fix the .mhd")
     data_file = h.get("ElementDataFile", "")
     compressed = h.get("CompressedData", "False").lower() == "true"
     if not data_file:
         raise DataError(f"{mhd}: MetaImage header lacks ElementDataFile")
     if data_file.upper() == "LOCAL" or compressed or " " in data_file or "%" in data_file:
+        _check_memory(mhd, math.prod(dims) * dtype.itemsize, dims)
         return  # embedded, compressed or multi-file data: SimpleITK checks the sizes
     path = mhd.parent / data_file
     if not path.is_file():
@@ -182,8 +215,21 @@ def _check_mhd(mhd: Path) -> None:
     _check_size(path, tuple(reversed(dims)), dtype, "the .mhd")
 
 
+def _check_memory(mhd: Path, nbytes: int, dims: list[int]) -> None:
+    """Refuse a header whose image could not fit in this machine's memory (Python ints)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): SimpleITK decides
+        return
+    if nbytes > memory:
+        raise DataError(
+            f"{mhd}: DimSize {dims} needs {nbytes / 2**30:.3g} GiB, more than this machine's "
+            f"{memory / 2**30:.3g} GiB of memory; fix the .mhd or crop the volume"
+        )
+
+
 def _check_size(path: Path, shape: tuple[int, ...], dtype: np.dtype, fix: str) -> None:
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(int(n) for n in shape) * dtype.itemsize  # Python ints: no overflow
     actual = path.stat().st_size
     if actual != expected:
         raise DataError(
@@ -234,7 +280,10 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, VolumeMeta]:
 
     try:
         img = nib.load(str(path))
+        check_dtype(np.dtype(img.get_data_dtype()), path)
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except DataError:
+        raise
     except Exception as e:  # nibabel raises many types for corrupt files
         raise DataError(f"{path}: not a readable NIfTI file ({e})") from None
     zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])

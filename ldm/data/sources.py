@@ -4,6 +4,8 @@ blocks of the MNI152 brain template (ldm/data/mni152.py)."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,11 +101,83 @@ def _check_3d(data: np.ndarray, path: Path) -> None:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
 
 
+# ---------------------------------------------------------------------------------------------
+# LR/HR pairs in one folder, matched by what the globs' wildcards stand for (prepare_data's
+# pairs.folder and the --folder inputs of evaluate_psnr / predict_ldm, ldm/data/external.py)
+
+_WILDCARD = re.compile(r"\*|\?|\[!?\]?[^\]]*\]")
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A regex with one group per wildcard (``*``, ``?``, ``[...]``) of a glob."""
+    rx, pos = "", 0
+    for m in _WILDCARD.finditer(pattern):
+        token, rx = m.group(), rx + re.escape(pattern[pos : m.start()])
+        if token in ("*", "?"):
+            rx += "(.*)" if token == "*" else "(.)"
+        else:  # a class; in a glob [!..] negates, and a leading ^ and backslashes are literal
+            body = re.sub(r"([\\[&~|])", r"\\\1", token[1:-1])  # literal in a regex class
+            body = "^" + body[1:] if body[:1] == "!" else "\\" + body if body[:1] == "^" else body
+            rx += f"([{body}])"
+        pos = m.end()
+    flags = re.DOTALL | (re.IGNORECASE if os.path.normcase("A") == "a" else 0)  # Windows
+    return re.compile(rx + re.escape(pattern[pos:]) + r"\Z", flags)
+
+
+def glob_keys(folder: Path, pattern: str, flag: str) -> dict[str, Path]:
+    """Files and folders (DICOM series) in ``folder`` matching ``pattern``, keyed by what its
+    wildcards stand for (joined by '_'): ``c1_lr.nii.gz`` under ``*_lr.nii.gz`` is 'c1'. A
+    pattern without wildcards matches one file, keyed '0000'."""
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() or p.is_dir())
+    if not files:
+        raise DataError(
+            f"{folder}: no files or DICOM folders match {flag} {pattern!r}; check the pattern"
+        )
+    rx, keys = _glob_regex(pattern), {}
+    for i, p in enumerate(files):
+        m = rx.match(p.name)
+        key = ("_".join(g for g in m.groups() if g) if m.groups() else f"{i:04d}") if m else ""
+        key = key or case_name(p)
+        if key in keys:
+            raise DataError(
+                f"{folder}: {keys[key].name} and {p.name} both stand for {key!r} under {flag} "
+                f"{pattern!r}; rename one or narrow the pattern"
+            )
+        keys[key] = p
+    return keys
+
+
+def pair_by_globs(
+    folder: Path, lr_glob: str, hr_glob: str, flags: tuple[str, str]
+) -> list[tuple[str, Path, Path]]:
+    """(key, LR, HR) for the files of ``folder`` whose wildcard parts agree (``flags`` name the
+    two globs in messages); a file on one side without a partner is a DataError listing up to
+    3 of them."""
+    lr, hr = glob_keys(folder, lr_glob, flags[0]), glob_keys(folder, hr_glob, flags[1])
+    same = sorted(set(lr.values()) & set(hr.values()))
+    if same:
+        raise DataError(f"{same[0]}: matches both {flags[0]} and {flags[1]}; narrow them")
+    alone = [p for k, p in lr.items() if k not in hr] + [p for k, p in hr.items() if k not in lr]
+    if alone:
+        more = f" and {len(alone) - 3} more" if len(alone) > 3 else ""
+        raise DataError(
+            f"{folder}: {len(alone)} file(s) have no partner with the same * part under "
+            f"{flags[0]} {lr_glob!r} / {flags[1]} {hr_glob!r}: "
+            f"{', '.join(p.name for p in alone[:3])}{more}; add the partners or narrow the globs"
+        )
+    return [(k, lr[k], hr[k]) for k in lr]
+
+
 def list_pairs(src: PairsSource) -> list[tuple[Path, Path]]:
+    """(LR, HR) paths: a folder's files matched by the globs' wildcards, or the two lists by
+    position."""
     if src.folder is not None:
-        lr, hr = _glob(src.folder, src.lr_glob, "pairs"), _glob(src.folder, src.hr_glob, "pairs")
-    else:
-        lr, hr = list(src.lr), list(src.hr)
+        if not Path(src.folder).is_dir():
+            raise DataError(f"pairs.folder not found: {src.folder} (check the path in your config)")
+        flags = ("pairs.lr_glob", "pairs.hr_glob")
+        return [(lr, hr) for _, lr, hr in pair_by_globs(src.folder, src.lr_glob, src.hr_glob,
+                                                        flags)]  # fmt: skip
+    lr, hr = list(src.lr), list(src.hr)
     if not hr:
         raise ConfigError("source 'pairs' needs pairs.lr and pairs.hr lists, or pairs.folder")
     if len(lr) != len(hr):

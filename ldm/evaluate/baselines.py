@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ldm.core.errors import ConfigError, DataError
-from ldm.core.files import atomic_path, save_json
+from ldm.core.files import atomic_path, cached_json
+from ldm.core.outdir import mark_folder
 from ldm.data.dataset import PatchPairs
 from ldm.evaluate.classical import (
     bm4d_available,
@@ -37,7 +38,7 @@ from ldm.evaluate.classical import (
     tune_tv,
     tv_denoise,
 )
-from ldm.evaluate.inference import first_stage_volume
+from ldm.evaluate.inference import check_output_finite, first_stage_volume
 from ldm.evaluate.metrics import intensity_fit, psnr, ssim
 from ldm.evaluate.quality_metrics import (
     edge_sharpness_ratio,
@@ -163,25 +164,18 @@ def tuned_baselines(data_dir: Path, tune: TuneConfig, device: torch.device) -> d
     The tuning is deterministic given the dataset, the grids and the device type, so
     evaluate_psnr and predict_ldm (and reruns) share one result: the second one skips minutes of
     BM4D/NLM tuning. The key hashes manifest.json, the tune settings, the device type and
-    whether BM4D is installed; an unwritable dataset folder only means no cache.
+    whether BM4D is installed; an unwritable dataset folder only means no cache. Runs that miss
+    at once (the ranks of a torchrun cohort) tune once: the others wait for the cache file.
     """
     manifest = (Path(data_dir) / "manifest.json").read_bytes()
     key_src = json.dumps([dataclasses.asdict(tune), device.type, bm4d_available()], default=str)
     key = hashlib.sha256(manifest + key_src.encode()).hexdigest()[:16]
     path = Path(data_dir) / CACHE_DIR / f"{key}.json"
-    try:
-        cached = json.loads(path.read_text())
-        if isinstance(cached, dict) and cached.get("key") == key:
-            log.info("tuned classical baselines from %s: %s", path, cached["params"])
-            return cached["params"]
-    except (OSError, ValueError, KeyError):
-        pass  # no cache yet, or an unreadable one: tune again
-    params = tune_classical(tune, tuning_pairs(Path(data_dir), tune.max_patches, device))
-    try:
-        path.parent.mkdir(exist_ok=True)
-        save_json({"key": key, "params": params}, path)
-    except OSError as e:
-        log.debug("tuned baselines not cached (%s)", e)
+    mark_folder(path.parent, "tuned_baselines cache")  # ldm3d's own: prepare_data may replace it
+    params, cached = cached_json(path, key, lambda: tune_classical(
+        tune, tuning_pairs(Path(data_dir), tune.max_patches, device)))  # fmt: skip
+    if cached:
+        log.info("tuned classical baselines from %s: %s", path, params)
     return params
 
 
@@ -214,6 +208,7 @@ def method_outputs(
     def first_stage(hr: np.ndarray | None) -> np.ndarray:
         out = first_stage_volume(vae, lr, window, hr=hr, overlap=overlap, batch_size=batch_size,
                                  device=device, progress=False)  # fmt: skip
+        check_output_finite(out, case, "restorer output" if hr is None else "oracle output")
         return case.from_model(out)
 
     classical = classical_outputs(lr, params, device)
@@ -341,6 +336,53 @@ def save_metrics_csv(per_case: dict[str, dict[str, dict[str, float]]], path: Pat
                       for k, v in scores.items()}  # fmt: skip
             writer.writerow({**values, "method": m, "case": case, "label": LABELS.get(m, m)})
     return Path(path)
+
+
+NON_FINITE_NOTE = (
+    "null marks a score that is not a finite number (JSON has no infinity or NaN); 'values' "
+    "lists each with its path and value, e.g. psnr inf when an output equals the HR exactly "
+    "(MSE 0); metrics.csv writes the same scores as inf / nan"
+)
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` ready for a metrics.json: every non-finite float (PSNR is +inf when an output
+    equals the HR, contrast NaN for a constant output) becomes null, and a top-level dict gets
+    ``"non_finite": {"note": NON_FINITE_NOTE, "values": [{"path": [...], "value": "inf"}]}``.
+
+    json.dumps would write bare ``Infinity`` / ``NaN``, which strict JSON readers (jq,
+    JavaScript, most other languages) reject. metrics.csv keeps writing ``inf`` / ``nan``, which
+    spreadsheets and pandas read as numbers; the table prints them as ``inf``.
+    :func:`restore_non_finite` turns such a file back into the scores.
+    """
+    found: list[dict[str, Any]] = []
+
+    def walk(x: Any, path: list) -> Any:
+        if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+            found.append({"path": path, "value": str(float(x))})  # 'inf', '-inf' or 'nan'
+            return None
+        if isinstance(x, dict):
+            return {k: walk(v, [*path, str(k)]) for k, v in x.items()}  # JSON keys
+        if isinstance(x, (list, tuple)):
+            return [walk(v, [*path, i]) for i, v in enumerate(x)]
+        return x
+
+    out = walk(obj, [])
+    if found and isinstance(out, dict):
+        out["non_finite"] = {"note": NON_FINITE_NOTE, "values": found}
+    return out
+
+
+def restore_non_finite(data: Any) -> Any:
+    """The scores of a metrics.json written through :func:`finite_json` (inf back for null)."""
+    listed = data.pop("non_finite", None) if isinstance(data, dict) else None
+    for item in (listed or {}).get("values", []):
+        *head, last = item["path"]
+        node = data
+        for key in head:
+            node = node[key]
+        node[last] = float(item["value"])
+    return data
 
 
 def steps_text(n: int) -> str:

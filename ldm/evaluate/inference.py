@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -189,3 +190,17 @@ def first_stage_volume(
         out_channels=1,
     )
     return out[0].numpy()
+
+
+def check_output_finite(vol: np.ndarray | None, case: Any, what: str) -> None:
+    """UserError naming the case's input when a model output has NaN/inf voxels (finite weights
+    can still overflow), so no such volume is scored or written; ``None`` passes."""
+    if vol is None or np.isfinite(vol).all():
+        return
+    bad = int((~np.isfinite(vol)).sum())
+    source = getattr(case, "lr_path", None) or f"test case {case.name}"
+    raise UserError(
+        f"{source}: the {what} has {bad} NaN/inf voxels of {vol.size}, nothing written for this "
+        "case; the checkpoints overflow on this input: use an earlier checkpoint or retrain with "
+        "--overwrite, and check that the input's intensities are like the training data's"
+    )

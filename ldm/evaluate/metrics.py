@@ -55,8 +55,10 @@ def _data_range(target: torch.Tensor, data_range: float | None, name: str) -> fl
     if data_range is None:
         data_range = float(target.max()) - float(target.min())
         if data_range <= 0:
-            raise UserError(
-                f"{name}: target is constant, so its data range is 0; pass data_range explicitly"
+            raise UserError(  # the phases check their HR volumes first and name the file
+                f"{name}: the reference (HR) volume is constant (every voxel "
+                f"{float(target.reshape(-1)[0]):g}), so the score is undefined; check that the "
+                f"reference is the right volume (Python callers: give data_range)"
             )
     elif not data_range > 0:
         raise UserError(f"{name}: data_range must be > 0, got {data_range}")

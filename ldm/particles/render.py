@@ -189,18 +189,44 @@ def render_frame_uint8(
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """Read a PNG/JPEG (any format Pillow reads) as float RGB (3, H, W) in [0, 1]."""
+    """Read a PNG/JPEG (any format Pillow reads) as float RGB (3, H, W) in [0, 1].
+
+    8-bit images are divided by 255. A 16-bit grey image (Pillow mode ``I;16``, or ``I`` with
+    values in [0, 65535]) is divided by 65535, its full range, so a dim scan stays dim as in 8
+    bits (``convert("RGB")`` would clip it to white); 32-bit integer or float grey images are
+    scaled from their own min..max. Images beyond Pillow's decompression-bomb limit (about 179
+    million pixels) are refused before they are decoded."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path} (give --image an existing PNG or JPEG file)")
     try:
         with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))  # (H, W, 3) uint8
+            rgb = _image_rgb(im, path)  # (H, W, 3) float32
+    except Image.DecompressionBombError as e:
+        raise DataError(
+            f"{path}: refused, too many pixels to decode safely ({str(e).split(',')[0]}); "
+            "downscale it first (particles_gif uses at most 2048 pixels a side)"
+        ) from None
     except (OSError, ValueError) as e:
         raise DataError(
             f"{path}: not a readable image ({e}); expected a PNG or JPEG file"
         ) from None
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _image_rgb(im: Image.Image, path: Path) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] of an open image (see :func:`load_image` for the scaling)."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    grey = np.asarray(im, dtype=np.float64)
+    if not np.isfinite(grey).all():
+        raise DataError(f"{path}: the image has NaN/inf pixels; save it with finite values")
+    lo, hi = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
+    if im.mode != "F" and lo >= 0 and hi <= 65535:  # 16-bit: its full range
+        grey = grey / 65535
+    else:  # wider integers or floats: their own range
+        grey = (grey - lo) / (hi - lo) if hi > lo else np.zeros_like(grey)
+    return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2)
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ldm.core.config import save_config
 from ldm.core.errors import ConfigError, DataError
 from ldm.core.files import save_json, staged_dir
+from ldm.core.outdir import check_out_dir, config_inputs
 from ldm.core.pipeline import PhaseResult
 from ldm.data.dataset import MANIFEST_VERSION, SPLITS
 from ldm.data.degrade import DegradeConfig
@@ -72,7 +73,7 @@ class PrepareDataConfig:
     out_dir: Path = Path("dataset/vessel_phantom")
     seed: int = 0
     source: str = "phantom"  # phantom | pairs | hr_only | mni152
-    phantom: PhantomSource = field(default_factory=PhantomSource)
+    phantom: PhantomSource = field(default_factory=lambda: PhantomSource(num_cases=16))
     pairs: PairsSource = field(default_factory=PairsSource)
     hr_only: HROnlySource = field(default_factory=HROnlySource)
     mni152: MNI152Source = field(default_factory=MNI152Source)  # nilearn's T1 template
@@ -139,6 +140,7 @@ def _select_patches(
 def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseResult:
     """Build the dataset folder ``cfg.out_dir`` (written to a temp folder, then renamed)."""
     t0 = time.perf_counter()
+    check_out_dir(cfg.out_dir, "prepare_data", overwrite, config_inputs(cfg))
     n, cases = iter_cases(
         cfg.source, cfg.phantom, cfg.pairs, cfg.hr_only, cfg.degrade, cfg.raw, cfg.seed,
         mni152=cfg.mni152,
@@ -149,7 +151,7 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
     case_info: dict[str, dict] = {}
     baseline: dict[str, list[float]] = {s: [] for s in SPLITS}
     replaced_latents = overwrite and (cfg.out_dir / "latents").is_dir()
-    with staged_dir(cfg.out_dir, overwrite=overwrite) as out:
+    with staged_dir(cfg.out_dir, overwrite, phase="prepare_data", inputs=config_inputs(cfg)) as out:
         (out / "test" / "volumes").mkdir(parents=True)
         for i, case in enumerate(tqdm(cases, total=n, desc="prepare_data", unit="case")):
             split = which[i]
@@ -211,6 +213,12 @@ def training_spacing(case_info: dict[str, dict]) -> list[float] | None:
 
 
 def _add_case(case: Case, split: str, cfg: PrepareDataConfig, rng, bucket: dict, out: Path) -> dict:
+    if case.hr.size and float(case.hr.max()) == float(case.hr.min()):
+        raise DataError(
+            f"{case.origin.get('hr') or _source_of(case)}: the HR volume of case {case.name} is "
+            f"constant (every voxel {float(case.hr.flat[0]):g}): nothing to learn or score "
+            f"against; check that file, or remove the case from the source"
+        )
     if any(p > s for p, s in zip(cfg.patches.size, case.hr.shape)):
         raise ConfigError(
             f"{_source_of(case)}: volume shape {case.hr.shape} is smaller than patches.size "

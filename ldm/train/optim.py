@@ -61,6 +61,12 @@ class TrainConfig:
         check_min("train.grad_clip", self.grad_clip, 0, exclusive=True)  # < 0 flips gradients
         check_min("train.warmup_steps", self.warmup_steps, 0)
         check_min("train.max_minutes", self.max_minutes, 0)
+        # AdamW and the DataLoader would refuse these only after the data is loaded
+        check_min("train.weight_decay", self.weight_decay, 0)
+        for i, beta in enumerate(self.betas):
+            check_range(f"train.betas[{i}]", beta, 0, 1, hi_open=True)
+        check_min("train.num_workers", self.num_workers, 0)
+        check_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1)  # < 0: a negative lr
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -10,10 +10,12 @@ validation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +31,10 @@ from tqdm import tqdm
 
 from ldm.core.checkpoint import config_diff, load_checkpoint, save_checkpoint
 from ldm.core.config import save_config
-from ldm.core.distributed import DistInfo, barrier, init_distributed
+from ldm.core.distributed import DistInfo, barrier, init_distributed, raise_on_all_ranks
 from ldm.core.errors import CheckpointError, UserError
+from ldm.core.files import atomic_path
+from ldm.core.outdir import config_inputs, folder_lock, refuse_unsafe_out_dir
 from ldm.core.pipeline import PhaseResult
 from ldm.train.optim import (
     TrainConfig,
@@ -138,7 +142,14 @@ class _Run:
                 self.out = self.run_dir
 
     def resume(self, path: Path) -> None:
-        ck = load_checkpoint(path, self.task.kind, map_location=self.device)
+        try:
+            ck = load_checkpoint(path, self.task.kind, map_location=self.device)
+        except CheckpointError as e:  # rerunning the phase would read the same file again
+            why = str(e).removeprefix(f"{path}: ").split("; ")[0]
+            raise CheckpointError(
+                f"{path}: cannot resume from it ({why}); rerun with --overwrite to start this "
+                f"training over, or delete {path}"
+            ) from None
         diff = config_diff(ck["model_config"], self.model_config)
         # what the weights mean beyond the net: the diffusion's schedule and target
         old, new = ck.get("extra", {}).get("diffusion"), self.extra.get("diffusion")
@@ -226,12 +237,28 @@ def train(
     model.to(device)
     run = _Run(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device,
                overwrite)  # fmt: skip
-    if info.is_main:
-        run.out = prepare_run_dir(run_dir, overwrite)
-    barrier(info)
+    with contextlib.ExitStack() as lock:
+        error: Exception | None = None
+        if info.is_main:  # rank 0 holds the run folder's lock for the whole training
+            try:
+                refuse_unsafe_out_dir(run_dir, config_inputs(config))
+                lock.enter_context(folder_lock(run_dir))
+                run.out = prepare_run_dir(run_dir, overwrite)
+            except UserError as e:
+                error = e
+        raise_on_all_ranks(info, error)
+        return _train_locked(run, config, overwrite, progress)
+
+
+def _train_locked(run: _Run, config: Any, overwrite: bool, progress: bool) -> TrainResult:
+    """train() once the run folder is checked and locked."""
+    model, cfg, task, info, device = run.model, run.cfg, run.task, run.info, run.device
+    run_dir = run.run_dir
     last = run_dir / "last.pt"
     if last.exists() and not overwrite:
         run.resume(last)
+        if info.is_main:
+            _restore_best(run)
 
     net = model
     if info.enabled:
@@ -308,6 +335,25 @@ def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info:
         if out_of_time:
             log.info("stopping at step %d: train.max_minutes=%s reached", run.step, cfg.max_minutes)
             break
+
+
+def _restore_best(run: _Run) -> None:
+    """A resumed run whose best.pt is gone (deleted; its score is in last.pt): a finished run
+    rewrites it from last.pt, whose weights are all that is left (nothing would write it
+    again); an unfinished one forgets the old best score, so its next validation writes it."""
+    best, last = run.run_dir / "best.pt", run.run_dir / "last.pt"
+    if best.exists() or run.best_score == -math.inf:  # none yet: the first validation writes it
+        return
+    if run.step < run.cfg.steps:
+        run.best_score = -math.inf
+        log.warning("%s is missing: the next validation writes it again", best)
+        return
+    with atomic_path(best) as tmp:
+        shutil.copyfile(last, tmp)
+    log.warning(
+        "%s was missing: rewrote it from %s (step %d; the weights of the best validation are "
+        "gone, these are the last step's)", best, last.name, run.step,
+    )  # fmt: skip
 
 
 def _save_curves(run: _Run, info: DistInfo) -> None:

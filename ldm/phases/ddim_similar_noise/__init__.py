@@ -34,6 +34,7 @@ from ldm.core.config import save_config
 from ldm.core.distributed import pick_device
 from ldm.core.errors import ConfigError, DataError
 from ldm.core.files import save_json, staged_dir
+from ldm.core.outdir import check_out_dir, config_inputs
 from ldm.core.pipeline import PhaseResult
 from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
@@ -300,6 +301,7 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
 def ddim_similar_noise(cfg: DDIMSimilarNoiseConfig, *, overwrite: bool = False) -> PhaseResult:
     """Run both experiments on one test case window and write results to ``cfg.out_dir``."""
     t0 = time.perf_counter()
+    check_out_dir(cfg.out_dir, "ddim_similar_noise", overwrite, config_inputs(cfg))
     manifest = load_manifest(cfg.data_dir)
     case = load_case(cfg.data_dir, cfg.case)
     model = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, pick_device(cfg.device))
@@ -308,10 +310,9 @@ def ddim_similar_noise(cfg: DDIMSimilarNoiseConfig, *, overwrite: bool = False) 
                         f"{model.vae.config.spatial_dims}D; use a matching dataset")  # fmt: skip
     window = tuple(cfg.window) if cfg.window is not None else tuple(manifest["patch_size"])
     log.info("case %s, window %s of %s", case.name, window, case.lr.shape)
-    region = window_slices(
-        case.lr.shape, window, model.window_multiple
-    )
-    with staged_dir(cfg.out_dir, overwrite=overwrite) as tmp:
+    region = window_slices(case.lr.shape, window, model.window_multiple)
+    inputs = config_inputs(cfg)
+    with staged_dir(cfg.out_dir, overwrite, phase="ddim_similar_noise", inputs=inputs) as tmp:
         metrics = run_experiment(model, case.lr[region], case.hr[region], cfg, tmp)
         metrics = {"case": case.name,
                    "window": {"size": list(window), "start": [r.start for r in region]},
