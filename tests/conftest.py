@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.cli import run_script
+from tests.helpers.phases import TINY_FIRST_STAGE
 
 # Tests run on 2 shared cores: one thread per test process is faster for these tiny tensors.
 torch.set_num_threads(1)
@@ -51,9 +52,7 @@ def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
                   "--set", "train.val_every=1", "--set", "train.device=cpu"]  # fmt: skip
     _ok(run_script(
         "train_vae_pair", "--set", f"data_dir={data}", "--set", f"out_dir={root / 'vae'}",
-        "--set", "model.restorer.channels=[8, 8, 8]", "--set", "model.restorer.norm_groups=4",
-        "--set", "model.residual_ae.channels=[8, 8, 8]", "--set", "model.residual_ae.norm_groups=4",
-        "--set", "model.residual_ae.latent_channels=4", *tiny_train,
+        *TINY_FIRST_STAGE, *tiny_train,
     ))  # fmt: skip
     vae = root / "vae" / "best.pt"
     _ok(run_script("prepare_latents", "--set", f"data_dir={data}", "--set", f"vae_checkpoint={vae}",

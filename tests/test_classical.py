@@ -122,8 +122,17 @@ def test_bm4d_missing_package_raises_with_hint(monkeypatch) -> None:
         tune_bm4d_sigma([_smooth_pair((4, 4, 4), 0.1, seed=0)], [0.1])
 
 
-def test_bm4d_available_is_bool() -> None:
-    assert isinstance(bm4d_available(), bool)
+def test_bm4d_counts_as_available_only_when_it_imports(monkeypatch, tmp_path) -> None:
+    # evaluate_psnr adds the BM4D row when this says True; a bm4d whose binaries do not load
+    # (OSError: no OpenBLAS) must read as missing, with the hint, and not crash the phase
+    monkeypatch.setitem(sys.modules, "bm4d", types.SimpleNamespace(bm4d=lambda z, s: z))
+    assert bm4d_available() is True
+    monkeypatch.delitem(sys.modules, "bm4d")
+    (tmp_path / "bm4d.py").write_text("raise OSError('libopenblas.so.0: cannot open the file')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert bm4d_available() is False
+    with pytest.raises(UserError, match="libopenblas.*pip install bm4d"):
+        bm4d_denoise(torch.zeros(4, 4, 4), 0.1)
 
 
 def test_bm4d_denoise_wraps_the_package(monkeypatch) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ldm.data.io import load_volume, save_volume
 from tests.helpers.cli import run_script
+from tests.helpers.phases import FAST_TUNE, evaluate_args, predict_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +36,7 @@ def _folder(tp, tmp_path) -> Path:
 
 def _args(tp, folder: Path, out: Path) -> list[str]:
     return ["--folder", str(folder), "--input-glob", "*_lr.nii.gz",
-            "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
-            "--set", f"diffusion_checkpoint={tp.diffusion}", "--set", f"out_dir={out}",
-            "--set", "sampler.steps=2", "--set", "num_samples=2", "--set", "device=cpu",
-            "--set", "gif=false"]  # fmt: skip
+            *predict_args(tp, out, num_samples=2, gif=False)]  # fmt: skip
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -106,10 +104,6 @@ def test_other_settings_or_foreign_files_are_refused(tiny_pipeline, tmp_path):
 
 # evaluate_psnr: the same shared cohort logic (ldm/core/cohort.py) -------------------------------
 
-FAST_TUNE = ["--set", "tune.max_patches=4", "--set", "tune.filter_max_patches=2",
-             "--set", "tune.tv_weights=[0.05, 0.2]", "--set", "tune.nlm_hs=[0.05, 0.15]",
-             "--set", "tune.bm4d=false"]  # fmt: skip
-
 
 def _pairs(tp, tmp_path) -> Path:
     """4 LR/HR pairs: a tiny test case and flipped copies, as NIfTI."""
@@ -129,8 +123,7 @@ def _pairs(tp, tmp_path) -> Path:
 def _eval_args(tp, out: Path, folder: Path | None = None) -> list[str]:
     pairs = [] if folder is None else ["--folder", str(folder), "--input-glob", "*_lr.nii.gz",
                                        "--target-glob", "*_hr.nii.gz"]  # fmt: skip
-    return [*pairs, "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
-            "--set", f"out_dir={out}", "--set", "device=cpu", *FAST_TUNE]  # fmt: skip
+    return [*pairs, *evaluate_args(tp.data_dir, tp.vae, out), *FAST_TUNE]
 
 
 def test_evaluate_two_processes_give_the_single_process_scores(tiny_pipeline, tmp_path):

@@ -9,6 +9,8 @@ import yaml
 
 from ldm.core.config import REPO_ROOT, config_to_dict, load_config, save_config
 from ldm.core.errors import ConfigError
+from ldm.phases.train_vae_pair import TrainVAEConfig
+from tests.helpers.cli import ROOT
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def test_save_config_round_trip(tmp_path):
 
 def _shipped_configs() -> list:
     from ldm.cli.run_all import PROFILE_DIRS
-    from ldm.core.pipeline import PHASES
+    from ldm.core.registry import PHASES
 
     return [pytest.param(profile, phase, id=f"{profile}-{phase.name}")
             for profile in PROFILE_DIRS for phase in PHASES]  # fmt: skip
@@ -171,3 +173,11 @@ def test_a_bad_choice_in_a_real_config_names_the_full_key() -> None:
         load_config(PredictConfig, predict, ["sampler.init=cond", "sampler.t_start=300"])
     msg = str(e.value)
     assert "predict_ldm.yaml: sampler.init must be one of noise, restorer, got 'cond'" in msg
+
+
+def test_float_keys_accept_yaml_exponent_strings_and_messages_name_keys_once(tmp_path):
+    path = ROOT / "configs" / "train_vae_pair.yaml"
+    assert load_config(TrainVAEConfig, path, ["train.lr=1e-3"]).train.lr == 1e-3
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainVAEConfig, path, ["train.steps=0"])
+    assert "train.steps must be >= 1" in str(e.value) and "train.train." not in str(e.value)

@@ -7,16 +7,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from tests.helpers.cli import run_script
+from tests.helpers.phases import predict_cli
 from tests.test_dicom import PATIENT, read_series, tags_of, write_series
-
-
-def _predict(tp, out, *extra):
-    return run_script(
-        "predict_ldm", "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
-        "--set", f"diffusion_checkpoint={tp.diffusion}", "--set", f"out_dir={out}",
-        "--set", "sampler.steps=2", "--set", "num_samples=2", "--set", "device=cpu",
-        "--set", "gif=false", *extra,
-    )  # fmt: skip
 
 
 def _scan(tmp_path):
@@ -29,7 +21,7 @@ def _scan(tmp_path):
 def test_dicom_input_gives_nifti_on_the_input_geometry(tiny_pipeline, tmp_path):
     folder, _ = _scan(tmp_path)
     out = tmp_path / "pred"
-    result = _predict(tiny_pipeline, out, "--input", folder)
+    result = predict_cli(tiny_pipeline, out, "--input", folder, num_samples=2, gif=False)
     assert result.exit_code == 0, result.output
     src, _ = read_series(folder)
     (nii,) = (out / "scan").glob("scan_ldm.nii.gz")
@@ -43,7 +35,8 @@ def test_dicom_input_gives_nifti_on_the_input_geometry(tiny_pipeline, tmp_path):
 def test_output_format_dicom_writes_a_new_series_of_the_same_patient(tiny_pipeline, tmp_path):
     folder, uid = _scan(tmp_path)
     out = tmp_path / "pred"
-    result = _predict(tiny_pipeline, out, "--input", folder, "--set", "output_format=dicom")
+    result = predict_cli(tiny_pipeline, out, "--input", folder, "--set", "output_format=dicom",
+                         num_samples=2, gif=False)
     assert result.exit_code == 0, result.output
     img, files = read_series(out / "scan" / "scan_ldm")
     src, src_files = read_series(folder)

@@ -13,46 +13,19 @@ from ldm.diffusion.schedule import (
     NoiseSchedule,
     add_noise,
     get_velocity,
-    make_schedule,
     min_snr_weight,
     model_output_to_x0_eps,
     noise_like,
     posterior_variance,
     training_loss,
 )
-
-
-def _schedule(schedule: str = "linear", prediction_type: str = "epsilon", T: int = 1000):
-    cfg = DiffusionConfig(
-        num_train_timesteps=T, beta_schedule=schedule, prediction_type=prediction_type
-    )
-    return make_schedule(cfg)
-
-
-def _true_eps(schedule: NoiseSchedule, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor):
-    """eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar), computed independently in float64."""
-    abar = schedule.alphas_cumprod[t.cpu()].reshape(-1, *([1] * (x0.ndim - 1)))
-    return (x_t.double() - abar.sqrt() * x0.double()) / (1 - abar).sqrt()
-
-
-def _oracle(schedule: NoiseSchedule, x0: torch.Tensor):
-    """A network that knows x0 and returns the true epsilon (or v) for any x_t."""
-
-    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps = _true_eps(schedule, x_t, x0, t)
-        if schedule.prediction_type == "epsilon":
-            return eps.to(x_t.dtype)
-        abar = schedule.alphas_cumprod[t.cpu()].reshape(-1, *([1] * (x0.ndim - 1)))
-        return (abar.sqrt() * eps - (1 - abar).sqrt() * x0.double()).to(x_t.dtype)
-
-    return model
-
+from tests.helpers.diffusion import noise_schedule, oracle_model, true_eps
 
 # ---- schedules ---------------------------------------------------------------------------------
 
 
 def test_linear_schedule_known_values():
-    s = _schedule("linear")
+    s = noise_schedule("linear")
     assert s.num_train_timesteps == 1000
     assert s.betas.dtype == torch.float64 and s.betas.device.type == "cpu"
     assert s.betas[0].item() == pytest.approx(1e-4, rel=1e-12)
@@ -65,7 +38,7 @@ def test_linear_schedule_known_values():
 
 
 def test_cosine_schedule_is_monotone_in_unit_interval_and_follows_formula():
-    s = _schedule("cosine")
+    s = noise_schedule("cosine")
     abar = s.alphas_cumprod
     assert torch.all(abar > 0) and torch.all(abar <= 1)
     assert torch.all(abar[1:] < abar[:-1])
@@ -77,7 +50,7 @@ def test_cosine_schedule_is_monotone_in_unit_interval_and_follows_formula():
 
 
 def test_posterior_variance_known_values():
-    s = _schedule("linear", T=10)
+    s = noise_schedule("linear", T=10)
     beta_tilde = posterior_variance(s)
     assert beta_tilde[0].item() == 0.0  # alpha-bar_{-1} = 1
     abar = s.alphas_cumprod
@@ -91,7 +64,7 @@ def test_posterior_variance_known_values():
 
 
 def test_add_noise_matches_q_xt_given_x0_in_mean_and_variance():
-    s = _schedule("linear")
+    s = noise_schedule("linear")
     g = torch.Generator().manual_seed(0)
     n = 100_000
     ts = (0, 250, 999)
@@ -108,7 +81,7 @@ def test_add_noise_matches_q_xt_given_x0_in_mean_and_variance():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
 def test_model_output_to_x0_eps_inverts_the_forward_process(prediction_type):
-    s = _schedule("cosine", prediction_type)
+    s = noise_schedule("cosine", prediction_type)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(4, 2, 3, 3, 3, generator=g, dtype=torch.float64)
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
@@ -121,7 +94,7 @@ def test_model_output_to_x0_eps_inverts_the_forward_process(prediction_type):
 
 
 def test_get_velocity_known_value():
-    s = _schedule("linear", "v")
+    s = noise_schedule("linear", "v")
     t = torch.tensor([400])
     a = s.alphas_cumprod[400].item()
     v = get_velocity(s, torch.full((1, 1), 2.0, dtype=torch.float64), torch.ones(1, 1).double(), t)
@@ -129,7 +102,7 @@ def test_get_velocity_known_value():
 
 
 def test_helpers_follow_dtype_and_accept_scalar_t():
-    s = _schedule()
+    s = noise_schedule()
     x0 = torch.zeros(2, 3, dtype=torch.float16)
     out = add_noise(s, x0, torch.ones_like(x0), torch.tensor(5))
     assert out.dtype == torch.float16 and out.shape == (2, 3)
@@ -139,14 +112,14 @@ def test_helpers_follow_dtype_and_accept_scalar_t():
     "t", [torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 2]), torch.tensor([0, 1000])]
 )
 def test_bad_timesteps_are_a_programming_error_with_a_traceback(t):
-    s = _schedule()  # ValueError, not UserError: the CLI shows it with its traceback
+    s = noise_schedule()  # ValueError, not UserError: the CLI shows it with its traceback
     with pytest.raises(ValueError, match="timesteps") as e:
         add_noise(s, torch.zeros(2, 3), torch.zeros(2, 3), t)
     assert not isinstance(e.value, UserError)
 
 
 def test_model_output_shape_mismatch_is_a_programming_error():
-    s = _schedule()
+    s = noise_schedule()
     with pytest.raises(ValueError, match="out_channels"):
         model_output_to_x0_eps(s, torch.zeros(2, 1, 4), torch.zeros(2, 3, 4), torch.tensor([1, 2]))
 
@@ -156,16 +129,16 @@ def test_model_output_shape_mismatch_is_a_programming_error():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
 def test_training_loss_zero_for_oracle_positive_for_zero_model(prediction_type):
-    s = _schedule("linear", prediction_type)
+    s = noise_schedule("linear", prediction_type)
     x0 = torch.randn(8, 2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(3)
-    assert training_loss(_oracle(s, x0), s, x0, generator=g).item() < 1e-8
+    assert training_loss(oracle_model(s, x0), s, x0, generator=g).item() < 1e-8
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
     assert training_loss(zero, s, x0, generator=g).item() > 0.3
 
 
 def test_training_loss_is_reproducible_and_passes_extra_args():
-    s = _schedule()
+    s = noise_schedule()
     x0 = torch.randn(4, 1, 4, 4)
     seen = {}
 
@@ -186,7 +159,7 @@ def test_training_loss_is_reproducible_and_passes_extra_args():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
 def test_min_snr_weighting_matches_formula(prediction_type):
-    s = _schedule("linear", prediction_type)
+    s = noise_schedule("linear", prediction_type)
     gamma = 1.0  # SNR = 1 near t = 300: some samples are clipped, some are not
     x0 = torch.randn(32, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     record = {}
@@ -198,7 +171,7 @@ def test_min_snr_weighting_matches_formula(prediction_type):
     g = torch.Generator().manual_seed(6)
     loss = training_loss(zero_model, s, x0, generator=g, min_snr_gamma=gamma)
     t = record["t"]
-    eps = _true_eps(s, record["x_t"], x0, t)
+    eps = true_eps(s, record["x_t"], x0, t)
     abar = s.alphas_cumprod[t]
     if prediction_type == "epsilon":
         target = eps
@@ -216,7 +189,7 @@ def test_min_snr_weighting_matches_formula(prediction_type):
 
 
 def test_min_snr_weight_known_values():
-    s = _schedule("linear", "epsilon")
+    s = noise_schedule("linear", "epsilon")
     snr = (s.alphas_cumprod / (1 - s.alphas_cumprod))[[0, 999]]
     w = min_snr_weight(s, torch.tensor([0, 999]), 5.0)
     assert w[0].item() == pytest.approx(5.0 / snr[0].item())  # high SNR: clipped to gamma
@@ -252,7 +225,7 @@ def test_noise_schedule_rejects_unknown_prediction_type():
 
 
 def test_training_loss_user_errors():
-    s = _schedule()
+    s = noise_schedule()
     x0 = torch.zeros(2, 3, 4)
     with pytest.raises(UserError, match="min_snr_gamma"):
         training_loss(lambda x, t: x, s, x0, min_snr_gamma=-1.0)

@@ -22,6 +22,7 @@ from ldm.evaluate.metrics import psnr
 from ldm.nets.loading import load_vae
 from ldm.phases.evaluate_psnr import EvaluateConfig
 from tests.helpers.cli import error_line, run_script
+from tests.helpers.phases import evaluate_args
 
 TEST_CASES = ["phantom_002", "phantom_004"]  # the test split of 5 cases, seed 0, 40 % test
 SIGMAS = [0.0, 0.5, 1.0]
@@ -54,22 +55,21 @@ def trained(tmp_path_factory):
 def _args(trained, out, *extra: str) -> list[str]:
     data, ckpt = trained
     return [
-        "--set", f"data_dir={data}", "--set", f"vae_checkpoint={ckpt}", "--set", f"out_dir={out}",
-        "--set", "device=cpu", "--set", "tune.max_patches=4",
+        *evaluate_args(data, ckpt, out), "--set", "tune.max_patches=4",
         "--set", f"tune.gaussian_sigmas={SIGMAS}", "--set", f"tune.heat_steps={STEPS}",
         "--set", "tune.tv_weights=[0.05, 0.2]", "--set", "tune.nlm_hs=[0.05, 0.15]",
         "--set", "tune.filter_max_patches=2", *extra,
     ]  # fmt: skip
 
 
-def evaluate_cli(trained, out, *extra: str):
+def _evaluate(trained, out, *extra: str):
     return run_script("evaluate_psnr", *_args(trained, out, *extra))
 
 
 def test_cli_prints_table_and_writes_metrics_and_png(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(baselines, "bm4d_available", lambda: False)
     out = tmp_path / "res"
-    result = evaluate_cli(trained, out)
+    result = _evaluate(trained, out)
     assert result.exit_code == 0, result.output
     text = result.output
     assert "BM4D: skipped (pip install bm4d to include it" in text
@@ -209,24 +209,24 @@ def test_tuning_pairs_are_evenly_spaced_train_patches(trained):
 )
 def test_bad_settings(trained, tmp_path, extra, message):
     args = [a for e in extra for a in ("--set", e)]
-    assert message in error_line(evaluate_cli(trained, tmp_path / "res", *args))
+    assert message in error_line(_evaluate(trained, tmp_path / "res", *args))
     assert not (tmp_path / "res").exists()
 
 
 def test_missing_dataset(trained, tmp_path):
-    line = error_line(evaluate_cli(trained, tmp_path / "res", "--set", f"data_dir={tmp_path}/no"))
+    line = error_line(_evaluate(trained, tmp_path / "res", "--set", f"data_dir={tmp_path}/no"))
     assert "run prepare_data first" in line
 
 
 def test_missing_checkpoint(trained, tmp_path):
     args = ["--set", f"vae_checkpoint={tmp_path}/none.pt"]
-    assert "run train_vae_pair first" in error_line(evaluate_cli(trained, tmp_path / "r", *args))
+    assert "run train_vae_pair first" in error_line(_evaluate(trained, tmp_path / "r", *args))
 
 
 def test_corrupt_checkpoint(trained, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    line = error_line(evaluate_cli(trained, tmp_path / "r", "--set", f"vae_checkpoint={bad}"))
+    line = error_line(_evaluate(trained, tmp_path / "r", "--set", f"vae_checkpoint={bad}"))
     assert "corrupt or not a checkpoint" in line and "rerun train_vae_pair" in line
 
 
@@ -245,7 +245,7 @@ def test_checkpoint_of_an_incompatible_model(trained, tmp_path, change, message)
                                        for k, v in change.items()}}  # fmt: skip
     path = tmp_path / "other.pt"
     torch.save(state, path)
-    line = error_line(evaluate_cli(trained, tmp_path / "r", "--set", f"vae_checkpoint={path}"))
+    line = error_line(_evaluate(trained, tmp_path / "r", "--set", f"vae_checkpoint={path}"))
     assert message in line and str(path) in line
 
 
@@ -254,7 +254,7 @@ def test_existing_results_need_overwrite(trained, tmp_path):
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     (out / ".ldm3d.json").write_text('{"phase": "evaluate_psnr", "outputs": ["metrics.json"]}')
-    assert "already exists; pass --overwrite" in error_line(evaluate_cli(trained, out))
+    assert "already exists; pass --overwrite" in error_line(_evaluate(trained, out))
     assert (out / "metrics.json").read_text() == "{}"
 
 

@@ -15,15 +15,13 @@ import ldm.evaluate.baselines as baselines
 import ldm.phases.predict_ldm as predict
 from ldm.data.dataset import iter_test_cases, load_manifest
 from ldm.data.io import VolumeMeta, load_volume, save_volume
-from tests.helpers.cli import error_line, run_script
+from tests.helpers.cli import error_line
+from tests.helpers.phases import FAST_TUNE, evaluate_cli, predict_cli
 
 SCALE, OFFSET = 3.0, 100.0  # the external copy: another intensity scale and offset
 ROWS = ("Baseline (LR)", "Gaussian filter", "Heat diffusion", "TV (Chambolle)",
         "Non-local means", "Restorer", "Oracle (HR latent)")  # fmt: skip
 SCORE_COLUMNS = 8  # PSNR, SSIM, bias, bias %, contrast, ESR, HFER, FSC hi
-FAST_TUNE = ["--set", "tune.max_patches=4", "--set", "tune.filter_max_patches=2",
-             "--set", "tune.tv_weights=[0.05, 0.2]", "--set", "tune.nlm_hs=[0.05, 0.15]",
-             "--set", "tune.bm4d=false"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -46,22 +44,6 @@ def pair(tiny_pipeline, tmp_path_factory):
     return case.name, _nifti(folder / "a_lr.nii.gz", lr), _nifti(folder / "a_hr.nii.gz", hr)
 
 
-def _evaluate(tp, out, *extra):
-    return run_script(
-        "evaluate_psnr", "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
-        "--set", f"out_dir={out}", "--set", "device=cpu", *FAST_TUNE, *extra,
-    )  # fmt: skip
-
-
-def _predict(tp, out, *extra):
-    return run_script(
-        "predict_ldm", "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
-        "--set", f"diffusion_checkpoint={tp.diffusion}", "--set", f"out_dir={out}",
-        "--set", "sampler.steps=2", "--set", "device=cpu", "--set", "gif=false", *FAST_TUNE,
-        *extra,
-    )  # fmt: skip
-
-
 def test_manifest_records_the_training_spacing(tiny_pipeline):
     assert load_manifest(tiny_pipeline.data_dir)["spacing"] == [1.0, 1.0, 1.0]  # phantom: 1 mm
 
@@ -72,7 +54,7 @@ def test_evaluate_external_pair_matches_the_test_case(tiny_pipeline, pair, tmp_p
     range). SSIM is not offset-invariant (its luminance term), so it is checked on its own."""
     name, lr, hr = pair
     out, ref = tmp_path / "ext", tmp_path / "ref"
-    result = _evaluate(tiny_pipeline, out, "--input", lr, "--target", hr)
+    result = evaluate_cli(tiny_pipeline, out, "--input", lr, "--target", hr)
     assert result.exit_code == 0, result.output
     text = result.output
     assert re.search(r"^method\s+PSNR \(dB\)\s+SSIM\s+bias\s+bias %\s+contrast\s+ESR\s+HFER"
@@ -83,7 +65,7 @@ def test_evaluate_external_pair_matches_the_test_case(tiny_pipeline, pair, tmp_p
     assert "warning" not in text  # 1 mm like the training data
     got = json.loads((out / "metrics.json").read_text())
     assert list(got["cases"]) == ["a_lr"] and got["external"]["training_spacing"] == [1, 1, 1]
-    assert _evaluate(tiny_pipeline, ref, "--set", f"cases=[{name}]").exit_code == 0
+    assert evaluate_cli(tiny_pipeline, ref, "--set", f"cases=[{name}]").exit_code == 0
     want = json.loads((ref / "metrics.json").read_text())["cases"][name]
     for method, s in got["cases"]["a_lr"].items():
         w = want[method]
@@ -108,7 +90,7 @@ def test_evaluate_external_pair_matches_the_test_case(tiny_pipeline, pair, tmp_p
 def test_predict_external_pair_has_the_ldm_row(tiny_pipeline, pair, tmp_path):
     _, lr, hr = pair
     out = tmp_path / "pred"
-    result = _predict(tiny_pipeline, out, "--input", lr, "--target", hr)
+    result = predict_cli(tiny_pipeline, out, *FAST_TUNE, "--input", lr, "--target", hr, gif=False)
     assert result.exit_code == 0, result.output
     for label in (*ROWS, "LDM one sample", "LDM mean"):
         assert re.search(rf"^{re.escape(label)}(\s+-?[\d.+e-]+){{{SCORE_COLUMNS}}}$",
@@ -133,8 +115,8 @@ def test_folder_and_globs_pair_by_name(tiny_pipeline, pair, tmp_path):
         _nifti(folder / f"{key}_lr.nii.gz", load_volume(lr)[0] * scale)
         _nifti(folder / f"{key}_hr.nii.gz", load_volume(hr)[0] * scale)
     out = tmp_path / "res"
-    result = _evaluate(tiny_pipeline, out, "--folder", folder, "--input-glob", "*_lr.nii.gz",
-                       "--target-glob", "*_hr.nii.gz")  # fmt: skip
+    result = evaluate_cli(tiny_pipeline, out, "--folder", folder, "--input-glob", "*_lr.nii.gz",
+                          "--target-glob", "*_hr.nii.gz")  # fmt: skip
     assert result.exit_code == 0, result.output
     got = json.loads((out / "metrics.json").read_text())
     assert list(got["cases"]) == ["p1", "p2"]
@@ -146,8 +128,8 @@ def test_folder_and_globs_pair_by_name(tiny_pipeline, pair, tmp_path):
     assert "p1 PSNR" in result.output and "p2 PSNR" in result.output  # per-case columns
 
     (folder / "p3_lr.nii.gz").write_bytes((folder / "p1_lr.nii.gz").read_bytes())
-    line = error_line(_evaluate(tiny_pipeline, tmp_path / "r2", "--folder", folder,
-                                "--input-glob", "*_lr.nii.gz", "--target-glob", "*_hr.nii.gz"))
+    line = error_line(evaluate_cli(tiny_pipeline, tmp_path / "r2", "--folder", folder,
+                                   "--input-glob", "*_lr.nii.gz", "--target-glob", "*_hr.nii.gz"))
     assert "p3_lr.nii.gz" in line and "no partner" in line  # fmt: skip
 
 
@@ -156,7 +138,7 @@ def test_spacing_warning_and_resample_back_to_the_input_grid(
 ):
     _, lr, hr = pair
     fine = _nifti(tmp_path / "fine.nii.gz", load_volume(lr)[0], spacing=0.5)
-    result = _predict(tiny_pipeline, tmp_path / "a", "--input", fine)
+    result = predict_cli(tiny_pipeline, tmp_path / "a", *FAST_TUNE, "--input", fine, gif=False)
     assert result.exit_code == 0, result.output
     warning = [x for x in result.output.splitlines() if x.startswith("warning:")]
     assert len(warning) == 1, result.output
@@ -183,7 +165,8 @@ def test_spacing_warning_and_resample_back_to_the_input_grid(
     monkeypatch.setattr(external, "resize", resize_spy)
     out = tmp_path / "b"
     fine_hr = _nifti(tmp_path / "fine_hr.nii.gz", load_volume(hr)[0], spacing=0.5)
-    result = _predict(tiny_pipeline, out, "--input", fine, "--target", fine_hr, "--resample")
+    result = predict_cli(tiny_pipeline, out, *FAST_TUNE, "--input", fine, "--target", fine_hr,
+                         "--resample", gif=False)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert shapes == [(12, 12, 12)]  # 24 voxels of 0.5 mm at the training 1 mm
     # LR and HR each resampled to the model grid once (the LR serves LDM, filters and GIF)
@@ -200,38 +183,44 @@ def test_old_manifest_without_spacing_gives_no_warning(tiny_pipeline, pair, tmp_
     del manifest["spacing"]
     (data / "manifest.json").write_text(json.dumps(manifest))
     fine = _nifti(tmp_path / "fine.nii.gz", load_volume(pair[1])[0], spacing=0.5)
-    result = _predict(tiny_pipeline, tmp_path / "a", "--set", f"data_dir={data}", "--input", fine)
+    result = predict_cli(tiny_pipeline, tmp_path / "a", *FAST_TUNE, "--set", f"data_dir={data}",
+                         "--input", fine, gif=False)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "warning" not in result.output
-    line = error_line(_predict(tiny_pipeline, tmp_path / "b", "--set", f"data_dir={data}",
-                               "--input", fine, "--resample"))  # fmt: skip
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "b", *FAST_TUNE,
+                                  "--set", f"data_dir={data}", "--input", fine, "--resample",
+                                  gif=False))  # fmt: skip
     assert "--resample needs both voxel spacings" in line and "rerun prepare_data" in line
 
 
 def test_bad_inputs_name_the_file(tiny_pipeline, pair, tmp_path):
     _, lr, hr = pair
     small = _nifti(tmp_path / "small_hr.nii.gz", load_volume(hr)[0][:20])
-    line = error_line(_evaluate(tiny_pipeline, tmp_path / "a", "--input", lr, "--target", small))
+    line = error_line(evaluate_cli(tiny_pipeline, tmp_path / "a", "--input", lr,
+                                   "--target", small))  # fmt: skip
     assert str(small) in line and "(20, 24, 24)" in line and "one grid" in line
-    line = error_line(_predict(tiny_pipeline, tmp_path / "b", "--input", lr, "--target", small))
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "b", *FAST_TUNE, "--input", lr,
+                                  "--target", small, gif=False))  # fmt: skip
     assert str(small) in line
     nan = load_volume(lr)[0]
     nan[3, 4, 5] = np.nan
     np.save(tmp_path / "nan.npy", nan)
-    line = error_line(_evaluate(tiny_pipeline, tmp_path / "c", "--input", tmp_path / "nan.npy",
-                                "--target", hr))  # fmt: skip
+    line = error_line(evaluate_cli(tiny_pipeline, tmp_path / "c", "--input", tmp_path / "nan.npy",
+                                   "--target", hr))  # fmt: skip
     assert "nan.npy" in line and "NaN" in line
     garbage = tmp_path / "broken.nii.gz"
     garbage.write_bytes(b"not a nifti file")
-    line = error_line(_evaluate(tiny_pipeline, tmp_path / "d", "--input", garbage, "--target", hr))
+    line = error_line(evaluate_cli(tiny_pipeline, tmp_path / "d", "--input", garbage,
+                                   "--target", hr))  # fmt: skip
     assert str(garbage) in line and "not a readable NIfTI" in line
-    line = error_line(_evaluate(tiny_pipeline, tmp_path / "e", "--input", lr))
+    line = error_line(evaluate_cli(tiny_pipeline, tmp_path / "e", "--input", lr))
     assert "add --target HR" in line
-    line = error_line(_evaluate(tiny_pipeline, tmp_path / "f", "--folder", tmp_path))
+    line = error_line(evaluate_cli(tiny_pipeline, tmp_path / "f", "--folder", tmp_path))
     assert "--folder needs --input-glob" in line
     np.save(tmp_path / "nohdr.npy", load_volume(lr)[0])
-    line = error_line(_predict(tiny_pipeline, tmp_path / "g", "--input", tmp_path / "nohdr.npy",
-                               "--resample"))  # fmt: skip
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "g", *FAST_TUNE,
+                                  "--input", tmp_path / "nohdr.npy", "--resample",
+                                  gif=False))  # fmt: skip
     assert "nohdr.npy has no voxel spacing" in line
     for out in "abcdefg":
         assert not (tmp_path / out).exists()

@@ -7,10 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from ldm.core.errors import DataError, UserError
 from ldm.core.files import save_json, staged_dir
 from ldm.data.io import RawSpec, VolumeMeta, load_volume, save_volume
+from tests.helpers.cli import error_line, run_script
 
 
 @pytest.fixture
@@ -159,3 +161,69 @@ def test_staged_dir_names_the_output_folder_it_cannot_create(tmp_path):
         pass
     assert str(e.value).startswith(f"{blocker / 'out'}: cannot create the output folder")
     assert ".tmp" not in str(e.value)
+
+
+def test_metaimage_round_trip_keeps_direction_spacing_origin(tmp_path):
+    vol = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    c, s = np.cos(0.3), np.sin(0.3)
+    direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+    meta = VolumeMeta("raw", spacing=(3.0, 1.0, 0.5), origin=(1.0, 2.0, 3.0), direction=direction)
+    save_volume(tmp_path / "v.raw", vol, meta)
+    assert "TransformMatrix" in (tmp_path / "v.mhd").read_text()
+    img = sitk.ReadImage(str(tmp_path / "v.mhd"))  # an independent reader agrees
+    assert np.allclose(img.GetDirection(), direction) and img.GetSpacing() == (0.5, 1.0, 3.0)
+    data, m = load_volume(tmp_path / "v.mhd")
+    assert np.array_equal(data, vol) and np.allclose(m.direction, direction)
+    assert m.spacing == (3.0, 1.0, 0.5) and m.origin == (1.0, 2.0, 3.0)
+    assert VolumeMeta.from_dict(m.to_dict()) == m
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_metaimage_local_and_compressed_data(tmp_path, compressed):
+    vol = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.7, 0.8, 0.9))
+    path = tmp_path / "a.mha" if not compressed else tmp_path / "a.mhd"
+    sitk.WriteImage(img, str(path), useCompression=compressed)
+    if path.suffix == ".mha":  # LOCAL: header and data in one file; rename to .mhd
+        path = path.rename(tmp_path / "local.mhd")
+        assert "ElementDataFile = LOCAL" in path.read_bytes()[:400].decode(errors="replace")
+    data, m = load_volume(path)
+    assert np.array_equal(data, vol.astype(np.float32)) and m.spacing == (0.9, 0.8, 0.7)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("DimSize", "4 4", "DimSize has 2 values but NDims = 3"),
+        ("ElementSpacing", "1 one 1", "malformed MetaImage header field"),
+        ("Offset", "0 0 x", "malformed MetaImage header field"),
+    ],
+)
+def test_malformed_mhd_fields(tmp_path, field, value, message):
+    save_volume(tmp_path / "v.raw", np.zeros((4, 4, 4), np.float32))
+    mhd = tmp_path / "v.mhd"
+    lines = [f"{field} = {value}" if x.startswith(f"{field} ") else x
+             for x in mhd.read_text().splitlines()]  # fmt: skip
+    mhd.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message) as e:
+        load_volume(mhd)
+    assert str(mhd) in str(e.value)
+
+
+def test_predict_input_headerless_raw_uses_the_raw_section(tiny_pipeline, tmp_path):
+    vol = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    vol.tofile(tmp_path / "scan.raw")
+    tp = tiny_pipeline
+    args = ["--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
+            "--set", f"diffusion_checkpoint={tp.diffusion}", "--set", "sampler.steps=2",
+            "--set", "gif=false", "--set", "device=cpu"]  # fmt: skip
+    line = error_line(run_script("predict_ldm", "--input", tmp_path / "scan.raw",
+                                 "--set", f"out_dir={tmp_path / 'a'}", *args))  # fmt: skip
+    assert "raw.shape" in line
+    result = run_script("predict_ldm", "--input", tmp_path / "scan.raw",
+                        "--set", "raw.shape=[16, 16, 16]", "--set", f"out_dir={tmp_path / 'b'}",
+                        *args)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out, _ = load_volume(tmp_path / "b" / "scan" / "scan_ldm.raw")
+    assert out.shape == (16, 16, 16)

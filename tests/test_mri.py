@@ -14,7 +14,7 @@ import ldm.data.mni152 as mni152
 from ldm.cli.run_all import config_path
 from ldm.core.config import load_config
 from ldm.core.errors import ConfigError
-from ldm.core.pipeline import PHASES
+from ldm.core.registry import PHASES
 from ldm.data.dataset import load_manifest
 from tests.helpers.cli import error_line, run_script
 

@@ -204,3 +204,38 @@ def test_two_trainings_into_one_folder(tiny_pipeline, tmp_path):
         )  # fmt: skip
         assert "is in use by another ldm3d run" in error_line(result)
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def _unwritable(tmp_path: Path) -> Path:
+    """A folder this process cannot write into (chmod for users; /sys for root)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        (d / "probe").write_text("x")
+    except PermissionError:
+        return d
+    (d / "probe").unlink()
+    return Path("/sys/ldm3d-test")  # root ignores modes; sysfs refuses new files
+
+
+@pytest.mark.parametrize("phase", ["train_vae_pair", "evaluate_psnr", "prepare_data"])
+def test_unwritable_output_is_one_error_line_before_any_work(tiny_pipeline, tmp_path, phase):
+    target = _unwritable(tmp_path) / "out"
+    args = ["--set", f"out_dir={target}"]
+    if phase != "prepare_data":
+        args += (
+            ["--set", f"data_dir={tiny_pipeline.data_dir}", "--set", "train.steps=1"]
+            if phase == "train_vae_pair"
+            else [
+                "--set",
+                f"data_dir={tiny_pipeline.data_dir}",
+                "--set",
+                f"vae_checkpoint={tiny_pipeline.vae}",
+            ]
+        )
+    else:
+        args += ["--set", "phantom.num_cases=3", "--set", "phantom.shape=[16, 16, 16]",
+                 "--set", "patches.size=[16, 16, 16]"]  # fmt: skip
+    line = error_line(run_script(phase, *args))
+    assert str(target.parent) in line

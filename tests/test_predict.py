@@ -16,6 +16,7 @@ from ldm.diffusion.latent_diffusion import SamplerConfig, load_ldm
 from ldm.evaluate.inference import first_stage_volume
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from tests.helpers.cli import ROOT, error_line, run_script
+from tests.helpers.phases import predict_cli
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +80,9 @@ def test_detail_weight_0_is_the_restorer(ldm):
     assert np.abs(std).max() == 0.0
 
 
-def _predict(tp, out, *extra):
-    return run_script(
-        "predict_ldm", "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
-        "--set", f"diffusion_checkpoint={tp.diffusion}", "--set", f"out_dir={out}",
-        "--set", "sampler.steps=2", "--set", "device=cpu", *extra,
-    )  # fmt: skip
-
-
 def test_cli_writes_pictures_volume_and_metrics(tiny_pipeline, tmp_path):
     out = tmp_path / "pred"
-    result = _predict(tiny_pipeline, out, "--set", "num_samples=2", "--set", "tune.bm4d=false")
+    result = predict_cli(tiny_pipeline, out, "--set", "num_samples=2", "--set", "tune.bm4d=false")
     assert result.exit_code == 0, result.output
     for label in ("Baseline (LR)", "Gaussian filter", "Heat diffusion", "TV (Chambolle)",
                   "Non-local means", "Restorer", "LDM one sample", "LDM mean",
@@ -123,8 +116,8 @@ def test_cli_writes_pictures_volume_and_metrics(tiny_pipeline, tmp_path):
     assert summary["num_samples"] == 2 and summary["detail_weight"] == 1.0
     assert "uncertainty" in summary["mean"]
     assert (out / "metrics.csv").read_text().startswith("method,case,psnr,ssim")
-    one = _predict(tiny_pipeline, tmp_path / "one", "--set", "num_samples=1",
-                   "--set", "tune.bm4d=false", "--set", "gif=false")  # fmt: skip
+    one = predict_cli(tiny_pipeline, tmp_path / "one", "--set", "num_samples=1",
+                      "--set", "tune.bm4d=false", "--set", "gif=false")  # fmt: skip
     assert one.exit_code == 0, one.output
     (case,) = [p for p in (tmp_path / "one").iterdir() if p.is_dir()]
     m = json.loads((case / "metrics.json").read_text())
@@ -139,7 +132,7 @@ def test_user_input_volume_in_its_own_format(tiny_pipeline, tmp_path):
 
     path = save_volume(tmp_path / "mine.nii.gz", src, VolumeMeta("nifti", affine=affine.tolist()))
     out = tmp_path / "pred"
-    result = _predict(tiny_pipeline, out, "--input", path)
+    result = predict_cli(tiny_pipeline, out, "--input", path)
     assert result.exit_code == 0, result.output
     vol, meta = load_volume(out / "mine" / "mine_ldm.nii.gz")
     assert vol.shape == src.shape and np.allclose(meta.affine, affine)
@@ -152,7 +145,7 @@ def test_a_volume_smaller_than_one_window_multiple_is_predicted(tiny_pipeline, t
     # and so must the reverse-process GIF's crop (it was a UNet shape error)
     np.save(tmp_path / "tiny.npy", np.random.default_rng(4).random((4, 6, 5)).astype(np.float32))
     out = tmp_path / "pred"
-    result = _predict(tiny_pipeline, out, "--input", tmp_path / "tiny.npy")
+    result = predict_cli(tiny_pipeline, out, "--input", tmp_path / "tiny.npy")
     assert result.exit_code == 0, result.output
     assert np.load(out / "tiny" / "tiny_ldm.npy").shape == (4, 6, 5)
     assert (out / "tiny" / "reverse_process.gif").is_file()
@@ -160,18 +153,18 @@ def test_a_volume_smaller_than_one_window_multiple_is_predicted(tiny_pipeline, t
 
 def test_bad_input(tiny_pipeline, tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros((4, 4), np.float32))
-    line = error_line(_predict(tiny_pipeline, tmp_path / "a", "--input", tmp_path / "flat.npy"))
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "a", "--input", tmp_path / "flat.npy"))
     assert "must be a 3D volume" in line
-    line = error_line(_predict(tiny_pipeline, tmp_path / "b", "--set", "sampler.steps=2000"))
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "b", "--set", "sampler.steps=2000"))
     assert "steps 2000 > the model's 1000" in line
-    line = error_line(_predict(tiny_pipeline, tmp_path / "c", "--set", "sampler.spacing=middle"))
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "c", "--set", "sampler.spacing=middle"))
     assert "spacing must be one of trailing, leading, linspace" in line
-    line = error_line(_predict(tiny_pipeline, tmp_path / "d", "--set", "sampler.kind=euler"))
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "d", "--set", "sampler.kind=euler"))
     assert "sampler.kind must be one of ddim, ddpm" in line
-    line = error_line(_predict(tiny_pipeline, tmp_path / "e", "--set",
-                               f"diffusion_checkpoint={tmp_path / 'none.pt'}"))  # fmt: skip
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "e", "--set",
+                                  f"diffusion_checkpoint={tmp_path / 'none.pt'}"))  # fmt: skip
     assert "run train_diffusion first" in line
-    line = error_line(_predict(tiny_pipeline, tmp_path / "f", "--set", "window=[12, 12, 12]"))
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "f", "--set", "window=[12, 12, 12]"))
     assert "divisible by 8" in line
 
 

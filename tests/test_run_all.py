@@ -5,7 +5,7 @@ import pytest
 import ldm.cli.run_all as run_all_mod
 from ldm.cli.run_all import PhaseFailed, RunAllReport, run_all, select, summary_table
 from ldm.core.errors import UserError
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 
 
 def test_a_failing_phase_stops_the_run_and_is_named(tmp_path, monkeypatch):
@@ -25,7 +25,7 @@ def test_an_interrupted_run_exits_130_and_says_how_to_go_on(tmp_path, monkeypatc
     from typer.testing import CliRunner
 
     from ldm.cli.app import app
-    from ldm.core.pipeline import Phase
+    from ldm.core.registry import Phase
 
     def interrupted(cfg, overwrite=False):
         raise KeyboardInterrupt

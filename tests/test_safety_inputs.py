@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pickle
 import struct
 import zlib
 from pathlib import Path
@@ -23,11 +25,8 @@ from ldm.nets.restorer import RestorerAE, RestorerAEConfig
 from ldm.nets.vae import VAE, VAEConfig
 from ldm.particles.render import load_image
 from tests.helpers.cli import error_line, run_script
+from tests.helpers.phases import FAST_TUNE, TINY_FIRST_STAGE, evaluate_cli, predict_cli
 from tests.test_dicom import write_series
-
-FAST_TUNE = ["--set", "tune.max_patches=4", "--set", "tune.filter_max_patches=2",
-             "--set", "tune.tv_weights=[0.05, 0.2]", "--set", "tune.nlm_hs=[0.05, 0.15]",
-             "--set", "tune.bm4d=false"]  # fmt: skip
 
 
 def _altered(src: Path, dst: Path, change) -> Path:
@@ -50,22 +49,6 @@ def _fill(*suffixes: str, value: float):
     return change
 
 
-def _evaluate(tp, out, vae):
-    return run_script(
-        "evaluate_psnr", "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={vae}",
-        "--set", f"out_dir={out}", "--set", "device=cpu", *FAST_TUNE,
-    )  # fmt: skip
-
-
-def _predict(tp, out, diffusion):
-    return run_script(
-        "predict_ldm", "--set", f"data_dir={tp.data_dir}", "--set", f"vae_checkpoint={tp.vae}",
-        "--set", f"diffusion_checkpoint={diffusion}", "--set", f"out_dir={out}",
-        "--set", "sampler.steps=2", "--set", "num_samples=2", "--set", "device=cpu",
-        "--set", "gif=false", *FAST_TUNE,
-    )  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. NaN/inf weights and non-finite outputs
 
@@ -73,7 +56,7 @@ def _predict(tp, out, diffusion):
 def test_nan_weights_are_refused_when_a_checkpoint_is_loaded(tiny_pipeline, tmp_path):
     vae = _altered(tiny_pipeline.vae, tmp_path / "vae.pt", _fill("decoder.conv_out.weight",
                                                                  value=float("nan")))  # fmt: skip
-    line = error_line(_evaluate(tiny_pipeline, tmp_path / "ev", vae))
+    line = error_line(evaluate_cli(tiny_pipeline, tmp_path / "ev", vae=vae))
     assert line.startswith(f"error: {vae}: weight ")
     assert "decoder.conv_out.weight has" in line and "NaN/inf" in line
     assert "--overwrite" in line and "earlier checkpoint" in line
@@ -81,7 +64,8 @@ def test_nan_weights_are_refused_when_a_checkpoint_is_loaded(tiny_pipeline, tmp_
 
     diffusion = _altered(tiny_pipeline.diffusion, tmp_path / "diff.pt",
                          _fill("time_mlp.0.bias", value=float("inf")))  # fmt: skip
-    line = error_line(_predict(tiny_pipeline, tmp_path / "pred", diffusion))
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "pred", *FAST_TUNE, diffusion=diffusion,
+                                  num_samples=2, gif=False))  # fmt: skip
     assert f"{diffusion}: weight " in line and "time_mlp.0.bias" in line
     assert "rerun train_diffusion with --overwrite" in line
     assert not (tmp_path / "pred").exists()  # no all-NaN volume written
@@ -92,12 +76,13 @@ def test_outputs_that_overflow_are_not_written(tiny_pipeline, tmp_path):
     nothing of the run on disk."""
     huge = _fill("norm_out.weight", "conv_out.weight", value=1e30)
     vae = _altered(tiny_pipeline.vae, tmp_path / "vae.pt", huge)
-    line = error_line(_evaluate(tiny_pipeline, tmp_path / "ev", vae))
+    line = error_line(evaluate_cli(tiny_pipeline, tmp_path / "ev", vae=vae))
     assert "error: test case " in line and "restorer output has" in line and "NaN/inf" in line
     assert not (tmp_path / "ev").exists()
 
     diffusion = _altered(tiny_pipeline.diffusion, tmp_path / "diff.pt", huge)
-    line = error_line(_predict(tiny_pipeline, tmp_path / "pred", diffusion))
+    line = error_line(predict_cli(tiny_pipeline, tmp_path / "pred", *FAST_TUNE, diffusion=diffusion,
+                                  num_samples=2, gif=False))  # fmt: skip
     assert "error: test case " in line and "LDM output has" in line
     assert "nothing written for this case" in line and "earlier checkpoint" in line
     assert not (tmp_path / "pred").exists()
@@ -142,7 +127,8 @@ def test_a_model_config_beyond_any_sane_model_is_refused_before_building(
     assert str(e.value).startswith(f"{path}: its model_config asks for a network of ")
     assert f"limit {MAX_PARAMETERS:.0g}" in str(e.value) and "refused" in str(e.value)
     if kind == "diffusion":  # the CLI: one line, where it allocated 5.3 GB and crashed
-        line = error_line(_predict(tiny_pipeline, tmp_path / "pred", path))
+        line = error_line(predict_cli(tiny_pipeline, tmp_path / "pred", *FAST_TUNE, diffusion=path,
+                                      num_samples=2, gif=False))  # fmt: skip
         assert str(path) in line and "parameters" in line
 
 
@@ -291,3 +277,58 @@ def test_dicom_series_folders_pair_by_the_star_part(tmp_path):
         write_series(scans / name, stored)
     line = error_line(_pairs(scans, tmp_path / "ds", "*_lr", "*_hr"))
     assert "2 file(s) have no partner" in line and "p2_lr, p22_hr;" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a checkpoint that would run code when unpickled
+
+
+class _Payload:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _malicious(path: Path, marker: Path, zip_format: bool) -> Path:
+    state = {"format_version": 1, "kind": "vae", "model_config": {}, "x": _Payload(marker)}
+    if zip_format:
+        torch.save(state, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(state, f, protocol=2)  # torch.save's legacy (non-zip) format
+    return path
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "plain-pickle"])
+@pytest.mark.parametrize("entry", ["vae_checkpoint", "diffusion_checkpoint", "resume"])
+def test_a_checkpoint_that_would_run_code_is_refused(tiny_pipeline, tmp_path, zip_format, entry):
+    marker = tmp_path / "payload-ran"
+    bad = _malicious(tmp_path / "evil.pt", marker, zip_format)
+    if entry == "vae_checkpoint":
+        result = run_script(
+            "evaluate_psnr", "--set", f"data_dir={tiny_pipeline.data_dir}",
+            "--set", f"vae_checkpoint={bad}", "--set", f"out_dir={tmp_path / 'r'}",
+        )  # fmt: skip
+    elif entry == "diffusion_checkpoint":
+        result = run_script(
+            "predict_ldm", "--set", f"data_dir={tiny_pipeline.data_dir}",
+            "--set", f"vae_checkpoint={tiny_pipeline.vae}", "--set", f"diffusion_checkpoint={bad}",
+            "--set", f"out_dir={tmp_path / 'r'}",
+        )  # fmt: skip
+    else:  # a planted last.pt in the run folder: resume loads it
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        bad.rename(run_dir / "last.pt")
+        bad = run_dir / "last.pt"
+        result = run_script(
+            "train_vae_pair", "--set", f"data_dir={tiny_pipeline.data_dir}",
+            "--set", f"out_dir={run_dir}", *TINY_FIRST_STAGE, "--set", "train.steps=2",
+            "--set", "train.batch_size=2", "--set", "train.device=cpu",
+        )  # fmt: skip
+    line = error_line(result)
+    assert str(bad) in line and "could run code" in line
+    assert not marker.exists()

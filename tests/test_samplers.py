@@ -17,7 +17,8 @@ from ldm.diffusion.samplers import (
     make_timesteps,
     sampler_timesteps,
 )
-from ldm.diffusion.schedule import DiffusionConfig, NoiseSchedule, add_noise, make_schedule
+from ldm.diffusion.schedule import NoiseSchedule, add_noise
+from tests.helpers.diffusion import alpha_bar, noise_schedule, oracle_model
 
 
 def ddim(model, x, schedule, steps=50, spacing="trailing", t_start=None, **kw):
@@ -31,35 +32,11 @@ def ddpm(model, x, schedule, **kw):
                                                              0, "trailing"), **kw)
 
 
-def _schedule(schedule: str = "linear", prediction_type: str = "epsilon", T: int = 1000):
-    cfg = DiffusionConfig(
-        num_train_timesteps=T, beta_schedule=schedule, prediction_type=prediction_type
-    )
-    return make_schedule(cfg)
-
-
-def _abar(schedule: NoiseSchedule, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return schedule.alphas_cumprod[t.cpu()].reshape(-1, *([1] * (ndim - 1)))  # float64
-
-
-def _oracle(schedule: NoiseSchedule, x0: torch.Tensor):
-    """Knows x0; returns the true eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar) (or the true v)."""
-
-    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = _abar(schedule, t, x_t.ndim)
-        eps = (x_t.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()
-        if schedule.prediction_type == "v":
-            eps = a.sqrt() * eps - (1 - a).sqrt() * x0.double()
-        return eps.to(x_t.dtype)
-
-    return model
-
-
 def _gaussian_data_model(schedule: NoiseSchedule, mu: float, sd: float):
     """The exact E[eps | x_t] (or E[v | x_t]) when every x0 entry is N(mu, sd^2) i.i.d."""
 
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = _abar(schedule, t, x_t.ndim).to(x_t.dtype)
+        a = alpha_bar(schedule, t, x_t.ndim).to(x_t.dtype)
         var_t = a * sd**2 + 1 - a  # Var(x_t)
         eps = (1 - a).sqrt() * (x_t - a.sqrt() * mu) / var_t
         if schedule.prediction_type == "epsilon":
@@ -134,11 +111,11 @@ def test_make_timesteps_user_errors(args, kwargs, match):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 def test_ddim_with_oracle_recovers_x0_float64(prediction_type, schedule_name):
-    s = _schedule(schedule_name, prediction_type)
+    s = noise_schedule(schedule_name, prediction_type)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 3, 4, 4, 4, generator=g, dtype=torch.float64)
     x_T = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    oracle = _oracle(s, x0)
+    oracle = oracle_model(s, x0)
     for spacing in SPACINGS:
         for steps in (1, 10, 50) if spacing != "trailing" else (1, 10, 50, 1000):
             out = ddim(oracle, x_T, s, steps=steps, spacing=spacing, disable=True)
@@ -149,20 +126,20 @@ def test_ddim_with_oracle_recovers_x0_float64(prediction_type, schedule_name):
 @pytest.mark.parametrize(("prediction_type", "atol"), [("epsilon", 2e-4), ("v", 2e-6)])
 def test_ddim_with_oracle_recovers_x0_float32(prediction_type, atol):
     # epsilon: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) loses ~1/sqrt(abar_T) ~ 160 ulps at T
-    s = _schedule("linear", prediction_type)
+    s = noise_schedule("linear", prediction_type)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(2, 1, 4, 4, 4, generator=g)
     x_T = torch.randn(x0.shape, generator=g)
     for spacing in SPACINGS:
         for steps in (1, 10, 50):
-            out = ddim(_oracle(s, x0), x_T, s, steps=steps, spacing=spacing, disable=True)
+            out = ddim(oracle_model(s, x0), x_T, s, steps=steps, spacing=spacing, disable=True)
             assert out.dtype == torch.float32
             assert (out - x0).abs().max() < atol, (spacing, steps)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
 def test_ddim_from_t_start_with_oracle_recovers_x0(prediction_type):
-    s = _schedule("linear", prediction_type)
+    s = noise_schedule("linear", prediction_type)
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(2, 2, 3, 3, 3, generator=g, dtype=torch.float64)
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
@@ -171,7 +148,7 @@ def test_ddim_from_t_start_with_oracle_recovers_x0(prediction_type):
         for spacing in ("trailing", "linspace"):
             calls = []
             out = ddim(
-                _oracle(s, x0),
+                oracle_model(s, x0),
                 x_t,
                 s,
                 steps=min(10, t_start + 1),
@@ -185,11 +162,11 @@ def test_ddim_from_t_start_with_oracle_recovers_x0(prediction_type):
 
 
 def test_ddpm_with_oracle_recovers_x0():
-    s = _schedule("cosine", "v", T=50)
+    s = noise_schedule("cosine", "v", T=50)
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(2, 1, 3, 3, 3, generator=g, dtype=torch.float64)
     x_T = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    out = ddpm(_oracle(s, x0), x_T, s, generator=g, disable=True)
+    out = ddpm(oracle_model(s, x0), x_T, s, generator=g, disable=True)
     assert (out - x0).abs().max() < 1e-9  # last step: mean = x0, no noise at t = 0
 
 
@@ -197,7 +174,7 @@ def test_ddpm_with_oracle_recovers_x0():
 
 
 def test_ddim_eta0_is_deterministic_eta1_is_not():
-    s = _schedule()
+    s = noise_schedule()
     x_T = torch.randn(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(4))
 
     def run(eta: float, seed: int) -> torch.Tensor:
@@ -212,7 +189,7 @@ def test_ddim_eta0_is_deterministic_eta1_is_not():
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 def test_ddim_sigma_eta1_equals_ddpm_posterior_variance(schedule_name):
-    s = _schedule(schedule_name)
+    s = noise_schedule(schedule_name)
     abar, betas = s.alphas_cumprod, s.betas
     for t in range(s.num_train_timesteps):
         abar_prev = abar[t - 1].item() if t > 0 else 1.0
@@ -222,7 +199,7 @@ def test_ddim_sigma_eta1_equals_ddpm_posterior_variance(schedule_name):
 
 
 def test_ddim_sigma_known_values():
-    s = _schedule()
+    s = noise_schedule()
     a_t, a_p = s.alphas_cumprod[999].item(), s.alphas_cumprod[899].item()
     expected = math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)  # DDIM eq. 16
     assert ddim_sigma(s, 999, 899, 1.0).item() == pytest.approx(expected, rel=1e-12)
@@ -232,7 +209,7 @@ def test_ddim_sigma_known_values():
 
 
 def test_ddim_eta1_all_steps_equals_ddpm():
-    s = _schedule("linear", T=50)
+    s = noise_schedule("linear", T=50)
     x_T = torch.randn(2, 1, 3, 3, 3, generator=torch.Generator().manual_seed(7))
     out_ddim = ddim(
         _smooth_model,
@@ -251,7 +228,7 @@ def test_ddim_eta1_all_steps_equals_ddpm():
 
 def test_ddpm_samples_gaussian_data_with_right_mean_and_std():
     # x0 ~ N(mu, sd^2): with the exact denoiser, ancestral sampling must reproduce the data law
-    s = _schedule("cosine")
+    s = noise_schedule("cosine")
     mu, sd, n = 0.7, 0.5, 10_000
     g = torch.Generator().manual_seed(9)
     x_T = torch.randn(1, n, generator=g)
@@ -264,7 +241,7 @@ def test_ddpm_samples_gaussian_data_with_right_mean_and_std():
 
 
 def test_callback_and_extra_args():
-    s = _schedule()
+    s = noise_schedule()
     x_T = torch.randn(2, 1, 4, 4)
     cond = torch.ones(2, 1, 4, 4)
     calls = []
@@ -288,12 +265,12 @@ def test_callback_and_extra_args():
     assert torch.equal(calls[0]["x"], x_T)
     assert torch.equal(calls[-1]["pred_original_sample"], out)  # eta = 0: last step returns x0
     seen = []
-    ddpm(model, x_T, _schedule(T=4), extra_args={"cond": cond}, callback=seen.append)
+    ddpm(model, x_T, noise_schedule(T=4), extra_args={"cond": cond}, callback=seen.append)
     assert [c["t"] for c in seen] == [3, 2, 1, 0]
 
 
 def test_half_precision_input_is_computed_in_float32():
-    s = _schedule()
+    s = noise_schedule()
     dtypes = []
 
     def model(x, t):
@@ -305,7 +282,7 @@ def test_half_precision_input_is_computed_in_float32():
 
 
 def test_sampler_user_errors():
-    s = _schedule()
+    s = noise_schedule()
     x = torch.randn(2, 1, 4, 4)
     with pytest.raises(UserError, match="eta"):
         ddim(_smooth_model, x, s, eta=1.5, disable=True)

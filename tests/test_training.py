@@ -13,6 +13,7 @@ from ldm.core.checkpoint import load_checkpoint, save_checkpoint
 from ldm.core.errors import CheckpointError, ConfigError, UserError
 from ldm.train.optim import TrainConfig, amp_mode, lr_factor
 from ldm.train.training import train
+from tests.helpers.cli import error_line, run_script
 from tests.helpers.tiny_train import make, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,3 +172,14 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     assert ck["step"] == 12 and ck["world_size"] == 2
     for k in w0:
         assert torch.equal(ck["model"][k], w0[k])
+
+
+def test_out_dir_that_is_a_file(tiny_pipeline, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    result = run_script(
+        "train_vae_pair", "--set", f"data_dir={tiny_pipeline.data_dir}", "--set", f"out_dir={f}",
+        "--set", "train.steps=1", "--set", "train.device=cpu",
+    )  # fmt: skip
+    assert "exists and is not a folder" in error_line(result)
+    assert f.read_text() == "x"

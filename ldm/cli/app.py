@@ -23,7 +23,7 @@ from ldm.cli.common import (
     setup_logging,
     sigterm_as_interrupt,
 )
-from ldm.core.pipeline import PHASES, get_phase
+from ldm.core.registry import PHASES, get_phase
 
 app = make_app("ldm3d: cleaner, sharper 3D volumes with a latent diffusion model, phase by phase.")
 app.info.no_args_is_help = True
@@ -171,7 +171,7 @@ def run_all(
 
 
 def _phase_line(i: int, n: int, name: str, seconds: float, result: Any) -> None:
-    typer.echo(f"[{i}/{n}] {name:<20} {seconds:7.1f} s   {result.key}")
+    typer.echo(f"[{i}/{n}] {name:<20} {seconds:7.1f} s   {result.headline}")
 
 
 @command("benchmark", "speed and memory of the hot paths (not a test); writes benchmark.json")

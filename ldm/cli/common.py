@@ -18,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from ldm.core.config import REPO_ROOT, load_config
 from ldm.core.errors import ConfigError, UserError, file_in_the_way, os_error_message
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ldm.core.config import REPO_ROOT, load_config
 from ldm.core.errors import UserError
-from ldm.core.pipeline import PHASES, Phase, PhaseResult
+from ldm.core.registry import PHASES, Phase, PhaseResult
 from ldm.evaluate.baselines import LABELS
 from ldm.train.run_dir import Interrupted
 
@@ -136,7 +136,7 @@ def summary_table(report: RunAllReport) -> str:
 def format_report(profile: str, report: RunAllReport) -> str:
     """The closing text of run_all: one line per phase, then the summary table."""
     lines = [f"\nrun_all ({profile}): {len(report.rows)} phases in {report.seconds:.1f} s"]
-    lines += [f"  {name:<20} {seconds:7.1f} s   {result.key}"
+    lines += [f"  {name:<20} {seconds:7.1f} s   {result.headline}"
               for name, seconds, result in report.rows]  # fmt: skip
     table = summary_table(report)
     if table:

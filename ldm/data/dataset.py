@@ -135,7 +135,7 @@ class PatchPairs(Dataset):
 
 
 @dataclass
-class TestCase:
+class VolumeCase:
     """One whole test volume pair, normalised, with the map back to original units."""
 
     name: str
@@ -163,7 +163,7 @@ class TestCase:
         return x
 
 
-def iter_test_cases(dataset_dir: Path, names: list[str] | None = None) -> Iterator[TestCase]:
+def iter_test_cases(dataset_dir: Path, names: list[str] | None = None) -> Iterator[VolumeCase]:
     """Whole test volumes, one at a time; unknown names are an error listing the valid ones."""
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
@@ -173,7 +173,7 @@ def iter_test_cases(dataset_dir: Path, names: list[str] | None = None) -> Iterat
             raise DataError(f"{dataset_dir}: no test case {n!r}; test cases: {', '.join(cases)}")
     for name in names or list(cases):
         c = cases[name]
-        yield TestCase(
+        yield VolumeCase(
             name,
             np.array(_load_array(dataset_dir / c["volume"]["lr"])),  # a writable copy
             np.array(_load_array(dataset_dir / c["volume"]["hr"])),

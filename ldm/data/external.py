@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ldm.core.errors import DataError, UserError
-from ldm.data.dataset import TestCase
+from ldm.data.dataset import VolumeCase
 from ldm.data.io import RawSpec, VolumeMeta, load_volume
 from ldm.data.normalize import NormalizeConfig, normalisation
 from ldm.data.sources import case_name, glob_keys, pair_by_globs
@@ -51,8 +51,8 @@ class ExternalInputs:
 
 
 @dataclass
-class ExternalCase(TestCase):
-    """A TestCase read from user files; models may run on a resampled copy (``model_shape``)."""
+class ExternalCase(VolumeCase):
+    """A VolumeCase read from user files; models may run on a resampled copy (``model_shape``)."""
 
     lr_path: Path | None = None
     hr_path: Path | None = None

@@ -201,7 +201,7 @@ def method_outputs(
     overlap: float, batch_size: int, device: torch.device,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Baseline, the tuned filters, the restorer and the oracle (restorer + decoded HR latent)
-    of one case (a TestCase or an ExternalCase), normalised, on the case's grid. Every method
+    of one case (a VolumeCase or an ExternalCase), normalised, on the case's grid. Every method
     runs on ``case.to_model(lr)`` (the training spacing with --resample)."""
     lr = case.model_lr
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ldm.core.errors import DataError
-from ldm.data.dataset import TestCase, iter_test_cases
+from ldm.data.dataset import VolumeCase, iter_test_cases
 from ldm.data.external import ExternalInputs, external_cases, load_external_case
 from ldm.data.io import RawSpec
 from ldm.evaluate.baselines import TuneConfig, tuned_baselines
@@ -21,7 +21,7 @@ from ldm.evaluate.baselines import TuneConfig, tuned_baselines
 def cohort_cases(
     data_dir: Path, names: Sequence[str] | None, manifest: dict[str, Any],
     external: ExternalInputs | None, raw: RawSpec, need_target: bool, command: str,
-) -> tuple[dict[str, str], Callable[[str], TestCase], dict[str, Any] | None]:  # fmt: skip
+) -> tuple[dict[str, str], Callable[[str], VolumeCase], dict[str, Any] | None]:  # fmt: skip
     """(case name -> its source, a loader of one case by name, the external info for
     metrics.json or None). Without external inputs: the test cases ``names`` (all when None)
     of ``data_dir``, source = the dataset folder; else the external pairs, every file checked
@@ -40,7 +40,7 @@ def cohort_cases(
              for n, p in ext["pairs"].items()}  # fmt: skip
     sources = {n: " | ".join(str(p.resolve()) for p in pair if p) for n, pair in pairs.items()}
 
-    def load(name: str) -> TestCase:
+    def load(name: str) -> VolumeCase:
         lr, hr = pairs[name]
         return load_external_case(name, lr, hr, manifest, raw, external.resample)[0]
 

@@ -3,7 +3,7 @@ most a diffusion on this latent can reach) and classical baselines on whole test
 external pairs.
 
 Every method runs on the normalised volumes; its output is mapped back to original intensity
-units (``TestCase.to_original``) and scored against the HR volume there: PSNR and SSIM with
+units (``VolumeCase.to_original``) and scored against the HR volume there: PSNR and SSIM with
 data range = HR max - min, intensity bias and contrast scale (docs/design.md, "Metrics"). The
 classical baselines (Gaussian, heat diffusion, TV, non-local means, optional BM4D) get their one
 parameter tuned for PSNR on train patches, never on test data. External pairs (``--input LR
@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 from ldm.core.checkpoint import file_digest
 from ldm.core.cohort import open_cohort
 from ldm.core.config import save_config
-from ldm.core.distributed import init_distributed, pick_device
+from ldm.core.device import pick_device
+from ldm.core.distributed import init_distributed
 from ldm.core.errors import ConfigError, DataError, UserError
 from ldm.core.files import atomic_path, save_json, staged_dir
 from ldm.core.outdir import check_out_dir, config_inputs
-from ldm.core.pipeline import PhaseResult
-from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
+from ldm.core.registry import PhaseResult
+from ldm.data.dataset import VolumeCase, iter_test_cases, load_manifest
 from ldm.data.external import ExternalInputs, external_cases
 from ldm.data.io import RawSpec
 from ldm.evaluate.baselines import (
@@ -164,7 +165,7 @@ def _summary(cfg: EvaluateConfig, step: int, window: tuple, metrics: dict[str, A
 
 def _evaluate_cases(
     cfg: EvaluateConfig,
-    cases: Iterator[TestCase],
+    cases: Iterator[VolumeCase],
     n: int,
     image_case: str,
     vae: torch.nn.Module,
@@ -182,7 +183,7 @@ def _evaluate_cases(
 
 
 def _evaluate_case(
-    cfg: EvaluateConfig, case: TestCase, vae: torch.nn.Module, params: dict[str, Any],
+    cfg: EvaluateConfig, case: VolumeCase, vae: torch.nn.Module, params: dict[str, Any],
     window: tuple[int, ...], device: torch.device, png: Path | None,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """One case's scores per method; draws ``png`` (unless None)."""
@@ -199,7 +200,7 @@ def _evaluate_case(
 
 def _cases(
     cfg: EvaluateConfig, manifest: dict[str, Any], external: ExternalInputs | None
-) -> tuple[Iterator[TestCase], list[str], str, dict[str, Any] | None]:
+) -> tuple[Iterator[VolumeCase], list[str], str, dict[str, Any] | None]:
     """(case iterator, names, image case, external info for metrics.json or None)."""
     if external is None or not external.given:
         names = _case_names(cfg, manifest)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from ldm.core.config import resolve_path, save_config
-from ldm.core.distributed import pick_device
+from ldm.core.device import pick_device
 from ldm.core.files import save_json, staged_dir
 from ldm.core.outdir import check_out_dir, config_inputs
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 from ldm.core.validate import check_choice, check_range
 from ldm.evaluate.filters import gaussian_blur
 from ldm.evaluate.metrics import psnr, ssim

@@ -22,7 +22,7 @@ from ldm.core.config import save_config
 from ldm.core.errors import ConfigError, DataError
 from ldm.core.files import save_json, staged_dir
 from ldm.core.outdir import check_out_dir, config_inputs
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 from ldm.data.dataset import MANIFEST_VERSION, SPLITS
 from ldm.data.degrade import DegradeConfig
 from ldm.data.io import RawSpec

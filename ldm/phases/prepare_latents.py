@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from ldm.core.checkpoint import file_digest
 from ldm.core.config import save_config
-from ldm.core.distributed import pick_device
+from ldm.core.device import pick_device
 from ldm.core.errors import ConfigError, DataError
 from ldm.core.files import save_json, staged_dir
 from ldm.core.outdir import check_out_dir, config_inputs
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 from ldm.core.validate import check_min, check_range
 from ldm.data.dataset import SPLITS, PatchPairs, check_patch_size, load_manifest
 from ldm.data.latents import LATENTS_VERSION, latents_dir

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ldm.core.checkpoint import file_digest
-from ldm.core.distributed import pick_device
+from ldm.core.device import pick_device
 from ldm.core.errors import ConfigError
 from ldm.core.files import save_json
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 from ldm.data.dataset import PatchPairs, load_manifest
 from ldm.data.latents import LatentPairs, latents_dir, load_latents_meta
 from ldm.diffusion.latent_diffusion import CALIBRATION, SamplerConfig, load_ldm

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.core.distributed import pick_device
+from ldm.core.device import pick_device
 from ldm.core.errors import ConfigError, DataError
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 from ldm.data.dataset import (
     AugmentConfig,
     PatchPairs,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ldm.core.config import REPO_ROOT, load_config
-from ldm.core.distributed import pick_device
+from ldm.core.device import pick_device
 from ldm.core.errors import ConfigError
 from ldm.core.files import check_writable_folder
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig

@@ -32,7 +32,7 @@ from ldm.core.checkpoint import load_checkpoint
 from ldm.core.errors import UserError
 from ldm.core.files import check_writable_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # ldm/tools/fault_check.py -> the checkout
 
 
 @dataclass
@@ -227,8 +227,12 @@ def check_phase(spec: PhaseSpec, ws: Path, kills: int, rng: random.Random,
                     fault.checks["finished run's output complete"] = set(snapshot(out)) == set(
                         before
                     )
-                else:
-                    fault.checks["old output intact"] = snapshot(out) == before
+                else:  # the old output, or (killed after its commit, before the process
+                    # exited) a complete new one: then no staged or swapped-out folder is left
+                    now = snapshot(out)
+                    swap = [*ws.glob(f".{out.name}.*.tmp"), *ws.glob(f".{out.name}.old-*")]
+                    committed = not swap and set(now) == set(before)
+                    fault.checks["old output intact"] = now == before or committed
             code, _, took = run_subprocess(spec.name, spec.args(ws, out), overwrite=out.exists())
             fault.checks["rerun completes"] = code == 0
             # the next kill lands within a rerun's time: reruns can be much shorter than the

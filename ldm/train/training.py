@@ -35,7 +35,7 @@ from ldm.core.distributed import DistInfo, barrier, init_distributed, raise_on_a
 from ldm.core.errors import CheckpointError, UserError
 from ldm.core.files import atomic_path
 from ldm.core.outdir import config_inputs, folder_lock, refuse_unsafe_out_dir
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 from ldm.train.optim import (
     TrainConfig,
     amp_mode,

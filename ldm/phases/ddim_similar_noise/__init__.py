@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from ldm.core.config import save_config
-from ldm.core.distributed import pick_device
+from ldm.core.device import pick_device
 from ldm.core.errors import ConfigError, DataError
 from ldm.core.files import save_json, staged_dir
 from ldm.core.outdir import check_out_dir, config_inputs
-from ldm.core.pipeline import PhaseResult
-from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
+from ldm.core.registry import PhaseResult
+from ldm.data.dataset import VolumeCase, iter_test_cases, load_manifest
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_ldm
 from ldm.diffusion.samplers import SPACINGS
 from ldm.evaluate.metrics import psnr
@@ -114,7 +114,7 @@ class DDIMSimilarNoiseConfig:
 # the case window and the sweep ranges that depend on the model
 
 
-def load_case(data_dir: Path, name: str | None) -> TestCase:
+def load_case(data_dir: Path, name: str | None) -> VolumeCase:
     """The named test case, or the first one; an unknown name lists the valid ones."""
     case = next(iter_test_cases(data_dir, [name] if name is not None else None), None)
     if case is None:

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.core.distributed import pick_device
+from ldm.core.device import pick_device
 from ldm.core.errors import ConfigError
 from ldm.core.files import save_json, staged_dir
 from ldm.core.outdir import check_out_dir, config_inputs
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 from ldm.core.validate import check_choice, check_min, check_range
-from ldm.data.dataset import TestCase, iter_test_cases, load_manifest
+from ldm.data.dataset import VolumeCase, iter_test_cases, load_manifest
 from ldm.data.dicom import save_dicom_series
 from ldm.data.external import ExternalInputs, external_cases
 from ldm.data.io import RawSpec, save_volume
@@ -132,7 +132,7 @@ def check_window(window: tuple[int, ...], ldm: LatentDiffusion) -> None:
 
 
 def _write_volume(
-    folder: Path, case: TestCase, vol: np.ndarray, suffix: str, output_format: str
+    folder: Path, case: VolumeCase, vol: np.ndarray, suffix: str, output_format: str
 ) -> Path:
     """One output volume in original units: the input's format (``auto``; NIfTI for a DICOM
     input, the analysis format), or ``output_format``; ``dicom`` writes a new series beside the
@@ -149,7 +149,7 @@ def _write_volume(
 
 
 def _scores(
-    ldm: LatentDiffusion, case: TestCase, cfg: PredictConfig, window: tuple[int, ...],
+    ldm: LatentDiffusion, case: VolumeCase, cfg: PredictConfig, window: tuple[int, ...],
     params: dict, ldm_out: dict[str, np.ndarray], std: np.ndarray | None,
 ) -> tuple[dict, dict, dict[str, np.ndarray]]:  # fmt: skip
     """The score table of one case with HR, its uncertainty figures, and the restorer in
@@ -163,7 +163,7 @@ def _scores(
 
 
 def _predict_case(
-    ldm: LatentDiffusion, case: TestCase, cfg: PredictConfig, window: tuple[int, ...], out: Path,
+    ldm: LatentDiffusion, case: VolumeCase, cfg: PredictConfig, window: tuple[int, ...], out: Path,
     gif: bool, params: Callable[[], dict],
 ) -> dict:  # fmt: skip
     """Predict one case into ``out/<case>/``; returns its metrics.json row."""
@@ -203,7 +203,7 @@ def _predict_case(
 
 def _cases(
     cfg: PredictConfig, manifest: dict, external: ExternalInputs | None
-) -> tuple[Iterator[TestCase], dict | None]:
+) -> tuple[Iterator[VolumeCase], dict | None]:
     """(cases, external info for metrics.json or None)."""
     if external is None or not external.given:
         return iter_test_cases(cfg.data_dir, list(cfg.cases) if cfg.cases else None), None

@@ -26,7 +26,7 @@ from ldm.core.checkpoint import file_digest
 from ldm.core.cohort import open_cohort
 from ldm.core.distributed import init_distributed
 from ldm.core.outdir import config_inputs
-from ldm.core.pipeline import PhaseResult
+from ldm.core.registry import PhaseResult
 from ldm.data.external import ExternalInputs
 from ldm.diffusion.latent_diffusion import load_ldm
 from ldm.evaluate.baselines import restore_non_finite

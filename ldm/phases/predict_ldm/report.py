@@ -10,7 +10,7 @@ import torch
 
 from ldm.core.config import save_config
 from ldm.core.files import save_json
-from ldm.data.dataset import TestCase
+from ldm.data.dataset import VolumeCase
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.evaluate.baselines import (
     TABLE_NOTE,
@@ -31,7 +31,7 @@ from ldm.evaluate.viz import (
 
 
 def case_pictures(
-    folder: Path, case: TestCase, outputs: dict[str, np.ndarray], std: np.ndarray | None
+    folder: Path, case: VolumeCase, outputs: dict[str, np.ndarray], std: np.ndarray | None
 ) -> None:
     """1_input_LR, 2_target_HR, 3_output_LDM (the mean; one shared window), 4_uncertainty,
     0_comparison: LR | restorer | one sample | mean | HR | std (what HR and the restorer exist
@@ -60,7 +60,7 @@ def case_pictures(
 
 @torch.no_grad()
 def reverse_process_gif(
-    path: Path, ldm: LatentDiffusion, case: TestCase, window: tuple[int, ...],
+    path: Path, ldm: LatentDiffusion, case: VolumeCase, window: tuple[int, ...],
     sampler: SamplerConfig, seed: int,
 ) -> Path:  # fmt: skip
     """GIF of one central window at every sampler step: mu + D(x_t) | mu + D(predicted x_0)

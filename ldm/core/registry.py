@@ -1,8 +1,8 @@
 """The phases in pipeline order, and what every phase returns.
 
 A phase ``name`` lives in ``ldm.phases.<name>`` (a module or package) with its config dataclass
-and its run function ``run(cfg, *, overwrite: bool) -> PhaseResult``; the script is
-``scripts/<name>.py`` and the default config ``configs/<name>.yaml``. Modules are imported
+and its run function (named in ``PHASES``; ``fn(cfg, *, overwrite: bool) -> PhaseResult``); the
+script is ``scripts/<name>.py`` and the default config ``configs/<name>.yaml``. Modules are imported
 lazily, so ``ldm3d --help`` stays fast.
 """
 
@@ -20,13 +20,13 @@ class PhaseResult:
     """Outcome of one phase run.
 
     text: the multi-line summary the phase's script prints.
-    key: one short string for run_all's one-line-per-phase report (e.g. "PSNR 31.2 dB").
+    headline: one short string for run_all's one-line-per-phase report (e.g. "PSNR 31.2 dB").
     metrics: numbers worth keeping (also written to the phase's metrics.json where it has one).
     outputs: the main files or folders the phase wrote.
     """
 
     text: str
-    key: str
+    headline: str
     metrics: dict[str, Any] = field(default_factory=dict)
     outputs: list[Path] = field(default_factory=list)
 
@@ -57,7 +57,7 @@ PHASES: list[Phase] = [
     Phase("evaluate_psnr", "EvaluateConfig", "evaluate_psnr",
           "restorer and oracle vs tuned classical filters on the test volumes"),
     Phase("prepare_latents", "PrepareLatentsConfig", "prepare_latents",
-          "restorer output and residual latent of every patch + one scale factor"),
+          "restorer output and residual latent of every case volume + one scale factor"),
     Phase("train_diffusion", "TrainDiffusionConfig", "train_diffusion",
           "train the conditional latent diffusion UNet"),
     Phase("predict_ldm", "PredictConfig", "predict_ldm",
