@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from ldm.core.errors import DataError, UserError
 from ldm.data.dicom import load_dicom_series, new_uid, save_dicom_series
-from ldm.data.external import ExternalInputs, external_pairs, load_external_case
+from ldm.data.external import ExternalInputs, load_external_case, named_pairs
 from ldm.data.io import RawSpec, VolumeMeta, load_volume, save_volume, volume_format
 
 SHAPE = (12, 20, 16)  # (z, y, x): 12 slices of 20 rows x 16 columns
@@ -338,7 +338,7 @@ MANIFEST = {"normalization": {"low_percentile": 1.0, "high_percentile": 99.0},
 def test_dicom_folder_as_external_input(series, tmp_path):
     folder, stored, uid = series
     spec = ExternalInputs(input=folder)
-    ((name, lr, hr),) = external_pairs(spec, need_target=False, command="predict_ldm")
+    ((name, lr, hr),) = named_pairs(spec, need_target=False, command="predict_ldm")
     assert (name, lr, hr) == ("ct", folder, None)
     case, warning = load_external_case(name, lr, None, MANIFEST, RawSpec())
     assert warning is None and case.lr.shape == SHAPE and case.meta.format == "dicom"
@@ -346,7 +346,7 @@ def test_dicom_folder_as_external_input(series, tmp_path):
     real = stored * SLOPE + INTERCEPT
     np.testing.assert_allclose(case.to_original(case.lr), real, atol=1e-3)
     # a chosen series: folder@UID; its name keeps the folder and the UID's last part
-    ((name, lr, _),) = external_pairs(ExternalInputs(input=Path(f"{folder}@{uid}")), False, "x")
+    ((name, lr, _),) = named_pairs(ExternalInputs(input=Path(f"{folder}@{uid}")), False, "x")
     assert name == f"ct_{uid.rsplit('.', 1)[-1]}"
     assert load_external_case(name, lr, None, MANIFEST, RawSpec())[0].lr.shape == SHAPE
 
@@ -358,7 +358,7 @@ def test_folder_globs_match_dicom_folders(tmp_path):
         write_series(root / f"{key}_hr", _stored(2))
     (root / "p1_lr" / "notes.txt").write_text("GDCM skips this\n")
     spec = ExternalInputs(folder=root, input_glob="*_lr", target_glob="*_hr")
-    pairs = external_pairs(spec, need_target=True, command="evaluate_psnr")
+    pairs = named_pairs(spec, need_target=True, command="evaluate_psnr")
     assert pairs == [("p1", root / "p1_lr", root / "p1_hr"), ("p2", root / "p2_lr", root / "p2_hr")]
     case, _ = load_external_case("p1", root / "p1_lr", root / "p1_hr", MANIFEST, RawSpec())
     assert case.lr.shape == case.hr.shape == SHAPE

@@ -24,7 +24,8 @@ from ldm.cli.app import app
 from ldm.cli.common import Terminated, run_phase, sigterm_as_interrupt
 from ldm.core.errors import CheckpointError, UserError, os_error_message
 from ldm.data.dataset import MANIFEST_VERSION
-from ldm.evaluate.baselines import finite_json, restore_non_finite, save_metrics_csv
+from ldm.evaluate.baselines import save_metrics_csv
+from ldm.evaluate.scores_json import finite_json, restore_non_finite
 from ldm.train.run_dir import deferred_interrupts
 from tests.helpers.cli import ROOT, error_line, run_script
 from tests.helpers.tiny_train import run

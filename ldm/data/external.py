@@ -102,7 +102,7 @@ def _check_spec(spec: ExternalInputs, need_target: bool, command: str) -> None:
         )
 
 
-def external_pairs(
+def named_pairs(
     spec: ExternalInputs, need_target: bool, command: str
 ) -> list[tuple[str, Path, Path | None]]:
     """(case name, LR path, HR path or None) for every pair the options name; checked first."""
@@ -205,12 +205,12 @@ def load_external_case(
     return case, warning
 
 
-def load_external_cases(
+def check_external_files(
     spec: ExternalInputs, manifest: dict[str, Any], raw: RawSpec, need_target: bool, command: str
 ) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
     """Check every file of ``spec`` up front (readable, 3D, shapes match) and collect the
     spacing warnings; returns the pairs (loaded again one at a time later) and the warnings."""
-    pairs = external_pairs(spec, need_target, command)
+    pairs = named_pairs(spec, need_target, command)
     warnings = []
     for name, lr_path, hr_path in pairs:
         _, warning = load_external_case(name, lr_path, hr_path, manifest, raw, spec.resample)
@@ -225,7 +225,7 @@ def external_cases(
 ) -> tuple[Iterator[ExternalCase], list[str], dict[str, Any]]:
     """The cases a command's --input/--target/--folder name: (cases, loaded one at a time on
     iteration; their names; the external info for metrics.json, warnings included)."""
-    pairs, warnings = load_external_cases(spec, manifest, raw, need_target, command)
+    pairs, warnings = check_external_files(spec, manifest, raw, need_target, command)
     names = [name for name, _, _ in pairs]
     if len(set(names)) != len(names):
         what = "external pairs" if need_target else "external inputs"

@@ -44,12 +44,10 @@ from ldm.evaluate.baselines import (
     LABELS,
     TABLE_NOTE,
     TuneConfig,
-    finite_json,
     format_table,
     mean_scores,
     method_details,
     method_outputs,
-    restore_non_finite,
     save_metrics_csv,
     score_outputs,
     tuned_baselines,
@@ -57,6 +55,7 @@ from ldm.evaluate.baselines import (
 )
 from ldm.evaluate.classical import bm4d_available
 from ldm.evaluate.cohort import LazyTuned, cohort_cases
+from ldm.evaluate.scores_json import finite_json, restore_non_finite
 from ldm.evaluate.viz import save_comparison_png
 from ldm.nets.loading import load_vae
 

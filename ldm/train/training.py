@@ -4,14 +4,14 @@ AdamW, linear warmup + cosine decay, gradient clipping, EMA weights, autocast (b
 CPUs with bf16 instructions), tqdm, metrics.jsonl and its curves.png (ldm.evaluate.curves), periodic
 validation, atomic checkpoints (last.pt + best.pt), automatic resume, and DDP when launched by
 ``torchrun``. The parts of a step (config, schedule, optimiser, EMA, precision) live in
-``ldm.train.optim``. A phase plugs in through a small ``TrainTask``: a loss on a batch and a
-validation.
+``ldm.train.optim``, the run's state (model, optimiser, EMA, RNG, position in the data; save and
+resume) in ``ldm.train.state``. A phase plugs in through a small ``TrainTask``: a loss on a
+batch and a validation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -26,32 +26,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ldm.core.checkpoint import config_diff, load_checkpoint, save_checkpoint
 from ldm.core.config import save_config
 from ldm.core.distributed import DistInfo, barrier, init_distributed, raise_on_all_ranks
-from ldm.core.errors import CheckpointError, UserError
+from ldm.core.errors import UserError
 from ldm.core.files import atomic_path
 from ldm.core.outdir import config_inputs, folder_lock, refuse_unsafe_out_dir
 from ldm.core.registry import PhaseResult
-from ldm.train.optim import (
-    TrainConfig,
-    amp_mode,
-    lr_factor,
-    make_ema,
-    make_optimizer,
-    precision_label,
-)
+from ldm.train.optim import TrainConfig, precision_label
 from ldm.train.run_dir import (
     Interrupted,
-    commit_staged_run,
     deferred_interrupts,
     discard_staged_run,
     prepare_run_dir,
-    truncate_metrics,
 )
+from ldm.train.state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -75,121 +66,6 @@ class TrainResult:
     last_val: dict[str, float]
     run_dir: Path
     precision: str = "float32"  # or "bf16 autocast" / "fp16 autocast"
-
-
-class _Run:
-    """State of one training run: model, optimiser, EMA, position in the data, RNG."""
-
-    def __init__(self, model, model_config, dataset, task, cfg, run_dir, extra, info, device,
-                 overwrite):  # fmt: skip
-        self.model, self.model_config, self.task, self.cfg = model, model_config, task, cfg
-        self.run_dir, self.extra, self.info, self.device = Path(run_dir), extra, info, device
-        self.out = self.run_dir  # where files go now: a staging folder while overwriting
-        self.overwrite = overwrite  # started with --overwrite
-        self.dataset = dataset
-        self.opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
-        self.ema = make_ema(model, cfg.ema_decay)
-        self.amp, self.amp_dtype = amp_mode(cfg, device)
-        fp16 = self.amp and self.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + info.rank)
-        self.step = self.epoch = self.batch_in_epoch = 0
-        self.best_score = -math.inf
-        self.last_val: dict[str, float] = {}
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
-            drop_last=True,
-        )  # fmt: skip
-        per_rank = len(self.sampler)
-        if per_rank < cfg.batch_size:
-            raise UserError(
-                f"the training set has {len(dataset)} samples, fewer than batch_size "
-                f"{cfg.batch_size} x {info.world_size} process(es); lower train.batch_size"
-            )
-        self.batches_per_epoch = per_rank // cfg.batch_size
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        gen_states = [self.gen.get_state()]
-        if self.info.enabled:
-            gen_states = [None] * self.info.world_size
-            dist.all_gather_object(gen_states, self.gen.get_state())
-        return {
-            "kind": self.task.kind,
-            "model_config": self.model_config,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "best_score": self.best_score,
-            "rng": {"torch": torch.get_rng_state(), "generators": gen_states},
-            "train_config": dataclasses.asdict(self.cfg),
-            "world_size": self.info.world_size,
-            "extra": self.extra,
-        }
-
-    def save(self, name: str) -> None:
-        state = self.state()  # every rank joins the all_gather inside
-        if self.info.is_main:
-            save_checkpoint(state, self.out / name)
-            if name == "last.pt" and self.out != self.run_dir:
-                commit_staged_run(self.run_dir)  # the new run replaces the old one only now
-                self.out = self.run_dir
-
-    def resume(self, path: Path) -> None:
-        try:
-            ck = load_checkpoint(path, self.task.kind, map_location=self.device)
-        except CheckpointError as e:  # rerunning the phase would read the same file again
-            why = str(e).removeprefix(f"{path}: ").split("; ")[0]
-            raise CheckpointError(
-                f"{path}: cannot resume from it ({why}); rerun with --overwrite to start this "
-                f"training over, or delete {path}"
-            ) from None
-        diff = config_diff(ck["model_config"], self.model_config)
-        # what the weights mean beyond the net: the diffusion's schedule and target
-        old, new = ck.get("extra", {}).get("diffusion"), self.extra.get("diffusion")
-        if isinstance(old, dict) and isinstance(new, dict):
-            diff += config_diff(old, new, "diffusion.")
-        if diff:
-            raise CheckpointError(
-                f"{path} was trained with a different model config ({'; '.join(diff[:3])}); "
-                "use another output folder, or --overwrite to start over"
-            )
-        self.model.load_state_dict(ck["model"])
-        self.ema.load_state_dict(ck["ema"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        self.step, self.epoch = ck["step"], ck["epoch"]
-        self.batch_in_epoch, self.best_score = ck["batch_in_epoch"], ck["best_score"]
-        torch.set_rng_state(ck["rng"]["torch"].cpu())
-        gens = ck["rng"]["generators"]
-        if len(gens) == self.info.world_size:
-            self.gen.set_state(gens[self.info.rank].cpu())
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        log.info("resumed %s at step %d", path, self.step)
-
-    # -- data --------------------------------------------------------------------------------
-    def batches(self):
-        """Endless (epoch, batch) stream; the order depends only on the seed, so resume is exact."""
-        while True:
-            self.sampler.set_epoch(self.epoch)
-            idx = list(self.sampler)
-            bs = self.cfg.batch_size
-            groups = [idx[b * bs : (b + 1) * bs] for b in range(self.batches_per_epoch)]
-            loader = DataLoader(
-                self.dataset, batch_sampler=groups[self.batch_in_epoch :],
-                num_workers=self.cfg.num_workers,
-            )  # fmt: skip
-            for batch in loader:
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -235,8 +111,8 @@ def train(
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     model.to(device)
-    run = _Run(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device,
-               overwrite)  # fmt: skip
+    run = RunState(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device,
+                   overwrite)  # fmt: skip
     with contextlib.ExitStack() as lock:
         error: Exception | None = None
         if info.is_main:  # rank 0 holds the run folder's lock for the whole training
@@ -250,13 +126,14 @@ def train(
         return _train_locked(run, config, overwrite, progress)
 
 
-def _train_locked(run: _Run, config: Any, overwrite: bool, progress: bool) -> TrainResult:
+def _train_locked(run: RunState, config: Any, overwrite: bool, progress: bool) -> TrainResult:
     """train() once the run folder is checked and locked."""
     model, cfg, task, info, device = run.model, run.cfg, run.task, run.info, run.device
     run_dir = run.run_dir
     last = run_dir / "last.pt"
     if last.exists() and not overwrite:
         run.resume(last)
+        log.info("resumed %s at step %d", last, run.step)
         if info.is_main:
             _restore_best(run)
 
@@ -286,7 +163,7 @@ def _train_locked(run: _Run, config: Any, overwrite: bool, progress: bool) -> Tr
                        run.best_score, last_val, run_dir, precision_label(cfg, device))  # fmt: skip
 
 
-def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info: DistInfo,
+def _loop(run: RunState, net: nn.Module, batches, bar, interrupted: list[int], info: DistInfo,
           device: torch.device, t0: float) -> None:  # fmt: skip
     """Steps until cfg.steps, the time cap, or a deferred Ctrl-C/SIGTERM (saved, then raised)."""
     cfg, model, task = run.cfg, run.model, run.task
@@ -337,7 +214,7 @@ def _loop(run: _Run, net: nn.Module, batches, bar, interrupted: list[int], info:
             break
 
 
-def _restore_best(run: _Run) -> None:
+def _restore_best(run: RunState) -> None:
     """A resumed run whose best.pt is gone (deleted; its score is in last.pt): a finished run
     rewrites it from last.pt, whose weights are all that is left (nothing would write it
     again); an unfinished one forgets the old best score, so its next validation writes it."""
@@ -356,7 +233,7 @@ def _restore_best(run: _Run) -> None:
     )  # fmt: skip
 
 
-def _save_curves(run: _Run, info: DistInfo) -> None:
+def _save_curves(run: RunState, info: DistInfo) -> None:
     """curves.png beside the run's metrics.jsonl, on rank 0; failing to draw is only a warning."""
     metrics = run.out / "metrics.jsonl"
     if not info.is_main or not metrics.is_file():
@@ -369,7 +246,7 @@ def _save_curves(run: _Run, info: DistInfo) -> None:
         log.warning("%s: curves.png not drawn (%s: %s)", run.out, type(e).__name__, e)
 
 
-def _interrupted(run: _Run, staged: bool) -> str:
+def _interrupted(run: RunState, staged: bool) -> str:
     """What a Ctrl-C / SIGTERM left and how to go on."""
     if staged:
         return (f"interrupted at step {run.step}, before this --overwrite run's first "
@@ -388,7 +265,7 @@ def _agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _validate(run: _Run, info: DistInfo) -> dict[str, float]:
+def _validate(run: RunState, info: DistInfo) -> dict[str, float]:
     """Validate the EMA weights on rank 0; save best.pt when the score improves."""
     metrics: dict[str, float] = {}
     improved = False

@@ -37,13 +37,13 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig, load_
 from ldm.evaluate.baselines import (
     LABELS,
     TuneConfig,
-    finite_json,
     method_outputs,
     score_outputs,
     tuned_baselines,
     uncertainty_scores,
 )
 from ldm.evaluate.inference import check_output_finite, fit_window, sliding_window_infer
+from ldm.evaluate.scores_json import finite_json
 from ldm.phases.predict_ldm.cohort import predict_cohort
 from ldm.phases.predict_ldm.report import (
     case_pictures,

@@ -29,8 +29,8 @@ from ldm.core.outdir import config_inputs
 from ldm.core.registry import PhaseResult
 from ldm.data.external import ExternalInputs
 from ldm.diffusion.latent_diffusion import load_ldm
-from ldm.evaluate.baselines import restore_non_finite
 from ldm.evaluate.cohort import LazyTuned, cohort_cases
+from ldm.evaluate.scores_json import restore_non_finite
 from ldm.phases.predict_ldm.report import write_summary
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from ldm.data.dataset import VolumeCase
 from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.evaluate.baselines import (
     TABLE_NOTE,
-    finite_json,
     format_table,
     mean_scores,
     save_metrics_csv,
     tuned_text,
 )
+from ldm.evaluate.scores_json import finite_json
 from ldm.evaluate.viz import (
     save_comparison_png,
     save_gif,
