@@ -129,22 +129,23 @@ def _with_external(name: str) -> Callable[..., None]:
     return main
 
 
-def particles_gif(
-    config: ConfigOption = None,
-    set_: SetOption = None,
-    overwrite: OverwriteOption = False,
-    image: ImageOption = None,
-) -> None:
-    _run("particles_gif", config, set_, overwrite=overwrite, image=image)
+def _with_image(name: str) -> Callable[..., None]:
+    """The command of a phase that takes a picture (particles_gif)."""
+
+    def main(
+        config: ConfigOption = None,
+        set_: SetOption = None,
+        overwrite: OverwriteOption = False,
+        image: ImageOption = None,
+    ) -> None:
+        _run(name, config, set_, overwrite=overwrite, image=image)
+
+    return main
 
 
-_SPECIAL = {
-    "predict_ldm": _with_external("predict_ldm"),
-    "evaluate_psnr": _with_external("evaluate_psnr"),
-    "particles_gif": particles_gif,
-}
+BUILDERS = {"": _plain, "external": _with_external, "image": _with_image}  # by Phase.inputs
 for _phase in PHASES:
-    command(_phase.name, _phase.summary)(_SPECIAL.get(_phase.name) or _plain(_phase.name))
+    command(_phase.name, _phase.summary)(BUILDERS[_phase.inputs](_phase.name))
 
 
 @command("run_all", "every phase in order on a profile (demo, default, mri: configs/mri)")

@@ -37,6 +37,9 @@ class Phase:
     config: str  # config dataclass in the module
     run: str  # run function in the module
     summary: str  # one line for --help
+    # command-line inputs beyond --config/--set/--overwrite: "" none, "external" (--input,
+    # --target, --folder, --input-glob, --target-glob, --resample), "image" (--image)
+    inputs: str = ""
 
     @property
     def module(self) -> str:
@@ -55,15 +58,15 @@ PHASES: list[Phase] = [
     Phase("train_vae_pair", "TrainVAEConfig", "train_vae_pair",
           "train the first stage: restorer mu(LR) + autoencoder of HR - mu"),
     Phase("evaluate_psnr", "EvaluateConfig", "evaluate_psnr",
-          "restorer and oracle vs tuned classical filters on the test volumes"),
+          "restorer and oracle vs tuned classical filters on the test volumes", "external"),
     Phase("prepare_latents", "PrepareLatentsConfig", "prepare_latents",
           "restorer output and residual latent of every case volume + one scale factor"),
     Phase("train_diffusion", "TrainDiffusionConfig", "train_diffusion",
           "train the conditional latent diffusion UNet"),
     Phase("predict_ldm", "PredictConfig", "predict_ldm",
-          "the whole LDM on test volumes or your own scan (--input)"),
+          "the whole LDM on test volumes or your own scan (--input)", "external"),
     Phase("particles_gif", "ParticlesConfig", "run_particles",
-          "particles follow an image's score field until they rebuild it (GIF)"),
+          "particles follow an image's score field until they rebuild it (GIF)", "image"),
     Phase("ddim_similar_noise", "DDIMSimilarNoiseConfig", "ddim_similar_noise",
           "similar starting noises under deterministic DDIM; forward/backward"),
 ]  # fmt: skip
