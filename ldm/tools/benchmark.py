@@ -32,6 +32,7 @@ from ldm.diffusion.latent_diffusion import LatentDiffusion, SamplerConfig
 from ldm.diffusion.schedule import make_schedule, training_loss
 from ldm.evaluate.inference import first_stage_volume
 from ldm.nets import UNet
+from ldm.nets.loading import inference_layout
 from ldm.nets.restorer import RestorerAE
 from ldm.phases.predict_ldm import PredictConfig, predict_volume
 from ldm.phases.train_vae_pair import first_stage_loss
@@ -117,6 +118,7 @@ def _random_ldm(device: torch.device) -> LatentDiffusion:
     """The LDM of configs/train_vae_pair.yaml + configs/train_diffusion.yaml, random weights."""
     vcfg, dcfg = model_configs()
     vae, unet = RestorerAE(vcfg.model).to(device).eval(), UNet(dcfg.model).to(device).eval()
+    vae, unet = inference_layout(vae), inference_layout(unet)  # as load_vae / load_unet
     return LatentDiffusion(vae, unet, make_schedule(dcfg.diffusion), 1.0, device, 0, 0)
 
 
