@@ -13,101 +13,28 @@ import pytest
 import SimpleITK as sitk
 
 from ldm.core.errors import DataError, UserError
-from ldm.data.dicom import load_dicom_series, new_uid, save_dicom_series
+from ldm.data.dicom import load_dicom_series, save_dicom_series
 from ldm.data.external import ExternalInputs, load_external_case, named_pairs
 from ldm.data.io import RawSpec, VolumeMeta, load_volume, save_volume, volume_format
-
-SHAPE = (12, 20, 16)  # (z, y, x): 12 slices of 20 rows x 16 columns
-SPACING = (0.8, 0.9, 2.5)  # SimpleITK order (x, y, z)
-ORIGIN = (10.0, -20.0, 5.0)
-SLOPE, INTERCEPT = 0.5, -100.0
-PATIENT = {
-    "0010|0010": "Doe^Jane",
-    "0010|0020": "PID-0042",
-    "0010|0030": "19700101",
-    "0010|0040": "F",
-    "0020|000d": "1.2.826.0.1.3680043.8.498.1",
-    "0020|0010": "S77",
-    "0008|0020": "20240131",
-    "0008|0030": "101500",
-    "0008|0050": "ACC123",
-    "0008|0060": "CT",
-    "0020|0052": "1.2.826.0.1.3680043.8.498.2",
-}
-
-
-def _rotation() -> np.ndarray:
-    a, b = 0.3, 0.2
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    return rz @ rx
-
-
-DIRECTION = tuple(_rotation().ravel())
-
-
-def _stored(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(-500, 1500, SHAPE).astype(np.int16)
-
-
-def write_series(
-    folder: Path,
-    stored: np.ndarray,
-    uid: str | None = None,
-    description: str = "source CT",
-    iop: dict[int, str] | None = None,
-    compressed: tuple[int, ...] = (),
-) -> str:
-    """int16 ``stored`` values as a series with slope 0.5 / intercept -100 and the geometry
-    above, the way SimpleITK's "Dicom Series From Array" example writes one; ``iop`` replaces
-    the orientation of some slices, ``compressed`` slices are written as JPEG 2000."""
-    folder.mkdir(parents=True, exist_ok=True)
-    uid = uid or new_uid()
-    img = sitk.GetImageFromArray(stored.astype(np.float64) * SLOPE + INTERCEPT)
-    img.SetSpacing(SPACING)
-    img.SetOrigin(ORIGIN)
-    img.SetDirection(DIRECTION)
-    d = DIRECTION
-    tags = {**PATIENT, "0020|000e": uid, "0008|103e": description, "0020|0011": "3",
-            "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-            "0028|1053": str(SLOPE), "0028|1052": str(INTERCEPT), "0028|0100": "16",
-            "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"}  # fmt: skip
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(stored.shape[0]):
-        one = img[:, :, z]
-        for k, v in tags.items():
-            one.SetMetaData(k, v)
-        if iop and z in iop:
-            one.SetMetaData("0020|0037", iop[z])
-        ipp = img.TransformIndexToPhysicalPoint((0, 0, z))
-        one.SetMetaData("0020|0032", "\\".join(str(v) for v in ipp))
-        one.SetMetaData("0020|0013", str(z + 1))
-        one.SetMetaData("0008|0018", new_uid())
-        writer.SetFileName(str(folder / f"{uid[-6:]}_{z:03d}.dcm"))
-        writer.SetUseCompression(z in compressed)
-        writer.Execute(one)
-    return uid
-
-
-def read_series(folder: Path) -> tuple[sitk.Image, list[str]]:
-    (uid,) = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    return reader.Execute(), files
-
-
-def tags_of(file: str) -> dict[str, str]:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    reader.ReadImageInformation()
-    return {k: reader.GetMetaData(k).rstrip(" \x00") for k in reader.GetMetaDataKeys()}
+from tests.helpers.dicom import (
+    DIRECTION,
+    INTERCEPT,
+    ORIGIN,
+    PATIENT,
+    SHAPE,
+    SLOPE,
+    SPACING,
+    read_series,
+    rotation,
+    stored_values,
+    tags_of,
+    write_series,
+)
 
 
 @pytest.fixture
 def series(tmp_path) -> tuple[Path, np.ndarray, str]:
-    stored = _stored()
+    stored = stored_values()
     folder = tmp_path / "ct"
     return folder, stored, write_series(folder, stored)
 
@@ -144,8 +71,8 @@ def test_meta_without_dicom_fields_round_trips_as_before():
 
 def test_several_series_need_a_choice(tmp_path):
     folder = tmp_path / "study"
-    a = write_series(folder, _stored(1), description="axial A")
-    b = write_series(folder, _stored(2)[:7], description="axial B")
+    a = write_series(folder, stored_values(1), description="axial A")
+    b = write_series(folder, stored_values(2)[:7], description="axial B")
     with pytest.raises(DataError) as e:
         load_volume(folder)
     msg = str(e.value)
@@ -153,7 +80,7 @@ def test_several_series_need_a_choice(tmp_path):
     assert f"{a} ('axial A'): 12 slice(s)" in msg and f"{b} ('axial B'): 7 slice(s)" in msg
     data, meta = load_volume(f"{folder}@{b}")
     assert data.shape == (7, 20, 16) and meta.series_uid == b
-    np.testing.assert_array_equal(data, _stored(2)[:7] * SLOPE + INTERCEPT)
+    np.testing.assert_array_equal(data, stored_values(2)[:7] * SLOPE + INTERCEPT)
     data, meta = load_dicom_series(folder, series_uid=a)
     assert data.shape == SHAPE and meta.series_uid == a
     with pytest.raises(DataError, match=r"no DICOM series 1\.2\.3 there; it holds .*axial A"):
@@ -185,7 +112,7 @@ def test_empty_folder_and_non_dicom_files(tmp_path):
 
 def test_single_slice_is_not_a_volume(tmp_path):
     folder = tmp_path / "one"
-    write_series(folder, _stored()[:1])
+    write_series(folder, stored_values()[:1])
     msg = _error(folder)
     assert msg.startswith(f"{folder}:") and "single 2D slice" in msg and "3D series" in msg
 
@@ -225,7 +152,7 @@ def test_undecodable_pixel_data_is_named(series):
 
 def test_mixed_orientations(tmp_path):
     folder = tmp_path / "mixed"
-    write_series(folder, _stored(), iop={6: "1\\0\\0\\0\\1\\0"})
+    write_series(folder, stored_values(), iop={6: "1\\0\\0\\0\\1\\0"})
     msg = _error(folder)
     assert msg.startswith(f"{folder}:") and "mixes slice orientations" in msg
     assert "1 of 12 slices" in msg and "_006.dcm" in msg
@@ -309,7 +236,7 @@ def test_a_failed_write_leaves_nothing(series, tmp_path, monkeypatch):
 
 def test_save_volume_fmt_dicom_from_a_nifti_keeps_its_space(tmp_path):
     vol = np.random.default_rng(3).random((7, 8, 9)).astype(np.float32) * 200 - 50
-    r = _rotation()
+    r = rotation()
     affine = np.eye(4)
     affine[:3, :3] = r * [1.5, 0.7, 2.0]
     affine[:3, 3] = [12.0, -3.0, 40.0]
@@ -354,8 +281,8 @@ def test_dicom_folder_as_external_input(series, tmp_path):
 def test_folder_globs_match_dicom_folders(tmp_path):
     root = tmp_path / "scans"
     for key in ("p1", "p2"):
-        write_series(root / f"{key}_lr", _stored(1))
-        write_series(root / f"{key}_hr", _stored(2))
+        write_series(root / f"{key}_lr", stored_values(1))
+        write_series(root / f"{key}_hr", stored_values(2))
     (root / "p1_lr" / "notes.txt").write_text("GDCM skips this\n")
     spec = ExternalInputs(folder=root, input_glob="*_lr", target_glob="*_hr")
     pairs = named_pairs(spec, need_target=True, command="evaluate_psnr")

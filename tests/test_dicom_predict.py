@@ -7,8 +7,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from tests.helpers.cli import run_script
+from tests.helpers.dicom import PATIENT, read_series, tags_of, write_series
 from tests.helpers.phases import predict_cli
-from tests.test_dicom import PATIENT, read_series, tags_of, write_series
 
 
 def _scan(tmp_path):

@@ -25,8 +25,8 @@ from ldm.nets.restorer import RestorerAE, RestorerAEConfig
 from ldm.nets.vae import VAE, VAEConfig
 from ldm.particles.render import load_image
 from tests.helpers.cli import error_line, run_script
+from tests.helpers.dicom import write_series
 from tests.helpers.phases import FAST_TUNE, TINY_FIRST_STAGE, evaluate_cli, predict_cli
-from tests.test_dicom import write_series
 
 
 def _altered(src: Path, dst: Path, change) -> Path:
