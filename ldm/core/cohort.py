@@ -28,10 +28,15 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from ldm.core.distributed import DistInfo, raise_on_all_ranks
+from ldm.core.distributed import DistInfo
 from ldm.core.errors import UserError
 from ldm.core.files import load_json, pid_alive, save_json
-from ldm.core.outdir import MARKER, folder_lock, foreign_entries, read_marker, refuse_unsafe_out_dir
+from ldm.core.outdir import (
+    MARKER,
+    check_replaceable,
+    rank0_holds,
+    read_marker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +136,11 @@ class Cohort:
         self._write_markers(signature, sources)  # before any case: what --overwrite may remove
 
     def _take_over_single_run(self, overwrite: bool) -> None:
-        """A non-empty ``out`` without the cohort marker: a single-process run of this phase
-        may be replaced with ``overwrite`` (only its listed outputs go); anything else not."""
-        single = read_marker(self.out)
-        if single is None or single.get("phase") != self.phase or foreign_entries(self.out, single):
-            raise UserError(
-                f"{self.out} already holds files {self.phase} did not write; choose an empty or "
-                "new out_dir (--set out_dir=...)"
-            )
-        if not overwrite:
-            raise UserError(
-                f"{self.out} already holds {self.phase} results; pass --overwrite to replace "
-                "them or choose another out_dir"
-            )
+        """A non-empty ``out`` without the cohort marker: replaced under the rule of every
+        output folder (``outdir.check_replaceable``: this phase's single-process run, nothing
+        foreign, ``overwrite``); only the outputs its marker lists go."""
+        check_replaceable(self.out, self.phase, overwrite)
+        single = read_marker(self.out) or {"outputs": []}  # None: only our temp leftovers
         for name in single["outputs"]:
             path = self.out / name
             if path.is_dir() and not path.is_symlink():
@@ -176,16 +173,8 @@ def open_cohort(
     checks the folder (a safe place, not an input; see ``prepare``) and holds its lock for the
     block; its refusal is raised on every rank, before any work."""
     cohort = Cohort(out, phase, info, summary_files, done_file)
-    with contextlib.ExitStack() as lock:
-        error: Exception | None = None
-        if info.is_main:
-            try:
-                refuse_unsafe_out_dir(cohort.out, inputs)
-                lock.enter_context(folder_lock(cohort.out))
-                cohort.prepare(signature, sources, overwrite, settings)
-            except (UserError, OSError) as e:
-                error = e
-        raise_on_all_ranks(info, error)
+    with rank0_holds(cohort.out, inputs, info,
+                     lambda: cohort.prepare(signature, sources, overwrite, settings)):  # fmt: skip
         if info.enabled and dist.is_initialized():  # every rank, at the same point
             cohort._group = dist.new_group(backend="gloo", timeout=WAIT_FOR_RANKS)
         yield cohort

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm.core.errors import DataError, UserError
+from ldm.core.errors import DataError, UserError, file_in_the_way
 from ldm.core.outdir import (
     MARKER,
     check_replaceable,
@@ -166,8 +166,6 @@ def staged_dir(
     """
     final = Path(final)
     refuse_unsafe_out_dir(final, inputs)
-    if final.exists() and not final.is_dir():
-        raise UserError(f"out_dir {final} is a file, not a folder; choose another out_dir")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -198,7 +196,7 @@ def staged_dir(
 
 
 def _cannot_create(final: Path, e: OSError) -> str:
-    blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+    blocker = file_in_the_way(final.parent)
     if blocker is not None:
         return (
             f"{final}: cannot create the output folder there: {blocker} is a file, not a "

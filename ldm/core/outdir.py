@@ -20,9 +20,10 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from ldm.core.distributed import DistInfo, raise_on_all_ranks
 from ldm.core.errors import UserError
 
 try:
@@ -204,3 +205,22 @@ def mark_folder(folder: Path, owner: str) -> None:
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).write_text(json.dumps({"phase": owner, "outputs": []}) + "\n")
+
+
+@contextlib.contextmanager
+def rank0_holds(folder: Path, inputs: Iterable[Path | None], info: DistInfo,
+                prepare: Callable[[], None]) -> Iterator[None]:  # fmt: skip
+    """For the block: rank 0 has checked that ``folder`` is a safe place (refuse_unsafe_out_dir),
+    holds its lock and has run ``prepare``; a refusal there is raised on every rank, before any
+    work (under torchrun only rank 0 takes the lock)."""
+    with contextlib.ExitStack() as lock:
+        error: Exception | None = None
+        if info.is_main:
+            try:
+                refuse_unsafe_out_dir(folder, inputs)
+                lock.enter_context(folder_lock(folder))
+                prepare()
+            except (UserError, OSError) as e:
+                error = e
+        raise_on_all_ranks(info, error)
+        yield

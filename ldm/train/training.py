@@ -11,7 +11,6 @@ batch and a validation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -30,10 +29,10 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ldm.core.config import save_config
-from ldm.core.distributed import DistInfo, barrier, init_distributed, raise_on_all_ranks
+from ldm.core.distributed import DistInfo, barrier, init_distributed
 from ldm.core.errors import UserError
 from ldm.core.files import atomic_path
-from ldm.core.outdir import config_inputs, folder_lock, refuse_unsafe_out_dir
+from ldm.core.outdir import config_inputs, rank0_holds
 from ldm.core.registry import PhaseResult
 from ldm.train.optim import TrainConfig, precision_label
 from ldm.train.run_dir import (
@@ -113,16 +112,10 @@ def train(
     model.to(device)
     run = RunState(model, model_config, dataset, task, cfg, run_dir, extra or {}, info, device,
                    overwrite)  # fmt: skip
-    with contextlib.ExitStack() as lock:
-        error: Exception | None = None
-        if info.is_main:  # rank 0 holds the run folder's lock for the whole training
-            try:
-                refuse_unsafe_out_dir(run_dir, config_inputs(config))
-                lock.enter_context(folder_lock(run_dir))
-                run.out = prepare_run_dir(run_dir, overwrite)
-            except UserError as e:
-                error = e
-        raise_on_all_ranks(info, error)
+    def prepare() -> None:
+        run.out = prepare_run_dir(run_dir, overwrite)
+
+    with rank0_holds(run_dir, config_inputs(config), info, prepare):  # for the whole training
         return _train_locked(run, config, overwrite, progress)
 
 
