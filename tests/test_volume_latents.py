@@ -15,7 +15,8 @@ from ldm.core.config import load_config
 from ldm.core.errors import DataError
 from ldm.data.dataset import PatchPairs
 from ldm.data.latents import LatentPairs, load_latents_meta
-from ldm.evaluate.volume_latents import aligned_starts, case_arrays, latent_start
+from ldm.evaluate.inference import axis_starts
+from ldm.evaluate.volume_latents import case_arrays, latent_start
 from ldm.nets.loading import load_vae
 from ldm.nets.restorer import RestorerAE, RestorerAEConfig
 from ldm.nets.vae import VAEConfig
@@ -102,10 +103,10 @@ def test_windows_that_see_more_than_the_patch_stay_within_the_bounds(tiny_pipeli
 
 
 def test_aligned_window_starts_and_rounded_patch_starts():
-    assert aligned_starts(96, 64, 0.0, 4) == [0, 32]
-    assert aligned_starts(256, 64, 0.0, 4) == [0, 64, 128, 192]
-    assert aligned_starts(104, 64, 0.5, 8) == [0, 32, 40]  # flush end, on the grid
-    assert all(s % 4 == 0 for s in aligned_starts(36 * 4, 32, 0.3, 4))
+    assert axis_starts(96, 64, 0.0, 4) == [0, 32]
+    assert axis_starts(256, 64, 0.0, 4) == [0, 64, 128, 192]
+    assert axis_starts(104, 64, 0.5, 8) == [0, 32, 40]  # flush end, on the grid
+    assert all(s % 4 == 0 for s in axis_starts(36 * 4, 32, 0.3, 4))
     assert latent_start((0, 18, 33), 4) == (0, 4, 8)  # off-grid starts rounded down
 
 

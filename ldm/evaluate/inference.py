@@ -39,15 +39,19 @@ def window_positions(
     win = _check_window(window, overlap)
     if len(shape) != len(win):
         raise UserError(f"window has {len(win)} dims but the shape {tuple(shape)} has {len(shape)}")
-    starts_per_axis = []
-    for size, w in zip(shape, win):
-        if size <= w:
-            starts_per_axis.append([0])
-            continue
-        stride = max(1, int(w * (1.0 - overlap)))
-        n = math.ceil((size - w) / stride) + 1
-        starts_per_axis.append([min(i * stride, size - w) for i in range(n)])
-    return list(itertools.product(*starts_per_axis))
+    return list(itertools.product(*(axis_starts(s, w, overlap) for s, w in zip(shape, win))))
+
+
+def axis_starts(size: int, window: int, overlap: float, multiple: int = 1) -> list[int]:
+    """Window starts along one axis: stride ``window (1 - overlap)`` rounded down to a multiple
+    of ``multiple`` (at least one), the last window flush with the end; an axis no longer than
+    the window gets the single start 0. With ``size`` and ``window`` multiples of ``multiple``,
+    every start is one (the latent-aligned windows of prepare_latents)."""
+    if size <= window:
+        return [0]
+    stride = max(multiple, int(window * (1.0 - overlap)) // multiple * multiple)
+    n = math.ceil((size - window) / stride) + 1
+    return [min(i * stride, size - window) for i in range(n)]
 
 
 def fit_window(window: Sequence[int], shape: Sequence[int], multiple: int) -> tuple[int, ...]:

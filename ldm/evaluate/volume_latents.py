@@ -13,7 +13,6 @@ its latent at p / f.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,18 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ldm.core.errors import UserError
-from ldm.evaluate.inference import first_stage_volume, fit_window, gaussian_importance_map
-
-
-def aligned_starts(size: int, window: int, overlap: float, multiple: int) -> list[int]:
-    """Window starts along one axis of ``size`` (a multiple of ``multiple``, as ``window``):
-    every start a multiple of ``multiple``, stride ``window (1 - overlap)`` rounded down to one
-    (at least one multiple), the last window flush with the end."""
-    if size <= window:
-        return [0]
-    stride = max(multiple, int(window * (1.0 - overlap)) // multiple * multiple)
-    n = math.ceil((size - window) / stride) + 1
-    return [min(i * stride, size - window) for i in range(n)]
+from ldm.evaluate.inference import (
+    axis_starts,
+    first_stage_volume,
+    fit_window,
+    gaussian_importance_map,
+)
 
 
 @torch.no_grad()
@@ -66,7 +59,7 @@ def latent_volume(
     grid = tuple(p // f for p in padded)
     out = torch.zeros((model.config.latent_channels, *grid))
     weight = torch.zeros(grid)
-    corners = list(itertools.product(*(aligned_starts(p, w, overlap, f)
+    corners = list(itertools.product(*(axis_starts(p, w, overlap, f)
                                        for p, w in zip(padded, win))))  # fmt: skip
     for b in range(0, len(corners), batch_size):
         group = corners[b : b + batch_size]
