@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -163,16 +163,24 @@ class VolumeCase:
         return x
 
 
+def checked_test_cases(
+    dataset_dir: Path, manifest: dict[str, Any], names: Sequence[str] | None = None
+) -> list[str]:
+    """``names`` (all test cases when None), checked: an unknown name is an error listing the
+    test cases of ``dataset_dir``."""
+    test = [n for n, c in manifest["cases"].items() if c["split"] == "test"]
+    for n in names or []:
+        if n not in test:
+            raise DataError(f"{dataset_dir}: no test case {n!r}; test cases: {', '.join(test)}")
+    return list(names) if names is not None else test
+
+
 def iter_test_cases(dataset_dir: Path, names: list[str] | None = None) -> Iterator[VolumeCase]:
     """Whole test volumes, one at a time; unknown names are an error listing the valid ones."""
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
-    cases = {n: c for n, c in manifest["cases"].items() if c["split"] == "test"}
-    for n in names or []:
-        if n not in cases:
-            raise DataError(f"{dataset_dir}: no test case {n!r}; test cases: {', '.join(cases)}")
-    for name in names or list(cases):
-        c = cases[name]
+    for name in checked_test_cases(dataset_dir, manifest, names or None):
+        c = manifest["cases"][name]
         yield VolumeCase(
             name,
             np.array(_load_array(dataset_dir / c["volume"]["lr"])),  # a writable copy

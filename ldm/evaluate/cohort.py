@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from ldm.core.errors import DataError
-from ldm.data.dataset import VolumeCase, iter_test_cases
+from ldm.data.dataset import VolumeCase, checked_test_cases, iter_test_cases
 from ldm.data.external import ExternalInputs, external_cases, load_external_case
 from ldm.data.io import RawSpec
 from ldm.evaluate.baselines import TuneConfig, tuned_baselines
@@ -28,11 +27,7 @@ def cohort_cases(
     here (ldm/data/external.py), source = the input and target files. A kept case of an
     earlier run must have the same source."""
     if external is None or not external.given:
-        test = [n for n, c in manifest["cases"].items() if c["split"] == "test"]
-        names = list(names) if names else test
-        for n in names:
-            if n not in test:
-                raise DataError(f"{data_dir}: no test case {n!r}; test cases: {', '.join(test)}")
+        names = checked_test_cases(data_dir, manifest, names or None)
         source = str(Path(data_dir).resolve())
         return dict.fromkeys(names, source), lambda n: next(iter_test_cases(data_dir, [n])), None
     _, names, ext = external_cases(external, manifest, raw, need_target, command)

@@ -33,11 +33,11 @@ from ldm.core.cohort import open_cohort
 from ldm.core.config import save_config
 from ldm.core.device import pick_device
 from ldm.core.distributed import init_distributed
-from ldm.core.errors import ConfigError, DataError, UserError
+from ldm.core.errors import ConfigError, UserError
 from ldm.core.files import atomic_path, save_json, staged_dir
 from ldm.core.outdir import check_out_dir, config_inputs
 from ldm.core.registry import PhaseResult
-from ldm.data.dataset import VolumeCase, iter_test_cases, load_manifest
+from ldm.data.dataset import VolumeCase, checked_test_cases, iter_test_cases, load_manifest
 from ldm.data.external import ExternalInputs, external_cases
 from ldm.data.io import RawSpec
 from ldm.evaluate.baselines import (
@@ -95,11 +95,9 @@ class EvaluateConfig:
 
 def _case_names(cfg: EvaluateConfig, manifest: dict[str, Any]) -> list[str]:
     """The test cases to evaluate, in order; unknown names are an error listing the valid ones."""
-    test = [n for n, c in manifest["cases"].items() if c["split"] == "test"]
-    names = list(cfg.cases) if cfg.cases is not None else test
-    for n in names + ([cfg.image_case] if cfg.image_case else []):
-        if n not in test:
-            raise DataError(f"{cfg.data_dir}: no test case {n!r}; test cases: {', '.join(test)}")
+    names = checked_test_cases(cfg.data_dir, manifest, cfg.cases)
+    if cfg.image_case:
+        checked_test_cases(cfg.data_dir, manifest, [cfg.image_case])
     if cfg.image_case and cfg.image_case not in names:
         raise ConfigError(
             f"image_case {cfg.image_case!r} is not among the evaluated cases {names}; add it to "
