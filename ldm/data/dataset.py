@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -59,46 +60,67 @@ def _load_array(path: Path) -> np.ndarray:
         raise DataError(f"{path}: corrupt array ({e}); rerun prepare_data --overwrite") from None
 
 
-class PatchArray:
+class VolumeCrops(abc.ABC):
+    """Crops of per-case whole volumes, taken on access: indexes like the stacked (N, ...)
+    array it stands for (an int gives one crop, a slice a stacked copy). ``index`` lists each
+    crop's case and start; a subclass loads a case's (memory-mapped) volume and cuts one crop
+    from it. Each volume is loaded once."""
+
+    def __init__(self, index: list[dict]) -> None:
+        self.index = index
+        self._vols: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def volume(self, case: str) -> np.ndarray:
+        """The whole memory-mapped volume of ``case``."""
+        if case not in self._vols:
+            self._vols[case] = self._load(case)
+        return self._vols[case]
+
+    def __getitem__(self, i: int | slice) -> np.ndarray:
+        if isinstance(i, slice):  # a stacked copy, as the array would give
+            return np.stack([self[j] for j in range(*i.indices(len(self)))])
+        entry = self.index[int(i)]
+        return self._crop(self.volume(entry["case"]), entry)
+
+    @abc.abstractmethod
+    def _load(self, case: str) -> np.ndarray:
+        """The whole volume of ``case`` (memory-mapped)."""
+
+    @abc.abstractmethod
+    def _crop(self, vol: np.ndarray, entry: dict) -> np.ndarray:
+        """The crop of index ``entry`` out of its case's volume."""
+
+
+class PatchArray(VolumeCrops):
     """The patches of one split and side (lr or hr), cropped on access from the memory-mapped
-    whole volumes of their cases: indexes like the (N, *size) array it stands for, with ints.
+    whole (D, H, W) volumes of their cases (prepare_latents encodes those whole).
 
     prepare_data keeps each normalised volume once plus the patch positions (patches.json), so
     the dataset grows with the volumes, not with volume / stride^3 (docs/design.md, "Formats").
     """
 
     def __init__(self, dataset_dir: Path, manifest: dict, index: list[dict], side: str) -> None:
-        self.dir, self.index, self.side = Path(dataset_dir), index, side
+        super().__init__(index)
+        self.dir, self.side = Path(dataset_dir), side
         self.size = tuple(manifest["patch_size"])
         self.cases = manifest["cases"]
-        self._vols: dict[str, np.ndarray] = {}
 
     @property
     def shape(self) -> tuple[int, ...]:
         return (len(self.index), *self.size)
 
-    def __len__(self) -> int:
-        return len(self.index)
+    def _load(self, case: str) -> np.ndarray:
+        info = self.cases.get(case, {}).get("volume")
+        if info is None:
+            raise DataError(f"{self.dir}: case {case!r} has no volume in the manifest; "
+                            "rerun prepare_data --overwrite")  # fmt: skip
+        return _load_array(self.dir / info[self.side])
 
-    def _volume(self, case: str) -> np.ndarray:
-        if case not in self._vols:
-            info = self.cases.get(case, {}).get("volume")
-            if info is None:
-                raise DataError(f"{self.dir}: case {case!r} has no volume in the manifest; "
-                                "rerun prepare_data --overwrite")  # fmt: skip
-            self._vols[case] = _load_array(self.dir / info[self.side])
-        return self._vols[case]
-
-    def volume(self, case: str) -> np.ndarray:
-        """The whole memory-mapped (D, H, W) volume of ``case`` (prepare_latents encodes it)."""
-        return self._volume(case)
-
-    def __getitem__(self, i: int | slice) -> np.ndarray:
-        if isinstance(i, slice):  # a stacked copy, as the array would give
-            return np.stack([self[j] for j in range(*i.indices(len(self)))])
-        entry = self.index[int(i)]
-        region = tuple(slice(a, a + s) for a, s in zip(entry["start"], self.size))
-        return self._volume(entry["case"])[region]
+    def _crop(self, vol: np.ndarray, entry: dict) -> np.ndarray:
+        return vol[tuple(slice(a, a + s) for a, s in zip(entry["start"], self.size))]
 
 
 class PatchPairs(Dataset):

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from ldm.core.checkpoint import file_digest
 from ldm.core.errors import DataError
 from ldm.core.files import load_json
-from ldm.data.dataset import PatchArray, load_manifest
+from ldm.data.dataset import PatchArray, VolumeCrops, load_manifest
 from ldm.nets.restorer import condition
 
 # 3: whole-volume mu and z per case + the patch index (crops on access); 2: one mu and z per
@@ -52,35 +52,26 @@ def load_latent_index(folder: Path) -> list[dict[str, Any]]:
                      "rerun prepare_latents --overwrite")  # fmt: skip
 
 
-class CaseCrops:
+class CaseCrops(VolumeCrops):
     """Crops of one split's whole-volume arrays ``<case>_<name>.npy`` (C, *grid), memory-mapped:
     item i is the (C, *size / factor) block at ``start / factor`` of patch i (``factor`` 1 for
     mu, f for z); a slice gives them stacked, as the (N, C, ...) array it stands for."""
 
     def __init__(self, folder: Path, index: list[dict], name: str, size: list[int],
                  factor: int) -> None:  # fmt: skip
-        self.folder, self.index, self.name, self.factor = Path(folder), index, name, factor
+        super().__init__(index)
+        self.folder, self.name, self.factor = Path(folder), name, factor
         self.size = tuple(s // factor for s in size)
-        self._vols: dict[str, np.ndarray] = {}
 
-    def __len__(self) -> int:
-        return len(self.index)
+    def _load(self, case: str) -> np.ndarray:
+        path = self.folder / f"{case}_{self.name}.npy"
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable latents ({e}); rerun prepare_latents "
+                            "--overwrite") from None  # fmt: skip
 
-    def volume(self, case: str) -> np.ndarray:
-        if case not in self._vols:
-            path = self.folder / f"{case}_{self.name}.npy"
-            try:
-                self._vols[case] = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: unreadable latents ({e}); rerun prepare_latents "
-                                "--overwrite") from None  # fmt: skip
-        return self._vols[case]
-
-    def __getitem__(self, i: int | slice) -> np.ndarray:
-        if isinstance(i, slice):
-            return np.stack([self[j] for j in range(*i.indices(len(self)))])
-        entry = self.index[int(i)]
-        vol = self.volume(entry["case"])
+    def _crop(self, vol: np.ndarray, entry: dict) -> np.ndarray:
         lo = [int(s) // self.factor for s in entry["start"]]
         crop = vol[(slice(None), *(slice(a, a + s) for a, s in zip(lo, self.size)))]
         if crop.shape[1:] != self.size:
