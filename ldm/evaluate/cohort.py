@@ -5,6 +5,7 @@ docs/design.md, "Cohort inference"."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,3 +55,10 @@ class LazyTuned:
         if self._params is None:
             self._params = tuned_baselines(self.data_dir, self.tune, self.device)
         return self._params
+
+
+def is_cohort_run(external: ExternalInputs | None) -> bool:
+    """A folder of inputs (``--folder``) or any run under torchrun is a cohort run: sharded
+    over the ranks, resumable per case."""
+    folder_run = external is not None and external.folder is not None
+    return folder_run or int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from ldm.evaluate.baselines import (
     tuned_text,
 )
 from ldm.evaluate.classical import bm4d_available
-from ldm.evaluate.cohort import LazyTuned, cohort_cases
+from ldm.evaluate.cohort import LazyTuned, cohort_cases, is_cohort_run
 from ldm.evaluate.scores_json import finite_json, restore_non_finite
 from ldm.evaluate.viz import save_comparison_png
 from ldm.nets.loading import load_vae
@@ -210,15 +209,14 @@ def evaluate_psnr(
     cfg: EvaluateConfig, *, overwrite: bool = False, external: ExternalInputs | None = None
 ) -> PhaseResult:
     """Score the first stage and the classical baselines on the test volumes (see module doc)."""
-    folder_run = external is not None and external.folder is not None
-    if folder_run or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded, resumable per case
+    if is_cohort_run(external):  # sharded, resumable per case
         return _evaluate_cohort(cfg, overwrite, external)
-    check_out_dir(cfg.out_dir, "evaluate_psnr", overwrite, config_inputs(cfg, external))
+    inputs = config_inputs(cfg, external)
+    check_out_dir(cfg.out_dir, "evaluate_psnr", overwrite, inputs)
     manifest = load_manifest(cfg.data_dir)
     device = pick_device(cfg.device)
     cases, names, image_case, ext_info = _cases(cfg, manifest, external)
     vae, step, window = _load_vae(cfg, manifest, device)
-    inputs = config_inputs(cfg, external)
     with staged_dir(cfg.out_dir, overwrite, phase="evaluate_psnr", inputs=inputs) as tmp:
         params = tuned_baselines(cfg.data_dir, cfg.tune, device)
         per_case = _evaluate_cases(

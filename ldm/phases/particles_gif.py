@@ -207,7 +207,8 @@ def run_particles(
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     path = image if image is not None else cfg.image
-    check_out_dir(resolve_path(cfg.out_dir), "particles_gif", overwrite, config_inputs(cfg, image))
+    inputs = config_inputs(cfg, image)
+    check_out_dir(resolve_path(cfg.out_dir), "particles_gif", overwrite, inputs)
     if path is not None:
         rgb = load_image(Path(path))
     else:  # the procedural landscape, drawn at the field size (4:3)
@@ -226,7 +227,6 @@ def run_particles(
     start = similarity(run.frames[0].permute(2, 0, 1).float() / 255, source, cfg.render_blur)
     out_dir = resolve_path(cfg.out_dir)
     names = ["particles.gif", "final.png", "comparison.png", "metrics.json", "config.yaml"]
-    inputs = config_inputs(cfg, image)
     with staged_dir(out_dir, overwrite, phase="particles_gif", inputs=inputs) as tmp:
         t0 = time.perf_counter()
         write_gif(run.frames, tmp / names[0], frame_ms=cfg.gif_frame_ms)

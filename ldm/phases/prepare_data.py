@@ -140,7 +140,8 @@ def _select_patches(
 def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseResult:
     """Build the dataset folder ``cfg.out_dir`` (written to a temp folder, then renamed)."""
     t0 = time.perf_counter()
-    check_out_dir(cfg.out_dir, "prepare_data", overwrite, config_inputs(cfg))
+    inputs = config_inputs(cfg)
+    check_out_dir(cfg.out_dir, "prepare_data", overwrite, inputs)
     n, cases = iter_cases(
         cfg.source, cfg.phantom, cfg.pairs, cfg.hr_only, cfg.degrade, cfg.raw, cfg.seed,
         mni152=cfg.mni152,
@@ -151,7 +152,7 @@ def prepare_data(cfg: PrepareDataConfig, *, overwrite: bool = False) -> PhaseRes
     case_info: dict[str, dict] = {}
     baseline: dict[str, list[float]] = {s: [] for s in SPLITS}
     replaced_latents = overwrite and (cfg.out_dir / "latents").is_dir()
-    with staged_dir(cfg.out_dir, overwrite, phase="prepare_data", inputs=config_inputs(cfg)) as out:
+    with staged_dir(cfg.out_dir, overwrite, phase="prepare_data", inputs=inputs) as out:
         (out / "test" / "volumes").mkdir(parents=True)
         for i, case in enumerate(tqdm(cases, total=n, desc="prepare_data", unit="case")):
             split = which[i]

@@ -103,7 +103,8 @@ def _encode_split(
 def prepare_latents(cfg: PrepareLatentsConfig, *, overwrite: bool = False) -> PhaseResult:
     t0 = time.perf_counter()
     out_dir = latents_dir(cfg.data_dir, cfg.out_dir)
-    check_out_dir(out_dir, "prepare_latents", overwrite, config_inputs(cfg))
+    inputs = config_inputs(cfg)
+    check_out_dir(out_dir, "prepare_latents", overwrite, inputs)
     manifest = load_manifest(cfg.data_dir)
     device = pick_device(cfg.device)
     vae, state = load_vae(cfg.vae_checkpoint, device)
@@ -115,7 +116,7 @@ def prepare_latents(cfg: PrepareLatentsConfig, *, overwrite: bool = False) -> Ph
                           "window")  # fmt: skip
     out_dir = latents_dir(cfg.data_dir, cfg.out_dir)
     counts: dict[str, int] = {}
-    with staged_dir(out_dir, overwrite, phase="prepare_latents", inputs=config_inputs(cfg)) as tmp:
+    with staged_dir(out_dir, overwrite, phase="prepare_latents", inputs=inputs) as tmp:
         f = vae.config.downsample_factor
         shape = [vae.config.latent_channels, *(p // f for p in manifest["patch_size"])]
         moved, stats = 0, np.zeros(3)

@@ -301,7 +301,8 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
 def ddim_similar_noise(cfg: DDIMSimilarNoiseConfig, *, overwrite: bool = False) -> PhaseResult:
     """Run both experiments on one test case window and write results to ``cfg.out_dir``."""
     t0 = time.perf_counter()
-    check_out_dir(cfg.out_dir, "ddim_similar_noise", overwrite, config_inputs(cfg))
+    inputs = config_inputs(cfg)
+    check_out_dir(cfg.out_dir, "ddim_similar_noise", overwrite, inputs)
     manifest = load_manifest(cfg.data_dir)
     case = load_case(cfg.data_dir, cfg.case)
     model = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, pick_device(cfg.device))
@@ -311,7 +312,6 @@ def ddim_similar_noise(cfg: DDIMSimilarNoiseConfig, *, overwrite: bool = False) 
     window = tuple(cfg.window) if cfg.window is not None else tuple(manifest["patch_size"])
     log.info("case %s, window %s of %s", case.name, window, case.lr.shape)
     region = window_slices(case.lr.shape, window, model.window_multiple)
-    inputs = config_inputs(cfg)
     with staged_dir(cfg.out_dir, overwrite, phase="ddim_similar_noise", inputs=inputs) as tmp:
         metrics = run_experiment(model, case.lr[region], case.hr[region], cfg, tmp)
         metrics = {"case": case.name,

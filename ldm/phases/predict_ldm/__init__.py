@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from ldm.evaluate.baselines import (
     tuned_baselines,
     uncertainty_scores,
 )
+from ldm.evaluate.cohort import is_cohort_run
 from ldm.evaluate.inference import check_output_finite, fit_window, sliding_window_infer
 from ldm.evaluate.scores_json import finite_json
 from ldm.phases.predict_ldm.cohort import predict_cohort
@@ -218,17 +218,16 @@ def predict_ldm(
     external: ExternalInputs | None = None,
 ) -> PhaseResult:
     manifest = load_manifest(cfg.data_dir)
-    folder_run = external is not None and external.folder is not None
-    if folder_run or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded, resumable per case
+    if is_cohort_run(external):  # sharded, resumable per case
         return predict_cohort(cfg, manifest, external, overwrite, _predict_case)
-    check_out_dir(cfg.out_dir, "predict_ldm", overwrite, config_inputs(cfg, external))
+    inputs = config_inputs(cfg, external)
+    check_out_dir(cfg.out_dir, "predict_ldm", overwrite, inputs)
     cases, ext_info = _cases(cfg, manifest, external)
     device = pick_device(cfg.device)
     ldm = load_ldm(cfg.vae_checkpoint, cfg.diffusion_checkpoint, device)
     window = tuple(cfg.window or manifest["patch_size"])
     check_window(window, ldm)
     rows: dict[str, dict] = {}
-    inputs = config_inputs(cfg, external)
     with staged_dir(cfg.out_dir, overwrite, phase="predict_ldm", inputs=inputs) as out:
         tuned: dict = {}
 
