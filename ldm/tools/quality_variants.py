@@ -100,6 +100,7 @@ def _params(module: torch.nn.Module) -> int:
 def train_variant(data: Path, run: Path, variant: str, vae_min: float, diff_min: float):
     """Train one variant into ``run``: (first-stage checkpoint, diffusion checkpoint or None
     for a NO_DIFFUSION variant, training info)."""
+    from ldm.diffusion.schedule import make_schedule, training_loss
     from ldm.nets import UNet
     from ldm.nets.restorer import RestorerAE, condition_channels
     from ldm.phases.prepare_latents import PrepareLatentsConfig, prepare_latents
@@ -146,10 +147,11 @@ def train_variant(data: Path, run: Path, variant: str, vae_min: float, diff_min:
                 cond_channels=condition_channels(cfg.model))  # fmt: skip
     z = torch.randn(dcfg.train.batch_size, lc, *(p // f for p in patch))
     cond = torch.randn(z.shape[0], c.cond_channels, *z.shape[2:])
-    t = torch.zeros(z.shape[0], dtype=torch.long)
     unet = UNet(c)
-    steps = _calibrated_steps(unet, lambda m: m(z, t, cond=cond).square().mean(), diff_min,
-                              dcfg.train)  # fmt: skip
+    schedule = make_schedule(dcfg.diffusion)
+    steps = _calibrated_steps(unet, lambda m: training_loss(
+        m, schedule, z, extra_args={"cond": cond}, min_snr_gamma=dcfg.diffusion.min_snr_gamma,
+    ), diff_min, dcfg.train)  # the training loss itself (as for the first stage)  # fmt: skip
     every = max(10, steps // 3)
     dcfg = replace(dcfg, train=replace(dcfg.train, steps=steps, max_minutes=WALL_CAP * diff_min,
                                        val_every=every, save_every=every))  # fmt: skip
