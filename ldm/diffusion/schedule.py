@@ -87,7 +87,7 @@ class NoiseSchedule:
         if key not in self._tables:
             abar = self.alphas_cumprod
             values = {"sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt(),
-                      "snr": abar / (1 - abar)}[name]  # fmt: skip
+                      "snr": snr(self)}[name]  # fmt: skip
             dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
             self._tables[key] = values.to(device, dtype)
         return self._tables[key]
