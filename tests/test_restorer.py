@@ -134,6 +134,90 @@ def test_training_loss_reaches_both_paths_and_the_residual_ignores_restorer_grad
     assert v["headroom_db"] == pytest.approx(v["oracle_psnr"] - v["psnr"])
 
 
+def _grads(model: RestorerAE, prefix: str) -> bool:
+    return any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if n.startswith(prefix))  # fmt: skip
+
+
+def test_two_stages_train_both_then_the_autoencoder_on_the_frozen_restorer():
+    lr, hr = _lr(2), _lr(2, seed=1)
+    cfg = TrainVAEConfig(model=tiny_config(), residual_ae_fraction=0.25)
+    assert cfg.residual_ae_steps == 300  # of the default 1200 train.steps
+    task = VAEPairTask(cfg, [(lr[i], hr[i]) for i in range(2)], torch.device("cpu"))
+    model = tiny_first_stage().train()
+    groups = task.stages(model)  # RunState trains each group on its own steps
+    assert [r for _, r in groups] == [[(0, 900)], [(0, 900), (900, 1200)]]
+    assert sum(len(p) for p, _ in groups) == len(list(model.parameters()))
+    ema = tiny_first_stage()  # stands for the EMA copy: other weights
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)
+    task.begin_step(899, model, ema)
+    loss, logs = task.loss(model, (lr, hr), torch.Generator().manual_seed(0))
+    assert set(logs) == {"l1_restorer", "mse_residual", "kl"}
+    loss.backward()
+    assert _grads(model, "restorer.") and _grads(model, "residual_ae.")
+    model.zero_grad(set_to_none=True)
+    w = model.restorer.decoder.conv_out.weight
+    assert not torch.equal(w, ema.restorer.decoder.conv_out.weight)
+    task.begin_step(900, model, ema)  # the restorer is frozen at its EMA weights
+    for p, q in zip(model.restorer.parameters(), ema.restorer.parameters()):
+        assert torch.equal(p, q)
+    loss, logs = task.loss(model, (lr, hr), torch.Generator().manual_seed(0))
+    assert set(logs) == {"l1_restorer", "mse_residual", "kl"}  # the restorer's only logged
+    loss.backward()
+    assert _grads(model, "residual_ae.") and not _grads(model, "restorer.")
+    # only the joint stage when the fraction is 0
+    joint = VAEPairTask(TrainVAEConfig(model=tiny_config(), residual_ae_fraction=0.0),
+                        [(lr[0], hr[0])], torch.device("cpu"))  # fmt: skip
+    assert not hasattr(joint, "stages") and joint.stage == "joint"
+    with pytest.raises(ConfigError, match="residual_ae_fraction"):
+        TrainVAEConfig(residual_ae_fraction=1.0)
+
+
+def test_the_residual_stage_flips_the_residual_at_random_seeded():
+    model = tiny_first_stage(residual_scale=1.0).train()
+    lr, hr = _lr(1), _lr(1, seed=1)
+    with torch.no_grad():
+        r0 = hr - model.restore(lr)
+        seen = []
+        for seed in range(8):
+            _, r, *_ = model(lr, hr, generator=torch.Generator().manual_seed(seed),
+                             stage="residual")  # fmt: skip
+            assert any(torch.equal(r, r0.flip(list(c))) for c in _subsets((2, 3, 4))), seed
+            seen.append(r)
+        again = model(lr, hr, generator=torch.Generator().manual_seed(3), stage="residual")[1]
+    assert torch.equal(again, seen[3])
+    assert not all(torch.equal(r, seen[0]) for r in seen)  # not always the same flip
+    with pytest.raises(ValueError, match="stage must be one of"):
+        model(lr, hr, stage="both")
+
+
+def _subsets(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return [tuple(d for i, d in enumerate(dims) if m >> i & 1) for m in range(2 ** len(dims))]
+
+
+def test_the_residual_scale_follows_the_residual_when_measured_and_is_saved():
+    lr, hr = _lr(2), _lr(2, seed=1)
+    fixed = tiny_first_stage(residual_scale=4.0).train()
+    fixed(lr, hr)
+    assert float(fixed.s) == pytest.approx(4.0)
+    assert "residual_rms" not in fixed.state_dict()  # the config holds it
+    measured = tiny_first_stage().train()  # residual_scale null: measured while training
+    assert "residual_rms" in measured.state_dict()
+    with torch.no_grad():
+        rms = float((hr - measured.restore(lr)).square().mean().sqrt())
+        for _ in range(300):
+            measured(lr, hr)
+        assert float(measured.s) == pytest.approx(1 / rms, rel=1e-3)
+        before = measured.residual_rms.clone()
+        measured.eval()(lr, hr * 2)  # evaluation passes leave it alone
+    assert torch.equal(measured.residual_rms, before)
+    copy = tiny_first_stage()
+    copy.load_state_dict(measured.state_dict())
+    assert float(copy.s) == float(measured.s)
+
+
 def test_augmentation_is_the_same_on_lr_and_hr_and_seeded():
     lr = torch.rand(4, 1, 6, 6, 6)
     cfg = AugmentConfig(flips=True, permute=True, scale=0.5, shift=0.2)
@@ -239,6 +323,28 @@ def test_w_0_gives_the_restorer_exactly(ldm):
     # w = 1 adds the decoded detail
     one = ldm.refine(lr, SamplerConfig(steps=2), torch.Generator().manual_seed(0), 3, w=1.0)
     assert not torch.allclose(one[:, 0], mu)
+
+
+def test_refine_on_the_cpu_runs_the_nets_in_small_chunks_with_the_same_result(ldm, monkeypatch):
+    """CPU_CHUNKS: the UNet and the residual decoder see at most k items a call on the CPU, and
+    the output equals the one of whole batches (each item is computed alone either way)."""
+    import ldm.diffusion.latent_diffusion as latent_diffusion
+
+    lr, s = _lr(3), SamplerConfig(steps=2, eta=1.0)
+    seen: list[tuple[str, int]] = []
+    unet_fwd, dec = ldm.unet.forward, ldm.vae.decode
+    monkeypatch.setattr(ldm.unet, "forward", lambda x, *a, **k: (seen.append(("unet", len(x))),
+                                                                  unet_fwd(x, *a, **k))[1])
+    monkeypatch.setattr(ldm.vae, "decode", lambda z: (seen.append(("decode", len(z))), dec(z))[1])
+    monkeypatch.setattr(latent_diffusion, "CPU_CHUNKS", {"unet": 5, "decode": 2})
+    chunked = ldm.refine(lr, s, torch.Generator().manual_seed(1), 4)  # 12 items
+    assert max(n for w, n in seen if w == "unet") == 5 and ("unet", 2) in seen
+    assert {n for w, n in seen if w == "decode"} == {2}
+    monkeypatch.setattr(latent_diffusion, "CPU_CHUNKS", {"unet": 64, "decode": 64})
+    seen.clear()
+    whole = ldm.refine(lr, s, torch.Generator().manual_seed(1), 4)
+    assert {n for _, n in seen} == {12}
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_n_samples_with_eta_0_and_one_seed_are_reproducible(ldm):

@@ -11,7 +11,7 @@ import torch
 
 from ldm.core.checkpoint import load_checkpoint, save_checkpoint
 from ldm.core.errors import CheckpointError, ConfigError, UserError
-from ldm.train.optim import TrainConfig, amp_mode, lr_factor
+from ldm.train.optim import TrainConfig, amp_mode, lr_factor, stage_lr_factor
 from ldm.train.training import train
 from tests.helpers.cli import error_line, run_script
 from tests.helpers.tiny_train import make, run
@@ -100,6 +100,20 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(9, cfg) == pytest.approx(1.0)
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_lr_schedule_of_a_stage_is_zero_outside_it_and_whole_inside():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(59, cfg, 60, 100) == 0.0 and lr_factor(100, cfg, 60, 100) == 0.0
+    assert lr_factor(60, cfg, 60, 100) == pytest.approx(0.1)  # its own warmup
+    assert lr_factor(69, cfg, 60, 100) == pytest.approx(1.0)
+    assert lr_factor(99, cfg, 60, 100) == pytest.approx(0.1, abs=0.01)  # its own cosine end
+    assert lr_factor(30, cfg, 0, 60) > 0 and lr_factor(60, cfg, 0, 60) == 0.0
+    ranges = [(0, 60), (60, 100)]  # a restart: each range its own warmup + cosine
+    assert stage_lr_factor(59, cfg, ranges) == lr_factor(59, cfg, 0, 60)
+    assert stage_lr_factor(60, cfg, ranges) == pytest.approx(0.1)
+    assert stage_lr_factor(100, cfg, ranges) == 0.0
+    assert stage_lr_factor(37, cfg, [(0, 100)]) == lr_factor(37, cfg)
 
 
 def test_train_config_validation():

@@ -21,6 +21,10 @@ from ldm.core.errors import UserError
 from ldm.nets.vae import VAE, VAEConfig, _Decoder, _LRFeatures
 
 
+STAGES = ("joint", "residual")  # what a training pass trains (RestorerAE.forward)
+RMS_MOMENTUM = 0.05  # of the running rms(HR - mu) behind the residual scale s
+
+
 def _default_restorer() -> VAEConfig:
     return VAEConfig(lr_skip=True, residual=True)
 
@@ -37,9 +41,10 @@ class RestorerAEConfig:
 
     restorer: VAEConfig = field(default_factory=_default_restorer)
     residual_ae: VAEConfig = field(default_factory=_default_residual)
-    # the autoencoder works on s (HR - mu), s = 1 / rms(HR - LR) of the train patches (set by
-    # train_vae_pair when null): at the residual's own small scale an untrained decoder's
-    # all-zero output is a strong minimum and the latent is never used
+    # the autoencoder works on s (HR - mu): at the residual's own small scale an untrained
+    # decoder's all-zero output is a strong minimum and the latent is never used. null = measured:
+    # s follows 1 / rms(HR - mu) of the training batches (a running average, saved with the
+    # weights; train_vae_pair starts it at 1 / rms(HR - LR)); a number = that s, fixed
     residual_scale: float | None = None
 
     def __post_init__(self) -> None:
@@ -100,7 +105,16 @@ class RestorerAE(nn.Module):
         self.config = config
         self.restorer = Restorer(config.restorer)
         self.residual_ae = VAE(config.residual_ae)
-        self.s = 1.0 if config.residual_scale is None else float(config.residual_scale)
+        fixed = config.residual_scale is not None
+        # rms of the residual the autoencoder expects, s = 1 / residual_rms: measured during
+        # training (saved with the weights) unless the config fixes s
+        rms = 1.0 / float(config.residual_scale) if fixed else 1.0
+        self.register_buffer("residual_rms", torch.tensor(rms), persistent=not fixed)
+
+    @property
+    def s(self) -> Tensor:
+        """The autoencoder's working scale s = 1 / rms(HR - mu)."""
+        return 1.0 / self.residual_rms
 
     def restore(self, lr: Tensor) -> Tensor:
         """The restorer's output mu(LR), (B, 1, *sp)."""
@@ -115,12 +129,26 @@ class RestorerAE(nn.Module):
         return self.residual_ae.decode(z) / self.s
 
     def forward(
-        self, lr: Tensor, hr: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        self, lr: Tensor, hr: Tensor, generator: torch.Generator | None = None,
+        stage: str = "joint",
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         """Training pass: (mu, s r with r = HR - mu detached, s D(z) with z ~ q(z | s r), mean,
-        logvar): the residual terms at the autoencoder's working scale s."""
-        mu = self.restore(lr)
-        r = (hr - mu.detach()) * self.s  # the autoencoder learns what the restorer misses
+        logvar): the residual terms at the autoencoder's working scale s. ``stage``: "joint"
+        (both nets) or "residual" (the restorer frozen: mu without gradients; r randomly
+        flipped along each axis, the autoencoder's augmentation)."""
+        if stage not in STAGES:
+            raise ValueError(f"RestorerAE.forward: stage must be one of {STAGES}, got {stage!r}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and stage != "residual"):
+            mu = self.restore(lr)
+        r = hr - mu.detach()  # the autoencoder learns what the restorer misses
+        if self.training and self.config.residual_scale is None:
+            with torch.no_grad():  # s follows the restorer as it improves (momentum 0.05)
+                self.residual_rms.lerp_(r.float().square().mean().sqrt(), RMS_MOMENTUM)
+        if stage == "residual":
+            coin = torch.rand(r.ndim - 2, generator=generator, device=r.device)
+            dims = [2 + i for i in range(r.ndim - 2) if coin[i] < 0.5]
+            r = r.flip(dims) if dims else r
+        r = r * self.s
         r_hat, mean, logvar = self.residual_ae(r, sample=True, generator=generator)
         return mu, r, r_hat, mean, logvar
 

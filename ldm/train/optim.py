@@ -69,12 +69,29 @@ class TrainConfig:
         check_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1)  # < 0: a negative lr
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``cfg.steps``."""
+def lr_factor(step: int, cfg: TrainConfig, start: int = 0, end: int | None = None) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``cfg.steps``. With a stage
+    ``[start, end)``: the same shape over the stage's own steps, 0 outside it (the parameters
+    of a stage that is not running stay as they are)."""
+    end = cfg.steps if end is None else end
+    if not start <= step < end and (start, end) != (0, cfg.steps):
+        return 0.0
+    step, steps = step - start, end - start
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def stage_lr_factor(step: int, cfg: TrainConfig, ranges: list[tuple[int, int]]) -> float:
+    """:func:`lr_factor` of the stage ``[start, end)`` in ``ranges`` that holds ``step`` (each
+    stage its own warmup + cosine), 0 between and after them."""
+    if ranges == [(0, cfg.steps)]:
+        return lr_factor(step, cfg)
+    for start, end in ranges:
+        if start <= step < end:
+            return lr_factor(step, cfg, start, end)
+    return 0.0
 
 
 def make_optimizer(

@@ -8,6 +8,7 @@ last.pt / best.pt and resumed from them exactly (same batches, same random numbe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ldm.core.checkpoint import config_diff, load_checkpoint, save_checkpoint
 from ldm.core.errors import CheckpointError, UserError
-from ldm.train.optim import amp_mode, lr_factor, make_ema, make_optimizer
+from ldm.train.optim import amp_mode, make_ema, make_optimizer, stage_lr_factor
 from ldm.train.run_dir import commit_staged_run, truncate_metrics
 
 
@@ -32,8 +33,14 @@ class RunState:
         self.out = self.run_dir  # where files go now: a staging folder while overwriting
         self.overwrite = overwrite  # started with --overwrite
         self.dataset = dataset
-        self.opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        # a task with stages trains each parameter group on its own steps: [(start, end), ...]
+        stages = task.stages(model) if hasattr(task, "stages") else [(model.parameters(),
+                                                                       [(0, cfg.steps)])]
+        self.opt = make_optimizer([{"params": list(p)} for p, _ in stages], cfg.lr, device,
+                                  cfg.betas, cfg.weight_decay)  # fmt: skip
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, [functools.partial(stage_lr_factor, cfg=cfg, ranges=r) for _, r in stages]
+        )
         self.ema = make_ema(model, cfg.ema_decay)
         self.amp, self.amp_dtype = amp_mode(cfg, device)
         fp16 = self.amp and self.amp_dtype == torch.float16

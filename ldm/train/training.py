@@ -55,6 +55,12 @@ class TrainTask(Protocol):
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of the (EMA) model; must hold 'score' (higher is better) for best.pt."""
 
+    # optional: ``stages(model)`` -> [(parameters, [(start, end), ...])]: each group trained on
+    # its own steps only, with a warmup + cosine per range; ``begin_step(step, model,
+    # ema_model)`` is called before each step's loss (a task whose loss depends on the stage).
+    # A task with stages leaves
+    # parameters unused in some steps (DDP is told so).
+
 
 @dataclass
 class TrainResult:
@@ -132,7 +138,8 @@ def _train_locked(run: RunState, config: Any, overwrite: bool, progress: bool) -
 
     net = model
     if info.enabled:
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                      find_unused_parameters=hasattr(task, "stages"))
     start_step, t0 = run.step, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {task.kind}", unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)  # fmt: skip
@@ -163,6 +170,8 @@ def _loop(run: RunState, net: nn.Module, batches, bar, interrupted: list[int], i
     while run.step < cfg.steps:
         model.train()
         batch = _to(next(batches), device)
+        if hasattr(task, "begin_step"):
+            task.begin_step(run.step, model, run.ema.module)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp):
             loss, logs = task.loss(net, batch, run.gen)
         if not torch.isfinite(loss):
@@ -182,7 +191,7 @@ def _loop(run: RunState, net: nn.Module, batches, bar, interrupted: list[int], i
         run.ema.update_parameters(model)
         run.step += 1
         bar.update(1)
-        lr = run.opt.param_groups[0]["lr"]
+        lr = max(g["lr"] for g in run.opt.param_groups)  # the stage that is training
         if info.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             record = {"step": run.step, "loss": loss.item(), "lr": lr,
