@@ -48,6 +48,14 @@ def test_cases_run_on_the_restorer_design(demo_configs):
     assert r["num_samples"] == benchmark.default_num_samples() and r["seconds"] > 0
 
 
+def test_the_mri_profile_case_times_the_profiles_own_nets_and_configs():
+    mri = benchmark._random_ldm(CPU, "mri")  # configs/mri: 16 latent channels
+    assert mri.vae.config.latent_channels == 16 and mri.unet.config.in_channels == 16
+    r = benchmark.predict_mri_profile(CPU, size=32)
+    assert r["profile"] == "mri" and r["size"] == 32 and r["seconds"] > 0
+    assert r["num_samples"] == 8 and r["ddim_steps"] == 5  # configs/mri/predict_ldm.yaml
+
+
 def test_predict_vs_bm4d_reports_the_predict_time_without_bm4d(monkeypatch):
     import ldm.evaluate.classical
 

@@ -64,6 +64,8 @@ def _disk_ratio(rows: Rows) -> float:
 
 TARGETS = [
     Target("predict_ldm 128^3, default sampler and N", _predict_seconds, "<=", 15.0, "s"),
+    Target("predict_ldm 96^3, MRI profile (configs/mri)",
+           lambda r: _case(r, "predict_mri_profile")["seconds"], "<=", 15.0, "s"),
     Target("BM4D time / predict_ldm time (128^3)",
            lambda r: _case(r, "predict_vs_bm4d")["bm4d_ratio"], ">=", 10.0, "x"),
     Target("default DDIM steps: PSNR minus DDIM 50 (demo)", _quality_gap, ">=", -0.05, "dB"),
@@ -122,8 +124,8 @@ def describe(name: str, r: dict[str, Any]) -> str:
             f"{r['step_s']:.3f} s/step (batch {r['batch']} x 8^3 latents), "
             f"{r['samples_per_s']:.1f} samples/s, {r['precision']}"
         )
-    if name == "predict_128":
-        return (f"{r['seconds']:.1f} s for {r['size']}^3, {r['ddim_steps']} DDIM steps, "
+    if name in ("predict_128", "predict_mri_profile"):
+        return (f"{r.get('profile', 'default')} configs: {r['seconds']:.1f} s for {r['size']}^3, {r['ddim_steps']} DDIM steps, "
                 f"{_samples(r)}, window {r['window']}")  # fmt: skip
     if name == "sliding_window":
         mvox = r["voxels_per_s"] / 1e6

@@ -114,9 +114,10 @@ def unet_train(device: torch.device, reps: int = 5) -> dict[str, Any]:
             "precision": precision_label(cfg.train, device)}  # fmt: skip
 
 
-def _random_ldm(device: torch.device) -> LatentDiffusion:
-    """The LDM of configs/train_vae_pair.yaml + configs/train_diffusion.yaml, random weights."""
-    vcfg, dcfg = model_configs()
+def _random_ldm(device: torch.device, profile: str = "") -> LatentDiffusion:
+    """The LDM of configs/<profile>/train_vae_pair.yaml + train_diffusion.yaml (default: configs/),
+    random weights."""
+    vcfg, dcfg = model_configs(REPO_ROOT / "configs" / profile)
     vae, unet = RestorerAE(vcfg.model).to(device).eval(), UNet(dcfg.model).to(device).eval()
     vae, unet = inference_layout(vae), inference_layout(unet)  # as load_vae / load_unet
     return LatentDiffusion(vae, unet, make_schedule(dcfg.diffusion), 1.0, device, 0, 0)
@@ -129,14 +130,16 @@ def default_num_samples() -> int:
 
 @case
 def predict_128(
-    device: torch.device, steps: int = 50, size: int = 128, num_samples: int | None = None
+    device: torch.device, steps: int = 50, size: int = 128, num_samples: int | None = None,
+    profile: str = "",
 ) -> dict[str, Any]:
     """predict_volume on a random size^3 volume with the window, overlap, batch size and (by
-    default) number of samples per window of configs/predict_ldm.yaml, DDIM ``steps``."""
-    cfg = load_config(PredictConfig, REPO_ROOT / "configs" / "predict_ldm.yaml")
+    default) number of samples per window of configs/<profile>/predict_ldm.yaml (default:
+    configs/) and that profile's nets, DDIM ``steps``."""
+    cfg = load_config(PredictConfig, REPO_ROOT / "configs" / profile / "predict_ldm.yaml")
     n = cfg.num_samples if num_samples is None else num_samples
     cfg = dataclasses.replace(cfg, sampler=SamplerConfig(steps=steps), num_samples=n)
-    ldm = _random_ldm(device)
+    ldm = _random_ldm(device, profile)
     lr = np.random.default_rng(0).random((size,) * 3, dtype=np.float32)
     window = tuple(cfg.window or (32, 32, 32))
     with _amp(device):
@@ -187,6 +190,15 @@ def predict_vs_bm4d(device: torch.device, size: int = 128, bm4d_size: int = 64) 
     scaled = measured * (size / bm4d_size) ** 3
     return {**r, "bm4d_size": bm4d_size, "bm4d_measured_s": measured, "bm4d_s": scaled,
             "bm4d_ratio": scaled / r["seconds"]}  # fmt: skip
+
+
+@case
+def predict_mri_profile(device: torch.device, size: int = 96) -> dict[str, Any]:
+    """predict_ldm with the MRI profile's configs (configs/mri: its sampler, N, windows and
+    nets, 16 latent channels) on a size^3 volume, random weights."""
+    steps = load_config(PredictConfig, REPO_ROOT / "configs" / "mri" / "predict_ldm.yaml")
+    r = predict_128(device, steps=steps.sampler.steps, size=size, profile="mri")
+    return {**r, "profile": "mri"}
 
 
 @case
@@ -297,6 +309,7 @@ def save(report: dict[str, Any], out: Path) -> Path:
 
 QUICK = [  # every target figure but run_all: a few minutes on 2 idle cores
     ("predict_vs_bm4d", {"size": 128, "bm4d_size": 32}),
+    ("predict_mri_profile", {"size": 96}),
     ("particles", {"num_particles": 50_000}),
     ("vae_vs_monai", {"reps": 5}),
     ("unet_vs_monai", {"reps": 5}),
@@ -306,6 +319,7 @@ PLAN = [
     ("vae_train", {}),
     ("unet_train", {}),
     ("predict_vs_bm4d", {"size": 128, "bm4d_size": 64}),
+    ("predict_mri_profile", {"size": 96}),
     ("sliding_window", {"size": 64}),
     ("sliding_window", {"size": 128}),
     ("particles", {"num_particles": 10_000}),
