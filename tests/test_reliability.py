@@ -16,7 +16,7 @@ import torch
 
 from ldm.core.errors import UserError
 from ldm.train.run_dir import STAGING, Interrupted
-from tests.helpers.cli import ROOT, run_script
+from tests.helpers.cli import ROOT, error_line, run_script
 from tests.helpers.phases import TINY_FIRST_STAGE
 from tests.helpers.tiny_train import run
 
@@ -107,6 +107,28 @@ def test_noop_rerun_leaves_config_yaml_alone(tiny_pipeline):
     )  # fmt: skip
     assert result.exit_code == 0 and "already trained" in result.output
     assert (cfg.read_bytes(), cfg.stat().st_mtime_ns) == before
+
+
+def test_resuming_a_first_stage_in_other_stages_is_one_error_line(tiny_pipeline, tmp_path):
+    """train.steps (or residual_ae_fraction) moves where the joint stage ends: a rerun that
+    would resume into other stages is refused, naming both, and the run is left as it was."""
+    import shutil
+
+    run = tmp_path / "vae"
+    shutil.copytree(tiny_pipeline.vae.parent, run)
+    before = (run / "last.pt").read_bytes()
+    common = ("train_vae_pair", "--set", f"data_dir={tiny_pipeline.data_dir}",
+              "--set", f"out_dir={run}", *TINY_FIRST_STAGE, "--set", "train.batch_size=2",
+              "--set", "train.val_every=1", "--set", "train.device=cpu")  # fmt: skip
+    result = run_script(*common, "--set", "train.steps=4")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"error: {run / 'last.pt'} was trained in other stages (steps 0-1 | 0-1, 1-2) than this "
+        "config gives (steps 0-2 | 0-2, 2-4); keep train.steps and the stage settings of that "
+        "run, use another output folder, or --overwrite to start over")
+    result = run_script(*common, "--set", "train.steps=2", "--set", "residual_ae_fraction=0")
+    assert "than this config gives (one stage)" in error_line(result)
+    assert (run / "last.pt").read_bytes() == before
 
 
 def test_prepare_data_overwrite_says_it_replaced_latents(tiny_pipeline, tmp_path):

@@ -36,6 +36,9 @@ class RunState:
         # a task with stages trains each parameter group on its own steps: [(start, end), ...]
         stages = task.stages(model) if hasattr(task, "stages") else [(model.parameters(),
                                                                        [(0, cfg.steps)])]
+        # the step ranges of a task with stages (checked on resume); None: one stage
+        self.stage_ranges = [[list(r) for r in rs] for _, rs in stages] if hasattr(
+            task, "stages") else None  # fmt: skip
         self.opt = make_optimizer([{"params": list(p)} for p, _ in stages], cfg.lr, device,
                                   cfg.betas, cfg.weight_decay)  # fmt: skip
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -83,6 +86,7 @@ class RunState:
             "train_config": dataclasses.asdict(self.cfg),
             "world_size": self.info.world_size,
             "extra": self.extra,
+            "stages": self.stage_ranges,
         }
 
     def save(self, name: str) -> None:
@@ -111,6 +115,13 @@ class RunState:
             raise CheckpointError(
                 f"{path} was trained with a different model config ({'; '.join(diff[:3])}); "
                 "use another output folder, or --overwrite to start over"
+            )
+        if ck.get("stages") != self.stage_ranges:  # e.g. train.steps or a stage's share changed
+            raise CheckpointError(
+                f"{path} was trained in other stages ({_stages_text(ck.get('stages'))}) than this "
+                f"config gives ({_stages_text(self.stage_ranges)}); keep train.steps and the "
+                "stage settings of that run, use another output folder, or --overwrite to start "
+                "over"
             )
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
@@ -141,3 +152,11 @@ class RunState:
                 self.batch_in_epoch += 1
                 yield batch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def _stages_text(stages: list | None) -> str:
+    """Parameter-group step ranges for an error message: 'one stage' or 'steps 0-340 | 0-340,
+    340-540'."""
+    if not stages:
+        return "one stage"
+    return "steps " + " | ".join(", ".join(f"{a}-{b}" for a, b in rs) for rs in stages)
