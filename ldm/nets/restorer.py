@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from ldm.core.errors import UserError
 from ldm.nets.vae import VAE, VAEConfig, _Decoder, _LRFeatures
 
-
 STAGES = ("joint", "residual")  # what a training pass trains (RestorerAE.forward)
 RMS_MOMENTUM = 0.05  # of the running rms(HR - mu) behind the residual scale s
 

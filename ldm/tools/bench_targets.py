@@ -125,7 +125,8 @@ def describe(name: str, r: dict[str, Any]) -> str:
             f"{r['samples_per_s']:.1f} samples/s, {r['precision']}"
         )
     if name in ("predict_128", "predict_mri_profile"):
-        return (f"{r.get('profile', 'default')} configs: {r['seconds']:.1f} s for {r['size']}^3, {r['ddim_steps']} DDIM steps, "
+        return (f"{r.get('profile', 'default')} configs: {r['seconds']:.1f} s for "
+                f"{r['size']}^3, {r['ddim_steps']} DDIM steps, "
                 f"{_samples(r)}, window {r['window']}")  # fmt: skip
     if name == "sliding_window":
         mvox = r["voxels_per_s"] / 1e6
