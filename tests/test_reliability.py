@@ -106,6 +106,8 @@ def test_noop_rerun_leaves_config_yaml_alone(tiny_pipeline):
         "--set", "train.val_every=1", "--set", "train.device=cpu",
     )  # fmt: skip
     assert result.exit_code == 0 and "already trained" in result.output
+    # the first stage trains in stages that train.steps fixes: resuming longer is refused
+    assert "rerun with more train.steps and --overwrite" in result.output
     assert (cfg.read_bytes(), cfg.stat().st_mtime_ns) == before
 
 

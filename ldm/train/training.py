@@ -71,6 +71,7 @@ class TrainResult:
     last_val: dict[str, float]
     run_dir: Path
     precision: str = "float32"  # or "bf16 autocast" / "fp16 autocast"
+    staged: bool = False  # trained in stages (TrainTask.stages): train.steps fixes them
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -160,7 +161,8 @@ def _train_locked(run: RunState, config: Any, overwrite: bool, progress: bool) -
         save_config(config, run_dir / "config.yaml")
     last_val = run.last_val
     return TrainResult(run.step, run.step - start_step, time.perf_counter() - t0,
-                       run.best_score, last_val, run_dir, precision_label(cfg, device))  # fmt: skip
+                       run.best_score, last_val, run_dir, precision_label(cfg, device),
+                       run.stage_ranges is not None)  # fmt: skip
 
 
 def _loop(run: RunState, net: nn.Module, batches, bar, interrupted: list[int], info: DistInfo,
@@ -306,7 +308,10 @@ def training_summary(
     if v:
         line, key = describe(v)
     else:
-        line = f"already trained to step {result.step}; raise train.steps to continue"
+        more = ("its stages end at train.steps: to train longer, rerun with more train.steps "
+                "and --overwrite (or another out_dir)" if result.staged
+                else "raise train.steps to continue")  # fmt: skip
+        line = f"already trained to step {result.step}; {more}"
         key = f"already at step {result.step}"
     lines.append(line)
     return PhaseResult("\n".join(lines), key, {"step": result.step, **v}, [result.run_dir])
