@@ -82,7 +82,7 @@ def save_comparison_png(
             if c == 0:
                 ax.set_ylabel(label, fontsize=9)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     return save_figure(fig, path)
 
 
