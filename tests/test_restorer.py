@@ -173,6 +173,8 @@ def test_two_stages_train_both_then_the_autoencoder_on_the_frozen_restorer():
     assert not hasattr(joint, "stages") and joint.stage == "joint"
     with pytest.raises(ConfigError, match="residual_ae_fraction"):
         TrainVAEConfig(residual_ae_fraction=1.0)
+    with pytest.raises(ConfigError, match="val_patches must be >= 1"):  # still checked after it
+        TrainVAEConfig(val_patches=0)
 
 
 def test_the_residual_stage_flips_the_residual_at_random_seeded():

@@ -64,14 +64,14 @@ class TrainVAEConfig:
         if min(self.kl_weight, self.grad_weight, self.residual_grad_weight) < 0:
             raise ConfigError("kl_weight, grad_weight and residual_grad_weight must be >= 0")
         check_range("residual_ae_fraction", self.residual_ae_fraction, 0, 1, hi_open=True)
+        if self.val_patches < 1:
+            raise ConfigError(f"val_patches must be >= 1, got {self.val_patches}")
 
     @property
     def residual_ae_steps(self) -> int:
         """Steps of the residual autoencoder's stage (0: one joint stage)."""
         n = round(self.residual_ae_fraction * self.train.steps)
         return min(max(n, 1), self.train.steps - 1) if self.residual_ae_fraction > 0 else 0
-        if self.val_patches < 1:
-            raise ConfigError(f"val_patches must be >= 1, got {self.val_patches}")
 
 
 @torch.no_grad()
