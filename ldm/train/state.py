@@ -33,12 +33,13 @@ class RunState:
         self.out = self.run_dir  # where files go now: a staging folder while overwriting
         self.overwrite = overwrite  # started with --overwrite
         self.dataset = dataset
-        # a task with stages trains each parameter group on its own steps: [(start, end), ...]
-        stages = task.stages(model) if hasattr(task, "stages") else [(model.parameters(),
-                                                                       [(0, cfg.steps)])]
-        # the step ranges of a task with stages (checked on resume); None: one stage
-        self.stage_ranges = [[list(r) for r in rs] for _, rs in stages] if hasattr(
-            task, "stages") else None  # fmt: skip
+        # a task with stages trains each parameter group on its own steps: [(start, end), ...];
+        # their ranges are saved and checked on resume (None: one stage)
+        if hasattr(task, "stages"):
+            stages = task.stages(model)
+            self.stage_ranges = [[list(r) for r in rs] for _, rs in stages]
+        else:
+            stages, self.stage_ranges = [(model.parameters(), [(0, cfg.steps)])], None
         self.opt = make_optimizer([{"params": list(p)} for p, _ in stages], cfg.lr, device,
                                   cfg.betas, cfg.weight_decay)  # fmt: skip
         self.sched = torch.optim.lr_scheduler.LambdaLR(

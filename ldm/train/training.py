@@ -58,8 +58,7 @@ class TrainTask(Protocol):
     # optional: ``stages(model)`` -> [(parameters, [(start, end), ...])]: each group trained on
     # its own steps only, with a warmup + cosine per range; ``begin_step(step, model,
     # ema_model)`` is called before each step's loss (a task whose loss depends on the stage).
-    # A task with stages leaves
-    # parameters unused in some steps (DDP is told so).
+    # A task with stages leaves parameters unused in some steps (DDP is told so).
 
 
 @dataclass
@@ -140,7 +139,7 @@ def _train_locked(run: RunState, config: Any, overwrite: bool, progress: bool) -
     net = model
     if info.enabled:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                      find_unused_parameters=hasattr(task, "stages"))
+                                      find_unused_parameters=run.stage_ranges is not None)
     start_step, t0 = run.step, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {task.kind}", unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)  # fmt: skip
