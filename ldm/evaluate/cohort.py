@@ -16,6 +16,7 @@ from ldm.data.dataset import VolumeCase, checked_test_cases, iter_test_cases
 from ldm.data.external import ExternalInputs, external_cases, load_external_case
 from ldm.data.io import RawSpec
 from ldm.evaluate.baselines import TuneConfig, tuned_baselines
+from ldm.evaluate.scores_json import restore_non_finite
 
 
 def cohort_cases(
@@ -62,3 +63,11 @@ def is_cohort_run(external: ExternalInputs | None) -> bool:
     over the ranks, resumable per case."""
     folder_run = external is not None and external.folder is not None
     return folder_run or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def case_scores(cohort: Any, names: Sequence[str], work: Callable[[str, Path], object]
+                ) -> dict[str, Any] | None:  # fmt: skip
+    """``cohort.run(names, work)`` (``ldm.core.cohort``) with each case's metrics.json read back
+    as scores (non-finite values restored, ``scores_json``); None on ranks > 0."""
+    rows = cohort.run(names, work)
+    return None if rows is None else {n: restore_non_finite(r) for n, r in rows.items()}

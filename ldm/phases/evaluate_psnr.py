@@ -53,8 +53,8 @@ from ldm.evaluate.baselines import (
     tuned_text,
 )
 from ldm.evaluate.classical import bm4d_available
-from ldm.evaluate.cohort import LazyTuned, cohort_cases, is_cohort_run
-from ldm.evaluate.scores_json import finite_json, restore_non_finite
+from ldm.evaluate.cohort import LazyTuned, case_scores, cohort_cases, is_cohort_run
+from ldm.evaluate.scores_json import finite_json
 from ldm.evaluate.viz import save_comparison_png
 from ldm.nets.loading import load_vae
 
@@ -322,10 +322,9 @@ def _evaluate_cohort(
     with open_cohort(out, "evaluate_psnr", info, signature, sources, overwrite=overwrite,
                      inputs=config_inputs(cfg, external), summary_files=SUMMARY_FILES,
                      settings=SETTINGS) as cohort:  # fmt: skip
-        rows = cohort.run(names, work)
-        if rows is None:  # not rank 0
+        per_case = case_scores(cohort, names, work)
+        if per_case is None:  # not rank 0
             return PhaseResult(f"evaluate_psnr rank {info.rank}: done", "", {}, [out])
-        per_case = {n: restore_non_finite(r) for n, r in rows.items()}
         metrics = _write_results(out, cfg, per_case, params(), step, window, ext_info,
                                  world_size=info.world_size)  # fmt: skip
         with atomic_path(out / "comparison.png") as tmp:

@@ -29,8 +29,7 @@ from ldm.core.outdir import config_inputs
 from ldm.core.registry import PhaseResult
 from ldm.data.external import ExternalInputs
 from ldm.diffusion.latent_diffusion import load_ldm
-from ldm.evaluate.cohort import LazyTuned, cohort_cases
-from ldm.evaluate.scores_json import restore_non_finite
+from ldm.evaluate.cohort import LazyTuned, case_scores, cohort_cases
 from ldm.phases.predict_ldm.report import write_summary
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,9 @@ def predict_cohort(
     with open_cohort(out, "predict_ldm", info, sig, sources, overwrite=overwrite,
                      inputs=config_inputs(cfg, external), summary_files=SUMMARY_FILES,
                      settings=SETTINGS) as cohort:  # fmt: skip
-        rows = cohort.run(names, work)
+        rows = case_scores(cohort, names, work)
         if rows is None:  # not rank 0
             return PhaseResult(f"predict_ldm rank {info.rank}: done", "", {}, [out])
-        rows = {n: restore_non_finite(r) for n, r in rows.items()}
         tuned = params() if any("metrics" in r for r in rows.values()) else None  # cached
         text, key, summary = write_summary(
             out, rows, cfg, ldm, tuned, ext_info, window=list(window), world_size=info.world_size
