@@ -97,6 +97,20 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _train_budgeted(phase, cfg, steps: int, minutes: float, validations: int):
+    """Run the training ``phase`` (train_vae_pair / train_diffusion) with ``cfg`` set to ``steps``
+    (calibrated for ``minutes`` of CPU), ``validations`` validations and checkpoints, and the
+    wall cap; print its summary. -> (its PhaseResult, wall seconds, CPU seconds)."""
+    every = max(10, steps // validations)
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, max_minutes=WALL_CAP * minutes,
+                                     val_every=every, save_every=every))  # fmt: skip
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = phase(cfg, overwrite=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(result.text)
+    return result, wall, cpu
+
+
 def train_variant(data: Path, run: Path, variant: str, vae_min: float, diff_min: float):
     """Train one variant into ``run``: (first-stage checkpoint, diffusion checkpoint or None
     for a NO_DIFFUSION variant, training info)."""
@@ -118,13 +132,7 @@ def train_variant(data: Path, run: Path, variant: str, vae_min: float, diff_min:
 
     steps = _calibrated_steps(first_stage, lambda m: first_stage_loss(m, lr, hr, cfg)[0],
                               vae_budget, cfg.train)  # the training loss itself  # fmt: skip
-    every = max(10, steps // 4)
-    cfg = replace(cfg, train=replace(cfg.train, steps=steps, max_minutes=WALL_CAP * vae_budget,
-                                     val_every=every, save_every=every))  # fmt: skip
-    t0, c0 = time.perf_counter(), time.process_time()
-    vae = train_vae_pair(cfg, overwrite=True)
-    vae_s, vae_cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(vae.text)
+    vae, vae_s, vae_cpu = _train_budgeted(train_vae_pair, cfg, steps, vae_budget, 4)
     params = {"restorer": _params(first_stage.restorer),
               "residual_ae": _params(first_stage.residual_ae)}  # fmt: skip
     info: dict[str, Any] = {"vae_val": vae.metrics, "params": params,
@@ -152,13 +160,7 @@ def train_variant(data: Path, run: Path, variant: str, vae_min: float, diff_min:
     steps = _calibrated_steps(unet, lambda m: training_loss(
         m, schedule, z, extra_args={"cond": cond}, min_snr_gamma=dcfg.diffusion.min_snr_gamma,
     ), diff_min, dcfg.train)  # the training loss itself (as for the first stage)  # fmt: skip
-    every = max(10, steps // 3)
-    dcfg = replace(dcfg, train=replace(dcfg.train, steps=steps, max_minutes=WALL_CAP * diff_min,
-                                       val_every=every, save_every=every))  # fmt: skip
-    t0, c0 = time.perf_counter(), time.process_time()
-    diff = train_diffusion(dcfg, overwrite=True)
-    diff_s, diff_cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(diff.text)
+    diff, diff_s, diff_cpu = _train_budgeted(train_diffusion, dcfg, steps, diff_min, 3)
     params["unet"] = _params(unet)
     info.update({"diffusion_val": diff.metrics, "train_minutes": (vae_s + diff_s) / 60,
                  "train_cpu_minutes": (vae_cpu + diff_cpu) / 60,
